@@ -1,0 +1,152 @@
+"""The ``conceptlens`` command line.
+
+Bad input ends with a one-line error and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from concepts.errors import ConceptLensError
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = {
+    "layers": "example: conceptlens layers torchvision:resnet18 --input-size 224 224",
+    "embed": "example: conceptlens embed torchvision:resnet18 synthetic:200 --layers layer2 layer3 --reduce grid",
+    "synth": "example: conceptlens synth ./world --n 500 --seed 0",
+    "demo": "example: conceptlens demo --out ./conceptlens-demo",
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="torchvision:<builder>, <module>:<callable>, <file.py>:<callable>, .onnx or TorchScript file")
+    parser.add_argument("--weights", default="none", help="none, default (torchvision, from the local hub cache) or a state-dict path")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="classifier input size (default 224 224)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="conceptlens", description="Concept-based interpretability of vision models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    layers = commands.add_parser("layers", help="list hookable layers with output shapes", epilog=EXAMPLES["layers"])
+    _model_arguments(layers)
+    _common(layers)
+
+    embed = commands.add_parser("embed", help="embed a concept dataset at chosen layers into the store", epilog=EXAMPLES["embed"])
+    _model_arguments(embed)
+    embed.add_argument("data", help="synthetic[:N[:SEED]], a folder (images/ + masks/<concept>/), or a COCO .json")
+    embed.add_argument("--layers", nargs="+", required=True, help="layer names (see `conceptlens layers`)")
+    embed.add_argument("--coco-images", help="image folder of a COCO dataset")
+    embed.add_argument("--store", default="conceptlens-store", help="activation store folder (default ./conceptlens-store)")
+    embed.add_argument("--reduce", default="native", choices=["native", "grid", "mean", "max"], help="keep maps, sample on the concept grid, or pool")
+    embed.add_argument("--grid", nargs=2, type=int, default=[100, 100], metavar=("H", "W"), help="concept grid (default 100 100)")
+    embed.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--seed", type=int, default=0, help="split seed")
+    _common(embed)
+
+    synth = commands.add_parser("synth", help="write the synthetic concept world to the folder layout", epilog=EXAMPLES["synth"])
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--n", type=int, default=500, help="number of scenes")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true")
+    _common(synth)
+
+    demo = commands.add_parser("demo", help="run the demo on the embedded default data and models", epilog=EXAMPLES["demo"])
+    demo.add_argument("--out", default="conceptlens-demo", help="output folder (default ./conceptlens-demo)")
+    _common(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``conceptlens`` console command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConceptLensError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _load(args: argparse.Namespace):
+    from concepts.models import load_model
+
+    return load_model(args.model, weights=args.weights, input_size=tuple(args.input_size) if args.input_size else None)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from concepts.models import list_layers
+
+    model = _load(args)
+    input_size = tuple(args.input_size) if args.input_size else (224, 224)
+    print(f"{'#':>4}  {'layer':<48} {'type':<24} {'channels':>8}  output shape (one image)  calls")
+    for index, layer in enumerate(list_layers(model, input_size)):
+        shape = "—" if layer.shape is None else "×".join(str(s) for s in layer.shape[1:])
+        channels = "" if layer.channels is None else str(layer.channels)
+        print(f"{index:>4}  {layer.name:<48} {layer.module_type:<24} {channels:>8}  {shape:<24}  {layer.calls}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from concepts.embed import embed
+    from concepts.store import ActivationStore
+    from conceptlens.data_spec import open_dataset
+
+    model = _load(args)
+    dataset = open_dataset(args.data, coco_images=args.coco_images, seed=args.seed, progress=_progress(args))
+    store = ActivationStore(args.store)
+    started = time.perf_counter()
+    result = embed(
+        model, dataset, args.layers, store, reduce=args.reduce, grid=tuple(args.grid), dtype=args.dtype,
+        batch_size=args.batch_size, device=args.device, progress=_progress(args),
+    )
+    _print_entries(result, time.perf_counter() - started)
+    return 0
+
+
+def _print_entries(result, seconds: float) -> None:
+    for layer, entry in result.entries.items():
+        manifest = entry.manifest()
+        size = sum(p.stat().st_size for p in entry.path.iterdir()) / 1e6
+        status = "reused" if layer in result.reused else "computed"
+        shape = "×".join(str(s) for s in manifest["item_shape"])
+        print(f"{layer:<32} {status:<9} {manifest['n_items']:>6} items × {shape:<16} {size:8.1f} MB  {entry.path}")
+    print(f"{result.forward_batches} forward batches in {seconds:.1f} s")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from concepts.folder import write_folder_dataset
+    from concepts.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(n_images=args.n, seed=args.seed)
+    path = write_folder_dataset(world, args.out, seed=args.seed, overwrite=args.overwrite, progress=_progress(args))
+    print(f"wrote {len(world)} scenes with {len(world.concepts)} concepts to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from conceptlens.demo import run_demo
+
+    run_demo(Path(args.out), device=args.device, progress=_progress(args))
+    return 0
+
+
+COMMANDS = {"layers": cmd_layers, "embed": cmd_embed, "synth": cmd_synth, "demo": cmd_demo}

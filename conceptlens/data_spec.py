@@ -1,0 +1,56 @@
+"""Turn a data spec string from the command line or a config into a concept dataset.
+
+Forms: ``synthetic[:N[:SEED]]`` (the synthetic concept world), a folder in the folder layout
+(``images/`` + ``masks/<concept>/``), or a COCO instances JSON file (with ``coco_images``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from concepts.dataset import ConceptDataset
+from concepts.errors import DataError
+
+__all__ = ["open_dataset"]
+
+
+def open_dataset(spec: str, coco_images: str | None = None, seed: int = 0, progress: bool = False) -> ConceptDataset:
+    """Open the dataset a spec names.
+
+    Parameters
+    ----------
+    spec : str
+        ``synthetic[:N[:SEED]]``, a folder path, or a COCO ``.json`` path.
+    coco_images : str, optional
+        Image folder of a COCO dataset.
+    seed : int
+        Split seed (and world seed for ``synthetic`` without one).
+    progress : bool
+        Show a progress bar while validating files.
+    """
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return _synthetic(spec, seed)
+    path = Path(spec)
+    if path.suffix.lower() == ".json":
+        if coco_images is None:
+            raise DataError(spec, "a COCO annotation file needs its image folder", "pass --coco-images DIR")
+        from concepts.coco import CocoDataset
+
+        return CocoDataset(path, coco_images, seed=seed)
+    if path.is_dir():
+        from concepts.folder import FolderDataset
+
+        return FolderDataset(path, seed=seed, progress=progress)
+    raise DataError(spec, "no such folder or file", "give a folder with images/ and masks/, a COCO .json, or synthetic:N")
+
+
+def _synthetic(spec: str, seed: int) -> ConceptDataset:
+    from concepts.synthetic import SyntheticWorld
+
+    parts = spec.split(":")[1:]
+    try:
+        n_images = int(parts[0]) if parts else 200
+        world_seed = int(parts[1]) if len(parts) > 1 else seed
+    except ValueError as error:
+        raise DataError(spec, "N and SEED must be integers", "write synthetic:200:0") from error
+    return SyntheticWorld(n_images=n_images, seed=world_seed)

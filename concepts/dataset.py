@@ -1,0 +1,212 @@
+"""The concept dataset contract: images, one binary mask per (image, concept), and a split.
+
+Every loader (folder layout, COCO, image-level sets, the synthetic world) returns a
+:class:`ConceptDataset`. Downstream code (embedding, probes, comparison) only uses this contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from concepts.errors import DataError
+
+__all__ = ["SPLITS", "ArrayDataset", "ConceptDataset", "SubsetDataset", "assign_splits", "read_splits", "write_splits"]
+
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+class ConceptDataset(ABC):
+    """Images with one binary mask per (image, concept) and a deterministic train/val/test split.
+
+    Subclasses set ``name``, ``concepts`` (concept names, possibly empty for image-only data),
+    ``ids`` (unique item ids) and ``splits`` (split name -> list of ids), and implement
+    :meth:`image`, :meth:`masks` and :meth:`image_fingerprint`.
+    """
+
+    name: str
+    concepts: list[str]
+    ids: list[str]
+    splits: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @abstractmethod
+    def image(self, index: int) -> np.ndarray:
+        """Return image ``index`` as ``uint8`` array of shape (H, W, 3)."""
+
+    @abstractmethod
+    def masks(self, index: int) -> np.ndarray:
+        """Return the concept masks of image ``index`` as ``bool`` array (K, H, W).
+
+        ``K = len(self.concepts)``; a concept absent from the image has an all-zero mask.
+        """
+
+    def mask_valid(self, index: int) -> np.ndarray:
+        """Return which concept masks of image ``index`` are usable, ``bool`` array (K,).
+
+        A loader marks a (image, concept) pair invalid when it was filtered out (for example by
+        the COCO area-fraction filter); such pairs are neither positives nor negatives.
+        """
+        return np.ones(len(self.concepts), dtype=bool)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """Return (height, width) of image ``index``."""
+        height, width = self.image(index).shape[:2]
+        return height, width
+
+    @abstractmethod
+    def image_fingerprint(self) -> str:
+        """Return a hex digest that changes whenever an item id or image content changes.
+
+        The activation store uses it in its keys; masks do not enter it because activations do
+        not depend on them.
+        """
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Return the sorted item indices of ``split`` ('train', 'val' or 'test')."""
+        if split not in SPLITS:
+            raise DataError(f"split {split!r}", "unknown split", f"use one of {', '.join(SPLITS)}")
+        position = {item_id: index for index, item_id in enumerate(self.ids)}
+        return np.array(sorted(position[item_id] for item_id in self.splits[split]), dtype=np.int64)
+
+    def subset(self, indices: Sequence[int]) -> SubsetDataset:
+        """Return a view of the items at ``indices`` (in that order)."""
+        return SubsetDataset(self, indices)
+
+
+class SubsetDataset(ConceptDataset):
+    """A view of some items of another dataset, in a given order."""
+
+    def __init__(self, parent: ConceptDataset, indices: Sequence[int]) -> None:
+        self.parent = parent
+        self.indices = [int(i) for i in indices]
+        self.name = parent.name
+        self.concepts = parent.concepts
+        self.ids = [parent.ids[i] for i in self.indices]
+        kept = set(self.ids)
+        self.splits = {split: [i for i in parent.splits[split] if i in kept] for split in SPLITS}
+
+    def image(self, index: int) -> np.ndarray:
+        return self.parent.image(self.indices[index])
+
+    def masks(self, index: int) -> np.ndarray:
+        return self.parent.masks(self.indices[index])
+
+    def mask_valid(self, index: int) -> np.ndarray:
+        return self.parent.mask_valid(self.indices[index])
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.parent.image_size(self.indices[index])
+
+    def image_fingerprint(self) -> str:
+        digest = hashlib.sha256(self.parent.image_fingerprint().encode())
+        digest.update(json.dumps(self.indices).encode())
+        return digest.hexdigest()
+
+
+def assign_splits(
+    ids: Sequence[str], seed: int = 0, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS
+) -> dict[str, list[str]]:
+    """Split ``ids`` into train/val/test deterministically from ``seed``.
+
+    The result depends only on the set of ids, the seed and the fractions (not on id order).
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+        raise DataError("split fractions", f"got {list(fractions)}", "give three non-negative numbers summing to 1")
+    ordered = sorted(ids)
+    permutation = np.random.default_rng(seed).permutation(len(ordered))
+    n_train = int(round(fractions[0] * len(ordered)))
+    n_val = int(round(fractions[1] * len(ordered)))
+    shuffled = [ordered[i] for i in permutation]
+    return {
+        "train": sorted(shuffled[:n_train]),
+        "val": sorted(shuffled[n_train : n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val :]),
+    }
+
+
+def write_splits(path: Path, splits: dict[str, list[str]], seed: int) -> None:
+    """Write ``splits`` as JSON to ``path`` atomically."""
+    from concepts.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps({"seed": seed, **{s: splits[s] for s in SPLITS}}, indent=1))
+
+
+def read_splits(path: Path, ids: Sequence[str]) -> dict[str, list[str]]:
+    """Read a splits JSON written by :func:`write_splits` and check it covers ``ids`` exactly."""
+    path = Path(path)
+    try:
+        stored = json.loads(path.read_text())
+        splits = {split: list(stored[split]) for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(str(path), f"not a valid splits file ({error})", "delete it to recompute the split") from error
+    listed = [item for split in SPLITS for item in splits[split]]
+    if sorted(listed) != sorted(ids):
+        raise DataError(
+            str(path),
+            "the stored split does not list exactly the dataset's ids (images were added or removed)",
+            "delete the file to recompute the split",
+        )
+    return splits
+
+
+class ArrayDataset(ConceptDataset):
+    """A concept dataset held in memory: a list of images and, optionally, their masks.
+
+    Parameters
+    ----------
+    images : sequence of ndarray
+        uint8 (H, W, 3) images.
+    masks : sequence of ndarray, optional
+        bool (K, H, W) masks per image; omitted for image-only data.
+    concepts : sequence of str
+        Concept names (K of them).
+    ids : sequence of str, optional
+        Item ids (default: zero-padded positions).
+    name : str
+        Dataset name.
+    seed : int
+        Split seed.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray] | None = None,
+        concepts: Sequence[str] = (),
+        ids: Sequence[str] | None = None,
+        name: str = "arrays",
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        self.concepts = list(concepts)
+        self.ids = list(ids) if ids is not None else [f"{i:06d}" for i in range(len(images))]
+        if len(set(self.ids)) != len(self.ids):
+            raise DataError(f"dataset {name!r}", "duplicate item ids", "give every image a unique id")
+        self._images = [np.asarray(image, dtype=np.uint8) for image in images]
+        self._masks = [np.asarray(m, dtype=bool) for m in masks] if masks is not None else None
+        self.splits = assign_splits(self.ids, seed)
+
+    def image(self, index: int) -> np.ndarray:
+        return self._images[index]
+
+    def masks(self, index: int) -> np.ndarray:
+        if self._masks is None:
+            return np.zeros((0, *self._images[index].shape[:2]), dtype=bool)
+        return self._masks[index]
+
+    def image_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for item_id, image in zip(self.ids, self._images):
+            digest.update(item_id.encode())
+            digest.update(str(image.shape).encode())
+            digest.update(image.tobytes())
+        return digest.hexdigest()

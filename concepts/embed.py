@@ -1,0 +1,237 @@
+"""Stream a concept dataset through a model and store chosen layers' activations.
+
+One forward pass captures every requested layer and stops after the last of them. Each batch is
+written as one shard per layer; a rerun serves complete entries from the store without a forward
+pass and resumes partial ones from their verified shards.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from concepts.errors import LayerError, StoreError
+from concepts.dataset import ConceptDataset
+from concepts.geometry import Geometry, features_to_grid, image_cells
+from concepts.hooks import LayerCapture, LayerRef, resolve_layers
+from concepts.models import LoadedModel
+from concepts.store import FORMAT_VERSION, ActivationStore, StoreEntry
+
+__all__ = ["REDUCTIONS", "EmbedResult", "embed", "embed_request", "resolve_device", "reduce_features"]
+
+REDUCTIONS = ("native", "grid", "mean", "max")
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class EmbedResult:
+    """What :func:`embed` did: the entries per layer, which were computed, and how many batches ran."""
+
+    entries: dict[str, StoreEntry]
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    forward_batches: int = 0
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise StoreError(f"--device {device}", "CUDA is not available on this machine", "use --device cpu or auto")
+    return torch.device(device)
+
+
+def embed_request(
+    model: LoadedModel, dataset: ConceptDataset, layer: str, reduce: str, grid: tuple[int, int], dtype: str
+) -> dict[str, Any]:
+    """The request that determines one layer's activations (its hash is the store key)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_hash": model.hash,
+        "layer": layer,
+        "adapter": model.adapter.settings(),
+        "reduce": reduce,
+        "grid": list(grid) if reduce == "grid" else None,
+        "dtype": dtype,
+        "dataset_fingerprint": dataset.image_fingerprint(),
+        "n_items": len(dataset),
+    }
+
+
+def reduce_features(features: torch.Tensor, geometries: Sequence[Geometry], reduce: str, grid: tuple[int, int]) -> torch.Tensor:
+    """Apply a reduction to a batch of layer outputs (B, C, h, w).
+
+    ``native`` keeps the map; ``grid`` samples it on the concept grid over each original image;
+    ``mean``/``max`` pool over the cells that lie on the image (padding excluded).
+    """
+    if reduce == "native":
+        return features
+    if features.dim() != 4:
+        raise LayerError("layer output", f"has shape {tuple(features.shape)}; reduce={reduce!r} needs (B, C, h, w)", "use reduce=native for this layer")
+    if reduce == "grid":
+        return features_to_grid(features, geometries, grid)
+    cells = torch.stack([image_cells(g, tuple(features.shape[-2:])) for g in geometries]).to(features.device)[:, None]
+    if reduce == "mean":
+        return (features * cells).sum(dim=(2, 3)) / cells.sum(dim=(2, 3)).clamp(min=1)
+    return features.masked_fill(~cells, float("-inf")).amax(dim=(2, 3))
+
+
+def embed(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    store: ActivationStore,
+    *,
+    reduce: str = "native",
+    grid: tuple[int, int] = (100, 100),
+    dtype: str = "float16",
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    progress: bool | None = None,
+) -> EmbedResult:
+    """Embed ``dataset`` at ``layers`` of ``model`` into ``store``.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        Model and adapter (see :func:`concepts.models.load_model`).
+    dataset : ConceptDataset
+        Images to embed (masks are not needed here).
+    layers : sequence of str
+        Layer names (dotted module paths, ``:key`` for tuple/dict outputs).
+    store : ActivationStore
+        Where to write.
+    reduce : {'native', 'grid', 'mean', 'max'}
+        Keep the feature map, sample it on the concept grid, or pool it per image.
+    grid : (int, int)
+        Concept grid size for ``reduce='grid'``.
+    dtype : {'float16', 'float32'}
+        Storage dtype.
+    batch_size : int
+        Images per forward pass and per shard (a resumed entry keeps its shard size).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    progress : bool, optional
+        Show a progress bar; default: only when stderr is a terminal.
+
+    Returns
+    -------
+    EmbedResult
+    """
+    _check_arguments(reduce, dtype, batch_size, dataset)
+    refs = resolve_layers(model.module, layers)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    requests = {ref.name: embed_request(model, dataset, ref.name, reduce, grid, dtype) for ref in refs}
+    entries = {name: store.entry(request) for name, request in requests.items()}
+    result = EmbedResult(entries=entries)
+    pending: dict[int, list[LayerRef]] = {}
+    for ref in refs:
+        entry = entries[ref.name]
+        shards = entry.valid_shards()
+        if entry.is_complete:
+            result.reused.append(ref.name)
+            continue
+        shard_size = shards[0].end - shards[0].start if shards else batch_size
+        pending.setdefault(shard_size, []).append(ref)
+    show = sys.stderr.isatty() if progress is None else progress
+    for shard_size, group in pending.items():
+        result.forward_batches += _embed_group(model, dataset, group, entries, shard_size, reduce, grid, dtype, torch_device, show)
+        for ref in group:
+            entries[ref.name].finalize(_metadata(model, dataset, requests[ref.name], entries[ref.name]), len(dataset))
+            result.computed.append(ref.name)
+    return result
+
+
+def _check_arguments(reduce: str, dtype: str, batch_size: int, dataset: ConceptDataset) -> None:
+    if reduce not in REDUCTIONS:
+        raise StoreError(f"reduce={reduce!r}", "unknown reduction", f"use one of {', '.join(REDUCTIONS)}")
+    if dtype not in DTYPES:
+        raise StoreError(f"dtype={dtype!r}", "unsupported storage dtype", f"use one of {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise StoreError(f"batch_size={batch_size}", "must be at least 1", "pass a positive --batch-size")
+    if len(dataset) == 0:
+        raise StoreError(f"dataset {dataset.name!r}", "has no images", "check the dataset path")
+
+
+def _embed_group(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    refs: list[LayerRef],
+    entries: dict[str, StoreEntry],
+    shard_size: int,
+    reduce: str,
+    grid: tuple[int, int],
+    dtype: str,
+    device: torch.device,
+    show_progress: bool,
+) -> int:
+    """Run the forward passes for layers sharing a shard size; return the number of batches."""
+    done = {ref.name: {(s.start, s.end) for s in entries[ref.name].shards()} for ref in refs}
+    ranges = [(start, min(start + shard_size, len(dataset))) for start in range(0, len(dataset), shard_size)]
+    todo = [r for r in ranges if any(r not in done[ref.name] for ref in refs)]
+    batches = 0
+    with LayerCapture(model.module, refs, stop_early=True) as capture, torch.no_grad():
+        bar = tqdm(total=sum(end - start for start, end in todo), desc="embedding", unit="img", disable=not show_progress)
+        for start, end in todo:
+            images = [dataset.image(i) for i in range(start, end)]
+            sizes = [image.shape[:2] for image in images]
+            capture.reset()
+            _, geometries = model.adapter.forward(model.module, model.adapter.prepare(images, device), sizes)
+            capture.check_complete()
+            geometry = torch.tensor([g.to_list() for g in geometries], dtype=torch.int64)
+            for ref in refs:
+                if (start, end) in done[ref.name]:
+                    continue
+                features = reduce_features(capture.outputs[ref.name], geometries, reduce, grid)
+                _check_finite(features, ref.name, dataset, start, end)
+                entries[ref.name].write_shard(start, end, {"activations": features.to(DTYPES[dtype]), "geometry": geometry})
+            batches += 1
+            bar.update(end - start)
+        bar.close()
+    return batches
+
+
+def _check_finite(features: torch.Tensor, layer: str, dataset: ConceptDataset, start: int, end: int) -> None:
+    if not torch.isfinite(features).all():
+        bad = torch.nonzero(~torch.isfinite(features.flatten(1)).all(dim=1)).flatten().tolist()
+        ids = [dataset.ids[start + i] for i in bad[:3]]
+        raise LayerError(f"layer {layer!r}", f"produced NaN or inf for images {ids}", "check the model's weights and preprocessing")
+
+
+def _metadata(model: LoadedModel, dataset: ConceptDataset, request: dict[str, Any], entry: StoreEntry) -> dict[str, Any]:
+    first = entry.shards()[0].read()
+    import torchvision
+
+    return {
+        "request": request,
+        "item_shape": list(first["activations"].shape[1:]),
+        "model": {"spec": model.spec, "weights": model.weights, "hash": model.hash},
+        "dataset": {"name": dataset.name, "ids": list(dataset.ids), "concepts": list(dataset.concepts)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "conceptlens": _package_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("conceptlens")
+    except PackageNotFoundError:
+        return "unknown"

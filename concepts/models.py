@@ -1,0 +1,327 @@
+"""Model specs: load a model with its adapter, hash its weights, list its layers.
+
+Spec strings
+------------
+``torchvision:<builder>``
+    A torchvision builder (``resnet18``, ``fasterrcnn_resnet50_fpn`` …) with ``weights`` =
+    ``none`` (random init), ``default`` (torchvision's default weights file, which must already
+    be in torch's hub cache — nothing is downloaded) or a path to a state dict.
+``<module>:<callable>`` / ``<file.py>:<callable>``
+    A callable returning an ``nn.Module``, or ``(module, adapter)`` where the adapter is an
+    :class:`~concepts.adapters.Adapter` or a dict of :class:`~concepts.adapters.ClassifierAdapter`
+    arguments. ``weights`` may then be a path to a state dict to load into it.
+``<file.onnx>`` / a TorchScript file
+    Converted to a hookable ``nn.Module`` through onnx2torch (extra ``conceptlens[onnx]``).
+    TorchScript runs compiled code that Python hooks cannot enter, so it is exported to ONNX in
+    memory first; its layers are then named after the ONNX nodes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import io
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from concepts.adapters import Adapter, ClassifierAdapter, default_adapter
+from concepts.errors import ModelSpecError
+from concepts.hooks import output_keys
+
+__all__ = ["LoadedModel", "LayerInfo", "load_model", "model_hash", "list_layers", "load_state_dict_file"]
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its adapter and the spec it came from."""
+
+    module: nn.Module
+    adapter: Adapter
+    spec: str
+    weights: str = "none"
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the architecture and weights (computed once)."""
+        if self._hash is None:
+            self._hash = model_hash(self.module)
+        return self._hash
+
+    def to(self, device: torch.device) -> LoadedModel:
+        """Move the module to ``device`` (in place) and return self."""
+        self.module.to(device)
+        return self
+
+
+def model_hash(module: nn.Module) -> str:
+    """Hash a module's architecture (its repr) and every state-dict tensor (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256(repr(module).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | None = None) -> LoadedModel:
+    """Load the model a spec string names, in eval mode, with its adapter.
+
+    Parameters
+    ----------
+    spec : str
+        See the module docstring.
+    weights : str
+        ``none``, ``default`` (torchvision only) or a path to a state dict (``.pth``/``.pt`` loaded
+        with ``weights_only=True``, or ``.safetensors``).
+    input_size : (int, int), optional
+        Input size of the classifier adapter (default 224×224); ignored by detectors.
+
+    Raises
+    ------
+    ModelSpecError
+        When the spec cannot be resolved or the weights are missing; the message says what to
+        install or where to put the file.
+    """
+    if spec.startswith("torchvision:"):
+        module = _torchvision_model(spec.split(":", 1)[1], weights)
+        adapter = default_adapter(module, input_size)
+    elif Path(spec).suffix.lower() == ".onnx" or _is_torchscript(spec):
+        module = _converted_model(spec, input_size or (224, 224))
+        adapter = ClassifierAdapter(input_size or (224, 224))
+    elif ":" in spec:
+        module, adapter = _callable_model(spec, input_size)
+        if weights not in ("none", "default"):
+            _load_weights_into(module, weights, spec)
+    else:
+        raise ModelSpecError(
+            f"model {spec!r}",
+            "not a model spec",
+            "use torchvision:<builder>, <module>:<callable>, <file.py>:<callable>, a .onnx file or a TorchScript file",
+        )
+    module.eval()
+    return LoadedModel(module=module, adapter=adapter, spec=spec, weights=weights)
+
+
+def _torchvision_model(builder_name: str, weights: str) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if builder_name not in available:
+        close = difflib.get_close_matches(builder_name, available, n=5)
+        raise ModelSpecError(
+            f"torchvision:{builder_name}",
+            "no such torchvision builder",
+            f"closest: {', '.join(close)}" if close else "see torchvision.models.list_models()",
+        )
+    builder = torchvision.models.get_model_builder(builder_name)
+    kwargs: dict[str, Any] = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    if weights == "none":
+        return builder(**kwargs)
+    if weights == "default":
+        path = _torchvision_default_weights_path(builder_name)
+        categories = torchvision.models.get_model_weights(builder_name).DEFAULT.meta.get("categories")
+        if categories and "num_classes" in inspect.signature(builder).parameters:
+            kwargs["num_classes"] = len(categories)
+        module = builder(**kwargs)
+        _load_weights_into(module, str(path), f"torchvision:{builder_name}")
+        return module
+    module = builder(**kwargs)
+    _load_weights_into(module, weights, f"torchvision:{builder_name}")
+    return module
+
+
+def _torchvision_default_weights_path(builder_name: str) -> Path:
+    """Where torchvision would cache the default weights; error when the file is not there."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(builder_name).DEFAULT.url
+    file_name = url.rsplit("/", 1)[-1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not path.is_file():
+        raise ModelSpecError(
+            f"torchvision:{builder_name} weights=default",
+            f"the weights file {file_name} is not on this machine (conceptlens never downloads)",
+            f"copy {file_name} to {path.parent}/ or pass weights=<path to a state dict>",
+        )
+    expected = file_name.rsplit("-", 1)[-1].split(".")[0]
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if len(expected) >= 8 and not actual.startswith(expected):
+        raise ModelSpecError(str(path), f"sha256 starts with {actual[:8]}, expected {expected}", "replace the file with an intact copy")
+    return path
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``, never pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelSpecError(str(path), "weights file not found", "check the path, or use weights=none")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
+        raise ModelSpecError(str(path), f"cannot read weights ({type(error).__name__}: {error})", "give a state dict saved with torch.save or safetensors") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelSpecError(str(path), f"holds a {type(state).__name__}, not a state dict", "save model.state_dict()")
+    return state
+
+
+def _load_weights_into(module: nn.Module, weights: str, spec: str) -> None:
+    state = load_state_dict_file(weights)
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelSpecError(
+            f"{weights} (for {spec})",
+            f"does not match the model: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}",
+            "use the weights this architecture was trained with",
+        )
+
+
+def _callable_model(spec: str, input_size: tuple[int, int] | None) -> tuple[nn.Module, Adapter]:
+    target, _, attribute = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelSpecError(f"model {spec!r}", f"file {target} not found", "check the path")
+        module_name = f"conceptlens_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        python_module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = python_module
+        loader_spec.loader.exec_module(python_module)
+    else:
+        try:
+            python_module = importlib.import_module(target)
+        except ImportError as error:
+            raise ModelSpecError(f"model {spec!r}", f"cannot import {target} ({error})", "install the package or fix the module path") from error
+    factory = getattr(python_module, attribute, None)
+    if not callable(factory):
+        names = [n for n in dir(python_module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attribute, names, n=5)
+        raise ModelSpecError(f"model {spec!r}", f"{target} has no callable {attribute!r}", f"closest: {', '.join(close)}" if close else "check the name")
+    built = factory()
+    module, adapter_spec = built if isinstance(built, tuple) else (built, None)
+    if not isinstance(module, nn.Module):
+        raise ModelSpecError(f"model {spec!r}", f"returned a {type(module).__name__}, not an nn.Module", "return an nn.Module (or module, adapter)")
+    if isinstance(adapter_spec, Adapter):
+        return module, adapter_spec
+    if isinstance(adapter_spec, dict):
+        return module, ClassifierAdapter(**adapter_spec)
+    return module, default_adapter(module, input_size)
+
+
+def _is_torchscript(spec: str) -> bool:
+    path = Path(spec)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+
+
+def _converted_model(spec: str, input_size: tuple[int, int]) -> nn.Module:
+    try:
+        import onnx
+        from onnx2torch import convert
+    except ImportError as error:
+        raise ModelSpecError(f"model {spec!r}", "ONNX and TorchScript models need onnx and onnx2torch", "pip install 'conceptlens[onnx]'") from error
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelSpecError(str(path), "model file not found", "check the path")
+    if path.suffix.lower() == ".onnx":
+        graph = onnx.load(str(path))
+    else:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(scripted, (torch.zeros(1, 3, *input_size),), buffer, dynamo=False)
+        graph = onnx.load_from_string(buffer.getvalue())
+    return convert(graph)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One hookable layer: name, module type, output shape of one image, call count."""
+
+    name: str
+    module_type: str
+    shape: tuple[int, ...] | None
+    calls: int
+
+    @property
+    def channels(self) -> int | None:
+        """Channel count (dimension 1 of the output) when the output is a tensor of rank ≥ 2."""
+        return self.shape[1] if self.shape and len(self.shape) >= 2 else None
+
+
+def list_layers(model: LoadedModel, input_size: tuple[int, int] = (224, 224)) -> list[LayerInfo]:
+    """List every submodule in execution order with its output shape, from one dry run.
+
+    Tuple/list/dict outputs (FPN levels, say) are listed once per tensor element with a
+    ``:key`` suffix, the name to use when requesting that element.
+    """
+    order: list[str] = []
+    shapes: dict[str, Any] = {}
+    calls: dict[str, int] = {}
+    types: dict[str, str] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, _args: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if name not in shapes:
+                order.append(name)
+                types[name] = type(module).__name__
+                shapes[name] = _describe_output(output)
+
+        return hook
+
+    for name, module in model.module.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(make_hook(name)))
+    try:
+        device = next(model.module.parameters(), torch.empty(0)).device
+        image = np.random.default_rng(0).integers(0, 256, (*input_size, 3), dtype=np.uint8)
+        inputs = model.adapter.prepare([image], device)
+        with torch.no_grad():
+            model.adapter.forward(model.module, inputs, [tuple(input_size)])
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = []
+    for name in order:
+        described = shapes[name]
+        if isinstance(described, dict):
+            layers.append(LayerInfo(name, types[name], None, calls[name]))
+            layers.extend(LayerInfo(f"{name}:{key}", types[name], shape, calls[name]) for key, shape in described.items())
+        else:
+            layers.append(LayerInfo(name, types[name], described, calls[name]))
+    return layers
+
+
+def _describe_output(output: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    keys = output_keys(output)
+    if not keys:
+        return None
+    if isinstance(output, dict):
+        return {key: tuple(output[key].shape) for key in keys}
+    return {key: tuple(output[int(key)].shape) for key in keys}

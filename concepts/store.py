@@ -1,0 +1,233 @@
+"""A content-addressed on-disk store of layer activations.
+
+Layout::
+
+    <root>/<key>/shard-<start>-<end>-<sha256 prefix>.safetensors   one per batch of items
+    <root>/<key>/manifest.json                                       written last: the entry is complete
+
+The key is a hash of everything that determines the activations (model weights, layer,
+preprocessing, reduction, dtype, dataset ids and image content). A shard's name carries its
+checksum, and every shard is written atomically (temporary file, then rename), so an interrupted
+run leaves only whole, verifiable shards behind and resumes from them. A shard whose bytes do not
+match its checksum is deleted and recomputed, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from concepts.atomic import atomic_write_bytes, atomic_write_text
+from concepts.errors import StoreError
+
+__all__ = ["ActivationStore", "StoreEntry", "Shard", "request_key", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+SHARD_PATTERN = re.compile(r"^shard-(\d{8})-(\d{8})-([0-9a-f]{16})\.safetensors$")
+KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+def request_key(request: dict[str, Any]) -> str:
+    """Hash a JSON-able request into a store key (32 hex digits)."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard file holding items ``start`` to ``end`` (exclusive)."""
+
+    path: Path
+    start: int
+    end: int
+    checksum: str
+
+    @classmethod
+    def from_path(cls, path: Path) -> Shard | None:
+        match = SHARD_PATTERN.match(path.name)
+        if not match:
+            return None
+        return cls(path, int(match.group(1)), int(match.group(2)), match.group(3))
+
+    def verify(self) -> bool:
+        """True when the file exists and its sha256 starts with the checksum in its name."""
+        try:
+            return _file_sha256(self.path).startswith(self.checksum)
+        except OSError:
+            return False
+
+    def read(self, verify: bool = True) -> dict[str, torch.Tensor]:
+        """Load the shard's tensors (memory-mapped); raise StoreError when it is corrupt."""
+        if verify and not self.verify():
+            raise StoreError(str(self.path), "shard is corrupt (checksum mismatch)", "run the embedding again; it recomputes bad shards")
+        try:
+            with safe_open(str(self.path), framework="pt") as file:
+                return {name: file.get_tensor(name) for name in file.keys()}
+        except Exception as error:  # noqa: BLE001
+            raise StoreError(str(self.path), f"cannot read shard ({error})", "run the embedding again; it recomputes bad shards") from error
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class StoreEntry:
+    """The activations of one (model, layer, preprocessing, reduction, dtype, dataset) request."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        if not KEY_PATTERN.match(key):
+            raise StoreError(f"store key {key!r}", "not a store key", "keys are 32 lowercase hex digits")
+        self.key = key
+        self.path = Path(root) / key
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the manifest exists (all shards were written)."""
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        """Read and check the manifest."""
+        try:
+            if self.manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise StoreError(str(self.manifest_path), "manifest is implausibly large", "delete the entry folder and embed again")
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError) as error:
+            raise StoreError(str(self.manifest_path), f"cannot read manifest ({error})", "delete the entry folder and embed again") from error
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                str(self.manifest_path),
+                f"format version {manifest.get('format_version')} is not {FORMAT_VERSION}",
+                "delete the entry folder and embed again",
+            )
+        for item in manifest.get("shards", []):
+            if not isinstance(item, str) or not SHARD_PATTERN.match(item):
+                raise StoreError(str(self.manifest_path), f"invalid shard name {item!r}", "delete the entry folder and embed again")
+        return manifest
+
+    def shards(self) -> list[Shard]:
+        """Every shard file present, sorted by start (not verified)."""
+        if not self.path.is_dir():
+            return []
+        found = (Shard.from_path(p) for p in self.path.iterdir())
+        return sorted((s for s in found if s is not None), key=lambda s: (s.start, s.end))
+
+    def valid_shards(self) -> list[Shard]:
+        """Verify every shard; delete corrupt ones (and the manifest, which no longer holds)."""
+        valid = []
+        for shard in self.shards():
+            if shard.verify():
+                valid.append(shard)
+            else:
+                shard.path.unlink(missing_ok=True)
+                self.manifest_path.unlink(missing_ok=True)
+        return valid
+
+    def write_shard(self, start: int, end: int, tensors: dict[str, torch.Tensor]) -> Shard:
+        """Write items ``start:end`` atomically; the file name carries the checksum."""
+        data = save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+        checksum = hashlib.sha256(data).hexdigest()[:16]
+        path = self.path / f"shard-{start:08d}-{end:08d}-{checksum}.safetensors"
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as error:
+            raise StoreError(str(self.path), f"cannot write shard ({error.strerror or error})", "free disk space or choose a writable --store") from error
+        return Shard(path, start, end, checksum)
+
+    def finalize(self, metadata: dict[str, Any], n_items: int) -> None:
+        """Write the manifest once shards tile items 0..n_items exactly."""
+        shards = self.covering_shards(n_items)
+        if shards is None:
+            raise StoreError(str(self.path), "shards do not cover every item", "run the embedding again")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "key": self.key,
+            **metadata,
+            "n_items": n_items,
+            "shards": [s.path.name for s in shards],
+        }
+        try:
+            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
+        except OSError as error:
+            raise StoreError(str(self.path), f"cannot write manifest ({error.strerror or error})", "free disk space or choose a writable --store") from error
+
+    def covering_shards(self, n_items: int, shards: list[Shard] | None = None) -> list[Shard] | None:
+        """Pick shards that tile 0..n_items without gaps or overlaps, or None."""
+        by_start = {}
+        for shard in shards if shards is not None else self.shards():
+            by_start.setdefault(shard.start, shard)
+        chosen, position = [], 0
+        while position < n_items:
+            shard = by_start.get(position)
+            if shard is None or shard.end <= position:
+                return None
+            chosen.append(shard)
+            position = shard.end
+        return chosen if position == n_items else None
+
+    def iter_shards(self, verify: bool = True) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Yield ``(start, end, tensors)`` for each shard of a complete entry, in item order."""
+        manifest = self.manifest()
+        for name in manifest["shards"]:
+            shard = Shard.from_path(self.path / name)
+            yield shard.start, shard.end, shard.read(verify=verify)
+
+    def read_all(self, name: str = "activations") -> torch.Tensor:
+        """Concatenate one tensor over all shards (for small entries only)."""
+        parts = [tensors[name] for _, _, tensors in self.iter_shards()]
+        if len({tuple(p.shape[1:]) for p in parts}) > 1:
+            raise StoreError(
+                str(self.path),
+                "shards hold feature maps of different sizes (a detector pads each batch differently)",
+                "iterate with iter_shards(), or embed with reduce='grid' for one size",
+            )
+        return torch.cat(parts)
+
+    def delete(self) -> None:
+        """Remove the entry from disk."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class ActivationStore:
+    """A folder of :class:`StoreEntry` objects addressed by request hash.
+
+    Parameters
+    ----------
+    root : path
+        Store folder; created on first write.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(str(self.root), "exists and is not a folder", "choose another --store path")
+
+    def entry(self, request: dict[str, Any]) -> StoreEntry:
+        """The entry for a request (it may not exist yet)."""
+        return StoreEntry(self.root, request_key(request))
+
+    def entries(self) -> list[StoreEntry]:
+        """Every complete entry."""
+        if not self.root.is_dir():
+            return []
+        found = [StoreEntry(self.root, p.name) for p in sorted(self.root.iterdir()) if KEY_PATTERN.match(p.name)]
+        return [entry for entry in found if entry.is_complete]

@@ -1,0 +1,1 @@
+"""probes package (see ARCHITECTURE.md)."""
