@@ -2,6 +2,9 @@
 
 Spec strings
 ------------
+``zoo:<name>``
+    A model of the embedded zoo (:mod:`concepts.zoo`): shipped synthetic-world detectors and the
+    real ImageNet pair.
 ``torchvision:<builder>``
     A torchvision builder (``resnet18``, ``fasterrcnn_resnet50_fpn`` …) with ``weights`` =
     ``none`` (random init), ``default`` (torchvision's default weights file, which must already
@@ -97,6 +100,10 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
     if spec.startswith("torchvision:"):
         module = _torchvision_model(spec.split(":", 1)[1], weights)
         adapter = default_adapter(module, input_size)
+    elif spec.startswith("zoo:"):
+        from concepts.zoo import load_zoo_model
+
+        module, adapter = load_zoo_model(spec.split(":", 1)[1])
     elif Path(spec).suffix.lower() == ".onnx" or _is_torchscript(spec):
         module = _converted_model(spec, input_size or (224, 224))
         adapter = ClassifierAdapter(input_size or (224, 224))

@@ -1,0 +1,35 @@
+"""The embedded model zoo: models that load with no download, named ``zoo:<name>`` in model specs.
+
+* ``zoo:mobilenet_v2``, ``zoo:efficientnet_lite0`` — real ImageNet classifiers from installed
+  weight packages (extra ``conceptlens[real]``).
+* ``zoo:synthetic_vgg_centernet``, ``zoo:synthetic_resnet_fpn`` — small detectors trained on the
+  synthetic concept world, weights shipped in this package.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from torch import nn
+
+from concepts.adapters import Adapter
+from concepts.errors import ModelSpecError
+
+__all__ = ["ZOO", "load_zoo_model"]
+
+ZOO: dict[str, str] = {
+    "mobilenet_v2": "concepts.zoo.real:mobilenet_v2",
+    "efficientnet_lite0": "concepts.zoo.real:efficientnet_lite0",
+    "synthetic_vgg_centernet": "concepts.zoo.detectors:synthetic_vgg_centernet",
+    "synthetic_resnet_fpn": "concepts.zoo.detectors:synthetic_resnet_fpn",
+}
+
+
+def load_zoo_model(name: str) -> tuple[nn.Module, Adapter]:
+    """Build the zoo model ``name`` with its weights and adapter."""
+    if name not in ZOO:
+        close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.3)
+        raise ModelSpecError(f"zoo:{name}", "no such zoo model", f"use one of {', '.join(close or ZOO)}")
+    module_path, _, attribute = ZOO[name].partition(":")
+    return getattr(importlib.import_module(module_path), attribute)()
