@@ -39,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="conceptlens", description="Concept-based interpretability of vision models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
 
-    layers = commands.add_parser("layers", help="list hookable layers with output shapes", epilog=EXAMPLES["layers"])
+    layers = commands.add_parser("layers", help="list hookable layers with output shapes", epilog=EXAMPLES["layers"], formatter_class=raw)
     _model_arguments(layers)
     _common(layers)
 
-    embed = commands.add_parser("embed", help="embed a concept dataset at chosen layers into the store", epilog=EXAMPLES["embed"])
+    embed = commands.add_parser("embed", help="embed a concept dataset at chosen layers into the store", epilog=EXAMPLES["embed"], formatter_class=raw)
     _model_arguments(embed)
     embed.add_argument("data", help="synthetic[:N[:SEED]], a folder (images/ + masks/<concept>/), or a COCO .json")
     embed.add_argument("--layers", nargs="+", required=True, help="layer names (see `conceptlens layers`)")
@@ -57,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--seed", type=int, default=0, help="split seed")
     _common(embed)
 
-    synth = commands.add_parser("synth", help="write the synthetic concept world to the folder layout", epilog=EXAMPLES["synth"])
+    synth = commands.add_parser("synth", help="write the synthetic concept world to the folder layout", epilog=EXAMPLES["synth"], formatter_class=raw)
     synth.add_argument("out", help="output folder")
     synth.add_argument("--n", type=int, default=500, help="number of scenes")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true")
     _common(synth)
 
-    demo = commands.add_parser("demo", help="run the demo on the embedded default data and models", epilog=EXAMPLES["demo"])
+    demo = commands.add_parser("demo", help="run the demo on the embedded default data and models", epilog=EXAMPLES["demo"], formatter_class=raw)
     demo.add_argument("--out", default="conceptlens-demo", help="output folder (default ./conceptlens-demo)")
     _common(demo)
     return parser

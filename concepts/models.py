@@ -7,7 +7,7 @@ Spec strings
     real ImageNet pair.
 ``torchvision:<builder>``
     A torchvision builder (``resnet18``, ``fasterrcnn_resnet50_fpn`` …) with ``weights`` =
-    ``none`` (random init), ``default`` (torchvision's default weights file, which must already
+    ``none`` (random init, seeded: the same weights on every load), ``default`` (torchvision's default weights file, which must already
     be in torch's hub cache — nothing is downloaded) or a path to a state dict.
 ``<module>:<callable>`` / ``<file.py>:<callable>``
     A callable returning an ``nn.Module``, or ``(module, adapter)`` where the adapter is an
@@ -137,7 +137,9 @@ def _torchvision_model(builder_name: str, weights: str) -> nn.Module:
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None
     if weights == "none":
-        return builder(**kwargs)
+        with torch.random.fork_rng(devices=[]):  # the same random init on every load, caller's RNG untouched
+            torch.manual_seed(0)
+            return builder(**kwargs)
     if weights == "default":
         path = _torchvision_default_weights_path(builder_name)
         categories = torchvision.models.get_model_weights(builder_name).DEFAULT.meta.get("categories")

@@ -90,7 +90,16 @@ def test_weights_path_loads_exactly(tmp_path, suffix):
     (save_file if suffix == ".safetensors" else lambda s, p: torch.save(s, p))(source.state_dict(), str(path))
     loaded = load_model("torchvision:resnet18", weights=str(path))
     assert model_hash(loaded.module) == model_hash(source)
-    assert loaded.hash != load_model("torchvision:resnet18").hash or False  # random init differs
+    assert loaded.hash != load_model("torchvision:resnet18").hash
+
+
+def test_random_init_is_reproducible_and_leaves_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_model("torchvision:resnet18")
+    assert torch.equal(torch.rand(1), expected_next)
+    assert first.hash == load_model("torchvision:resnet18").hash
 
 
 def test_pickle_payload_is_not_executed(tmp_path):

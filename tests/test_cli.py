@@ -1,0 +1,61 @@
+"""The command line: listing, embedding with reuse, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from concepts.dataset import ArrayDataset
+from concepts.folder import write_folder_dataset
+from conceptlens.cli import main
+
+
+@pytest.fixture
+def folder_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8) for _ in range(6)]
+    masks = [np.zeros((1, 30, 40), bool) for _ in range(6)]
+    masks[0][0, 5:15, 5:25] = True
+    return write_folder_dataset(ArrayDataset(images, masks, ["patch"]), tmp_path / "data")
+
+
+def test_layers_lists_in_order(capsys):
+    assert main(["layers", "torchvision:resnet18", "--input-size", "64", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[1] for line in lines[1:]]
+    assert names.index("conv1") < names.index("layer3") < names.index("fc")
+    assert any(line.split()[1] == "layer2" and "128×8×8" in line for line in lines)
+
+
+def test_embed_then_reuse(folder_dataset, tmp_path, capsys):
+    argv = ["embed", "torchvision:resnet18", str(folder_dataset), "--layers", "layer1", "--store", str(tmp_path / "store"),
+            "--input-size", "32", "32", "--batch-size", "4", "--quiet"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "computed" in first and "2 forward batches" in first
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "reused" in second and "0 forward batches" in second
+
+
+@pytest.mark.parametrize(
+    ("argv", "culprit"),
+    [
+        (["layers", "torchvision:resnet81"], "torchvision:resnet81"),
+        (["layers", "nonsense"], "nonsense"),
+        (["embed", "torchvision:resnet18", "/no/such/folder", "--layers", "layer1"], "/no/such/folder"),
+        (["embed", "torchvision:resnet18", "synthetic:4", "--layers", "layer9"], "layer9"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, culprit, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and culprit in err and "fix:" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_debug_shows_traceback():
+    from concepts.errors import ModelSpecError
+
+    with pytest.raises(ModelSpecError):
+        main(["layers", "nonsense", "--debug"])
