@@ -62,6 +62,14 @@ class ConceptDataset(ABC):
         height, width = self.image(index).shape[:2]
         return height, width
 
+    def check_index(self, index: int) -> int:
+        """Return ``index`` as int; TypeError for a non-integer, IndexError when out of range."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} ({len(self)} items)")
+        return int(index)
+
     @abstractmethod
     def image_fingerprint(self) -> str:
         """Return a hex digest that changes whenever an item id or image content changes.

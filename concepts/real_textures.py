@@ -334,15 +334,8 @@ class RealTextureWorld(ConceptDataset):
         self.ids = [f"{index:06d}" for index in range(self.n_images)]
         self.splits = assign_splits(self.ids, self.seed)
 
-    def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not 0 <= index < self.n_images:
-            raise IndexError(f"index {index} out of range for {self.name} ({self.n_images} items)")
-        return int(index)
-
     def _scene(self, index: int) -> _Scene:
-        return _cached_scene(self.seed, self._check_index(index), self.size)
+        return _cached_scene(self.seed, self.check_index(index), self.size)
 
     def image(self, index: int) -> np.ndarray:
         """Return image ``index`` as a writable ``uint8`` array (size, size, 3)."""
@@ -354,7 +347,7 @@ class RealTextureWorld(ConceptDataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Return (size, size) without rendering."""
-        self._check_index(index)
+        self.check_index(index)
         return self.size, self.size
 
     def image_fingerprint(self) -> str:

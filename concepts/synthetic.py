@@ -870,16 +870,9 @@ class SyntheticWorld(ConceptDataset):
         self.ids = [f"{index:06d}" for index in range(self.n_images)]
         self.splits = assign_splits(self.ids, self.split_seed)
 
-    def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not 0 <= index < self.n_images:
-            raise IndexError(f"index {index} out of range for {self.name} ({self.n_images} items)")
-        return int(index)
-
     def scene(self, index: int) -> Scene:
         """Return scene ``index`` (cached: the last 64 scenes rendered are kept; arrays read-only)."""
-        return _cached_scene(self.seed, self._check_index(index), self.size_range)
+        return _cached_scene(self.seed, self.check_index(index), self.size_range)
 
     def image(self, index: int) -> np.ndarray:
         """Return image ``index`` as a writable ``uint8`` array (H, W, 3)."""
@@ -895,7 +888,7 @@ class SyntheticWorld(ConceptDataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Return (height, width) of image ``index`` without rendering it."""
-        return _scene_size(self.seed, self._check_index(index), self.size_range)
+        return _scene_size(self.seed, self.check_index(index), self.size_range)
 
     def image_fingerprint(self) -> str:
         """Return a sha256 hex digest of the generator version, seed, size and size range."""
