@@ -154,6 +154,21 @@ class CocoDataset(ConceptDataset):
             digest.update(f"{self.ids[index]}\0{file_name}\0{self.image_path(index).stat().st_size}\n".encode())
         return digest.hexdigest()
 
+    def mask_fingerprint(self) -> str:
+        """Return sha256 over the image fingerprint, the annotation file, categories and area filter."""
+        digest = hashlib.sha256(self.image_fingerprint().encode())
+        digest.update(_file_sha256(self.annotation_file).encode())
+        digest.update(json.dumps([self.concepts, self.area_range]).encode())
+        return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 def _check_area_range(area_range: tuple[float, float] | None) -> tuple[float, float] | None:
     """Check that ``area_range`` is None or ``0 <= lo <= hi <= 1``."""

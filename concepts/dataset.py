@@ -78,6 +78,16 @@ class ConceptDataset(ABC):
         not depend on them.
         """
 
+    def mask_fingerprint(self) -> str:
+        """Return a hex digest that changes whenever the masks (or ids) change.
+
+        The default suits generated datasets, whose masks follow from what makes the images;
+        loaders that read masks from separate files override it.
+        """
+        digest = hashlib.sha256(self.image_fingerprint().encode())
+        digest.update(json.dumps(list(self.concepts)).encode())
+        return digest.hexdigest()
+
     def split_indices(self, split: str) -> np.ndarray:
         """Return the sorted item indices of ``split`` ('train', 'val' or 'test')."""
         if split not in SPLITS:
@@ -116,6 +126,11 @@ class SubsetDataset(ConceptDataset):
 
     def image_fingerprint(self) -> str:
         digest = hashlib.sha256(self.parent.image_fingerprint().encode())
+        digest.update(json.dumps(self.indices).encode())
+        return digest.hexdigest()
+
+    def mask_fingerprint(self) -> str:
+        digest = hashlib.sha256(self.parent.mask_fingerprint().encode())
         digest.update(json.dumps(self.indices).encode())
         return digest.hexdigest()
 
@@ -217,4 +232,11 @@ class ArrayDataset(ConceptDataset):
             digest.update(item_id.encode())
             digest.update(str(image.shape).encode())
             digest.update(image.tobytes())
+        return digest.hexdigest()
+
+    def mask_fingerprint(self) -> str:
+        digest = hashlib.sha256(self.image_fingerprint().encode())
+        digest.update(json.dumps(self.concepts).encode())
+        for masks in self._masks or []:
+            digest.update(np.packbits(masks).tobytes())
         return digest.hexdigest()

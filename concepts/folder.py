@@ -148,6 +148,17 @@ class FolderDataset(ConceptDataset):
             digest.update(f"{item_id}\0{self._file_digest(self.image_files[item_id])}\n".encode())
         return digest.hexdigest()
 
+    def mask_fingerprint(self) -> str:
+        """Return sha256 over the image fingerprint, concepts, every mask file and the invalid list."""
+        digest = hashlib.sha256(self.image_fingerprint().encode())
+        for concept in self.concepts:
+            for item_id, path in sorted(self.mask_files[concept].items()):
+                digest.update(f"{concept}\0{item_id}\0{self._file_digest(path)}\n".encode())
+        invalid = self.root / INVALID_FILE
+        if invalid.is_file():
+            digest.update(invalid.read_bytes())
+        return digest.hexdigest()
+
     def _file_digest(self, path: Path) -> str:
         """Return the sha256 of a file's bytes, cached while its size and mtime do not change."""
         stat = path.stat()

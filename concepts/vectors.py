@@ -1,0 +1,302 @@
+"""Concept vectors of one (model, layer, method): the :class:`ConceptBank`.
+
+A bank holds K concept vectors over the C channels of a layer, their biases, an optional
+per-channel standardisation, per-concept metrics and the provenance of everything. Linear banks
+(Net2Vec pixel probes, image-level CAVs) project activations to logits and probabilities; NMF
+banks (NCAVs) project them to non-negative concept maps by non-negative least squares.
+
+Saved as ``<name>.safetensors`` (tensors) + ``<name>.json`` (metadata and the tensor file's
+sha256); loading never unpickles and checks format version, checksum and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from concepts.atomic import atomic_write_bytes, atomic_write_text
+from concepts.errors import ConceptLensError
+from concepts.geometry import Geometry, features_to_grid
+
+__all__ = ["BankError", "ConceptBank", "METHODS", "BANK_FORMAT_VERSION", "nnls"]
+
+METHODS = ("net2vec", "linear", "nmf")
+BANK_FORMAT_VERSION = 1
+MAX_BANK_JSON_BYTES = 32 * 1024 * 1024
+
+
+class BankError(ConceptLensError):
+    """A concept bank is malformed, corrupt, or does not fit the activations it is given."""
+
+
+@dataclass
+class ConceptBank:
+    """Concept vectors of one layer.
+
+    Attributes
+    ----------
+    method : {'net2vec', 'linear', 'nmf'}
+        The learner that produced the vectors.
+    layer : str
+        Layer name the vectors live in.
+    concepts : list of str
+        Concept names (for NMF: ``ncav_0`` …; the matched known concept is in ``metrics``).
+    vectors : Tensor
+        ``(K, C)`` float32.
+    biases : Tensor
+        ``(K,)`` float32 (zeros for NMF).
+    channel_mean, channel_std : Tensor or None
+        ``(C,)`` standardisation applied to activations before the vectors, when used.
+    metrics : dict
+        Per concept name: metric name -> value.
+    provenance : dict
+        Store key, model hash, method hyper-parameters, seed, data split, package versions.
+    """
+
+    method: str
+    layer: str
+    concepts: list[str]
+    vectors: torch.Tensor
+    biases: torch.Tensor
+    channel_mean: torch.Tensor | None = None
+    channel_std: torch.Tensor | None = None
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = torch.as_tensor(self.vectors, dtype=torch.float32).detach().cpu()
+        self.biases = torch.as_tensor(self.biases, dtype=torch.float32).detach().cpu()
+        self.concepts = list(self.concepts)
+        self._check()
+
+    def _check(self) -> None:
+        name = f"concept bank ({self.method}, layer {self.layer!r})"
+        if self.method not in METHODS:
+            raise BankError(name, f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+        if self.vectors.dim() != 2 or self.vectors.shape[0] != len(self.concepts):
+            raise BankError(name, f"vectors have shape {tuple(self.vectors.shape)} for {len(self.concepts)} concepts", "give a (K, C) tensor")
+        if self.biases.shape != (len(self.concepts),):
+            raise BankError(name, f"biases have shape {tuple(self.biases.shape)}", f"give {len(self.concepts)} biases")
+        duplicates = sorted({c for c in self.concepts if self.concepts.count(c) > 1})
+        if duplicates:
+            raise BankError(name, f"duplicate concept names {duplicates}", "give every concept a unique name")
+        for stat in (self.channel_mean, self.channel_std):
+            if stat is not None and tuple(stat.shape) != (self.n_channels,):
+                raise BankError(name, f"standardisation has shape {tuple(stat.shape)}", f"give ({self.n_channels},) statistics")
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def check_activations(self, activations: torch.Tensor) -> None:
+        """Raise BankError unless ``activations`` (B, C, ...) have this bank's channel count."""
+        if activations.dim() < 2 or activations.shape[1] != self.n_channels:
+            raise BankError(
+                f"concept bank for layer {self.layer!r}",
+                f"expects {self.n_channels} channels, activations have shape {tuple(activations.shape)}",
+                "use the bank trained on this layer (and model)",
+            )
+
+    def standardize(self, activations: torch.Tensor) -> torch.Tensor:
+        """Apply the stored per-channel standardisation (identity when there is none)."""
+        if self.channel_mean is None:
+            return activations
+        shape = (1, -1) + (1,) * (activations.dim() - 2)
+        mean = self.channel_mean.to(activations).view(shape)
+        std = self.channel_std.to(activations).view(shape)
+        return (activations - mean) / std
+
+    def logits(self, activations: torch.Tensor) -> torch.Tensor:
+        """Linear concept scores ``w·a + b`` per position: (B, C, ...) -> (B, K, ...)."""
+        self.check_activations(activations)
+        inputs = self.standardize(activations.float())
+        scores = torch.einsum("kc,bc...->bk...", self.vectors.to(inputs.device), inputs)
+        return scores + self.biases.to(inputs.device).view((1, -1) + (1,) * (inputs.dim() - 2))
+
+    def concept_maps(
+        self,
+        activations: torch.Tensor,
+        geometries: Sequence[Geometry] | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Project activations (B, C, h, w) to concept maps (B, K, h, w), or on the concept grid.
+
+        Linear banks: probabilities ``σ(w·a + b)``; on a grid, the logits are upsampled first
+        (bilinear resampling commutes with the linear map, so this equals probing upsampled
+        activations). NMF banks: non-negative least-squares coefficients of each pixel vector.
+        """
+        if self.method == "nmf":
+            maps = self.nmf_maps(activations)
+        else:
+            maps = self.logits(activations)
+        if grid is not None:
+            if geometries is None:
+                raise BankError("concept_maps", "a grid needs the images' geometries", "pass geometries from the store")
+            maps = features_to_grid(maps, geometries, grid)
+        return maps if self.method == "nmf" else torch.sigmoid(maps)
+
+    def nmf_maps(self, activations: torch.Tensor) -> torch.Tensor:
+        """Non-negative coefficients ``S(x) = argmin_{S≥0} ‖A(x) − S·P‖`` per pixel: (B, K, h, w)."""
+        self.check_activations(activations)
+        batch, channels = activations.shape[:2]
+        pixels = activations.float().clamp(min=0).movedim(1, -1).reshape(-1, channels)
+        coefficients = nnls(pixels, self.vectors.to(pixels.device))
+        return coefficients.reshape(batch, *activations.shape[2:], -1).movedim(-1, 1)
+
+    # ----------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.safetensors`` and ``<path>.json`` atomically; return the JSON path."""
+        base = _base_path(path)
+        tensors = {"vectors": self.vectors.contiguous(), "biases": self.biases.contiguous()}
+        if self.channel_mean is not None:
+            tensors["channel_mean"] = self.channel_mean.float().contiguous()
+            tensors["channel_std"] = self.channel_std.float().contiguous()
+        data = save_tensors(tensors)
+        metadata = {
+            "format_version": BANK_FORMAT_VERSION,
+            "method": self.method,
+            "layer": self.layer,
+            "concepts": self.concepts,
+            "n_channels": self.n_channels,
+            "standardized": self.channel_mean is not None,
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+        atomic_write_bytes(base.with_suffix(".safetensors"), data)
+        atomic_write_text(base.with_suffix(".json"), json.dumps(metadata, indent=1, default=_json_default))
+        return base.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path: str | Path, expected_channels: int | None = None, model_hash: str | None = None) -> ConceptBank:
+        """Load a bank saved by :meth:`save`, checking format, checksum and shapes.
+
+        Parameters
+        ----------
+        path : path
+            ``<name>``, ``<name>.json`` or ``<name>.safetensors``.
+        expected_channels : int, optional
+            Fail unless the bank has this many channels (the layer's width).
+        model_hash : str, optional
+            Fail unless the bank was trained on the model with this hash.
+        """
+        base = _base_path(path)
+        metadata = _read_metadata(base.with_suffix(".json"))
+        tensor_path = base.with_suffix(".safetensors")
+        try:
+            data = tensor_path.read_bytes()
+        except OSError as error:
+            raise BankError(str(tensor_path), f"cannot read ({error.strerror})", "save the bank again") from error
+        if hashlib.sha256(data).hexdigest() != metadata.get("tensors_sha256"):
+            raise BankError(str(tensor_path), "checksum does not match its JSON (corrupt or replaced)", "save the bank again")
+        try:
+            tensors = load_tensors(data)
+        except Exception as error:  # noqa: BLE001
+            raise BankError(str(tensor_path), f"not a safetensors file ({error})", "save the bank again") from error
+        bank = cls(
+            method=metadata["method"],
+            layer=metadata["layer"],
+            concepts=metadata["concepts"],
+            vectors=tensors["vectors"],
+            biases=tensors["biases"],
+            channel_mean=tensors.get("channel_mean"),
+            channel_std=tensors.get("channel_std"),
+            metrics=metadata.get("metrics", {}),
+            provenance=metadata.get("provenance", {}),
+        )
+        if bank.n_channels != metadata.get("n_channels"):
+            raise BankError(str(tensor_path), f"holds {bank.n_channels} channels, its JSON says {metadata.get('n_channels')}", "save the bank again")
+        if expected_channels is not None and bank.n_channels != expected_channels:
+            raise BankError(
+                str(base.with_suffix(".json")),
+                f"was trained on a layer with {bank.n_channels} channels, this layer has {expected_channels}",
+                f"use a bank trained on this layer (it was trained on {bank.layer!r})",
+            )
+        trained_on = bank.provenance.get("model_hash")
+        if model_hash is not None and trained_on != model_hash:
+            raise BankError(
+                str(base.with_suffix(".json")),
+                f"was trained on model {str(trained_on)[:12]}, not {model_hash[:12]}",
+                "train the bank on this model, or load the model it was trained on",
+            )
+        return bank
+
+
+def _base_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_BANK_JSON_BYTES:
+            raise BankError(str(path), "file is implausibly large for a bank's metadata", "save the bank again")
+        metadata = json.loads(path.read_text())
+    except OSError as error:
+        raise BankError(str(path), f"cannot read ({error.strerror})", "check the path") from error
+    except ValueError as error:
+        raise BankError(str(path), f"not valid JSON ({error})", "save the bank again") from error
+    if not isinstance(metadata, dict) or metadata.get("format_version") != BANK_FORMAT_VERSION:
+        found = metadata.get("format_version") if isinstance(metadata, dict) else None
+        raise BankError(str(path), f"format version {found} is not {BANK_FORMAT_VERSION}", "train and save the bank again")
+    missing = [k for k in ("method", "layer", "concepts", "n_channels", "tensors_sha256") if k not in metadata]
+    if missing:
+        raise BankError(str(path), f"missing keys {missing}", "save the bank again")
+    return metadata
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a bank's JSON")
+
+
+def nnls(targets: torch.Tensor, basis: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:
+    """Solve ``min_{S≥0} ‖targets − S·basis‖_F`` row by row (HALS coordinate descent, batched).
+
+    Parameters
+    ----------
+    targets : Tensor
+        ``(N, C)`` rows to explain.
+    basis : Tensor
+        ``(K, C)`` non-negative basis (NCAVs).
+    iterations : int
+        Maximum sweeps over the K coordinates.
+    tolerance : float
+        Stop when no coefficient changes by more than this (relative to the largest).
+
+    Returns
+    -------
+    Tensor
+        ``(N, K)`` non-negative coefficients.
+    """
+    gram = basis @ basis.T
+    cross = targets @ basis.T
+    diagonal = gram.diagonal().clamp(min=1e-12)
+    coefficients = (cross / diagonal).clamp(min=0)
+    for _ in range(iterations):
+        largest_change = torch.zeros((), device=targets.device)
+        for j in range(basis.shape[0]):
+            update = (cross[:, j] - coefficients @ gram[:, j]) / diagonal[j]
+            new = (coefficients[:, j] + update).clamp(min=0)
+            largest_change = torch.maximum(largest_change, (new - coefficients[:, j]).abs().max())
+            coefficients[:, j] = new
+        if largest_change <= tolerance * coefficients.abs().max().clamp(min=1e-12):
+            break
+    return coefficients

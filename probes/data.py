@@ -1,0 +1,128 @@
+"""Stream aligned activations and grid masks from the store, one shard in memory at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from concepts.errors import DataError
+from concepts.geometry import Geometry
+from concepts.store import StoreEntry
+
+__all__ = ["ProbeBatch", "EntryReader", "split_indices", "iter_batches", "check_aligned"]
+
+
+@dataclass
+class ProbeBatch:
+    """A batch of items: dataset indices, activations, geometries and (optionally) grid masks."""
+
+    indices: torch.Tensor
+    activations: torch.Tensor
+    geometries: list[Geometry]
+    masks: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+class EntryReader:
+    """Random access to the rows of a complete store entry, keeping the last shard read."""
+
+    def __init__(self, entry: StoreEntry) -> None:
+        self.entry = entry
+        manifest = entry.manifest()
+        self.bounds = [tuple(int(x) for x in name.split("-")[1:3]) for name in manifest["shards"]]
+        self.names = manifest["shards"]
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def shard_of(self, index: int) -> int:
+        starts = [start for start, _ in self.bounds]
+        return int(np.searchsorted(starts, index, side="right") - 1)
+
+    def _shard(self, number: int) -> dict[str, torch.Tensor]:
+        if self._cached is None or self._cached[0] != number:
+            from concepts.store import Shard
+
+            self._cached = (number, Shard.from_path(self.entry.path / self.names[number]).read())
+        return self._cached[1]
+
+    def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Return every tensor of the entry at ``indices`` (stacked in that order)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for index in indices:
+            number = self.shard_of(int(index))
+            tensors = self._shard(number)
+            for name, tensor in tensors.items():
+                parts.setdefault(name, []).append(tensor[int(index) - self.bounds[number][0]])
+        return {name: torch.stack(values) for name, values in parts.items()}
+
+
+def split_indices(mask_entry: StoreEntry, split: str) -> np.ndarray:
+    """Indices of a split, from the dataset split recorded in a mask entry."""
+    dataset = mask_entry.manifest()["dataset"]
+    if split not in dataset.get("splits", {}):
+        raise DataError(f"split {split!r}", f"not recorded for dataset {dataset['name']!r}", "use train, val or test")
+    position = {item_id: i for i, item_id in enumerate(dataset["ids"])}
+    return np.array(sorted(position[i] for i in dataset["splits"][split]), dtype=np.int64)
+
+
+def check_aligned(activations: StoreEntry, masks: StoreEntry) -> None:
+    """Raise DataError unless both entries hold the same dataset items in the same order."""
+    left, right = activations.manifest()["dataset"], masks.manifest()["dataset"]
+    if left["ids"] != right["ids"]:
+        raise DataError(
+            f"activations of {left['name']!r} vs masks of {right['name']!r}",
+            "the entries hold different items",
+            "embed activations and masks from the same dataset",
+        )
+
+
+def iter_batches(
+    activations: StoreEntry,
+    masks: StoreEntry | None = None,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+    shuffle: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[ProbeBatch]:
+    """Yield batches of ``indices`` (default: every item) with activations and grid masks.
+
+    A batch never spans two activation shards (a detector's native maps differ in size between
+    shards), so it holds at most ``min(batch_size, shard size)`` items. With ``shuffle``, shard
+    order and rows within a shard are permuted by ``seed``.
+    """
+    reader = EntryReader(activations)
+    mask_reader = None
+    if masks is not None:
+        check_aligned(activations, masks)
+        mask_reader = EntryReader(masks)
+    wanted = np.arange(reader.bounds[-1][1]) if indices is None else np.asarray(indices, dtype=np.int64)
+    by_shard: dict[int, list[int]] = {}
+    for index in wanted:
+        by_shard.setdefault(reader.shard_of(int(index)), []).append(int(index))
+    order = sorted(by_shard)
+    rng = np.random.default_rng(seed)
+    if shuffle:
+        order = list(rng.permutation(order))
+    for number in order:
+        rows = np.array(by_shard[number])
+        if shuffle:
+            rows = rng.permutation(rows)
+        for chunk in np.array_split(rows, int(np.ceil(len(rows) / batch_size))):
+            yield _batch(reader, mask_reader, chunk, device)
+
+
+def _batch(reader: EntryReader, mask_reader: EntryReader | None, rows: np.ndarray, device) -> ProbeBatch:
+    tensors = reader.rows(rows)
+    batch = ProbeBatch(
+        indices=torch.from_numpy(rows),
+        activations=tensors["activations"].to(device=device, dtype=torch.float32),
+        geometries=[Geometry.from_list(g.tolist()) for g in tensors["geometry"]],
+    )
+    if mask_reader is not None:
+        mask_tensors = mask_reader.rows(rows)
+        batch.masks = mask_tensors["masks"].to(device=device, dtype=torch.float32)
+        batch.valid = mask_tensors["valid"].to(device=device).bool()
+    return batch
