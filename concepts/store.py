@@ -19,11 +19,12 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
@@ -31,7 +32,7 @@ from safetensors.torch import save
 from concepts.atomic import atomic_write_bytes, atomic_write_text
 from concepts.errors import StoreError
 
-__all__ = ["ActivationStore", "StoreEntry", "Shard", "request_key", "FORMAT_VERSION"]
+__all__ = ["ActivationStore", "EntryReader", "StoreEntry", "Shard", "request_key", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r"^shard-(\d{8})-(\d{8})-([0-9a-f]{16})\.safetensors$")
@@ -205,6 +206,36 @@ class StoreEntry:
     def delete(self) -> None:
         """Remove the entry from disk."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class EntryReader:
+    """Random access to the rows of a complete store entry, keeping the last shard read."""
+
+    def __init__(self, entry: StoreEntry) -> None:
+        self.entry = entry
+        manifest = entry.manifest()
+        self.bounds = [tuple(int(x) for x in name.split("-")[1:3]) for name in manifest["shards"]]
+        self.names = manifest["shards"]
+        self.starts = np.array([start for start, _ in self.bounds])
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def shard_of(self, index: int) -> int:
+        return int(np.searchsorted(self.starts, index, side="right") - 1)
+
+    def _shard(self, number: int) -> dict[str, torch.Tensor]:
+        if self._cached is None or self._cached[0] != number:
+            self._cached = (number, Shard.from_path(self.entry.path / self.names[number]).read())
+        return self._cached[1]
+
+    def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Return every tensor of the entry at ``indices`` (stacked in that order)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for index in indices:
+            number = self.shard_of(int(index))
+            tensors = self._shard(number)
+            for name, tensor in tensors.items():
+                parts.setdefault(name, []).append(tensor[int(index) - self.bounds[number][0]])
+        return {name: torch.stack(values) for name, values in parts.items()}
 
 
 class ActivationStore:

@@ -10,9 +10,9 @@ import torch
 
 from concepts.errors import DataError
 from concepts.geometry import Geometry
-from concepts.store import StoreEntry
+from concepts.store import EntryReader, StoreEntry
 
-__all__ = ["ProbeBatch", "EntryReader", "split_indices", "iter_batches", "check_aligned"]
+__all__ = ["ProbeBatch", "split_indices", "iter_batches", "check_aligned"]
 
 
 @dataclass
@@ -24,38 +24,6 @@ class ProbeBatch:
     geometries: list[Geometry]
     masks: torch.Tensor | None = None
     valid: torch.Tensor | None = None
-
-
-class EntryReader:
-    """Random access to the rows of a complete store entry, keeping the last shard read."""
-
-    def __init__(self, entry: StoreEntry) -> None:
-        self.entry = entry
-        manifest = entry.manifest()
-        self.bounds = [tuple(int(x) for x in name.split("-")[1:3]) for name in manifest["shards"]]
-        self.names = manifest["shards"]
-        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
-
-    def shard_of(self, index: int) -> int:
-        starts = [start for start, _ in self.bounds]
-        return int(np.searchsorted(starts, index, side="right") - 1)
-
-    def _shard(self, number: int) -> dict[str, torch.Tensor]:
-        if self._cached is None or self._cached[0] != number:
-            from concepts.store import Shard
-
-            self._cached = (number, Shard.from_path(self.entry.path / self.names[number]).read())
-        return self._cached[1]
-
-    def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Return every tensor of the entry at ``indices`` (stacked in that order)."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        for index in indices:
-            number = self.shard_of(int(index))
-            tensors = self._shard(number)
-            for name, tensor in tensors.items():
-                parts.setdefault(name, []).append(tensor[int(index) - self.bounds[number][0]])
-        return {name: torch.stack(values) for name, values in parts.items()}
 
 
 def split_indices(mask_entry: StoreEntry, split: str) -> np.ndarray:

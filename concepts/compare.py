@@ -1,0 +1,359 @@
+"""Layer-wise concept similarity within one model and across models (Mikriukov et al. 2023).
+
+Concept vectors of different layers live in different spaces, so they are compared through their
+maps on the same test images, on the common concept grid (METHODS.md §5):
+
+* supervised banks: per concept, set IoU of the binarised maps, soft IoU ``Σmin/Σmax`` and
+  Pearson r of the soft maps; a layer pair's score is the mean over concepts;
+* NMF banks: NCAV maps normalised by their maximum over the test set and binarised at τ; the
+  pairwise set-IoU matrix, its symmetric best-match mean and its Hungarian mean.
+
+Everything accumulates batch by batch over the test images (memory does not grow with their
+number), reading each layer's maps once per batch from a :func:`concepts.concept_maps.concept_map_entry`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from concepts.errors import ConceptLensError
+from concepts.store import EntryReader, StoreEntry
+
+__all__ = [
+    "CompareError",
+    "LayerMaps",
+    "SupervisedSimilarity",
+    "UnsupervisedSimilarity",
+    "supervised_similarity",
+    "unsupervised_similarity",
+    "pairwise_set_iou",
+    "best_match_mean",
+    "hungarian_mean",
+    "relative_depths",
+    "ridge",
+    "BLIND_LAYER_IOU",
+]
+
+BLIND_LAYER_IOU = 0.1
+
+
+class CompareError(ConceptLensError):
+    """Inputs of a comparison do not fit together."""
+
+
+@dataclass
+class LayerMaps:
+    """One probed layer in a comparison: its maps on the test images and where it sits.
+
+    Attributes
+    ----------
+    model : str
+        Model label (e.g. ``"A"`` or a model spec).
+    layer : str
+        Layer name.
+    concepts : list of str
+        Concepts (or NCAV names) of the maps, in the order of the entry's channels.
+    maps : StoreEntry
+        Concept maps on the grid for the test images (tensor ``maps``, (n, K, Gh, Gw)).
+    ground_truth_iou : dict
+        Concept -> the layer's own set IoU against ground truth (None when unknown).
+    """
+
+    model: str
+    layer: str
+    concepts: list[str]
+    maps: StoreEntry
+    ground_truth_iou: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}:{self.layer}"
+
+
+def _check_same_items(layers: Sequence[LayerMaps]) -> int:
+    if not layers:
+        raise CompareError("layers", "nothing to compare", "give at least one layer")
+    reference = layers[0].maps.manifest()
+    for layer in layers[1:]:
+        manifest = layer.maps.manifest()
+        if manifest["dataset"]["ids"] != reference["dataset"]["ids"]:
+            raise CompareError(
+                f"{layer.label} vs {layers[0].label}",
+                "maps of different test images (other dataset or split)",
+                "embed both models on the same dataset and compare the same split",
+            )
+        if manifest["request"]["grid"] != reference["request"]["grid"]:
+            raise CompareError(f"{layer.label}", f"grid {manifest['request']['grid']} differs from {reference['request']['grid']}", "use one concept grid")
+    return int(reference["n_items"])
+
+
+def _batches(n_items: int, batch_size: int) -> list[range]:
+    return [range(s, min(s + batch_size, n_items)) for s in range(0, n_items, batch_size)]
+
+
+# ------------------------------------------------------------------------------- supervised
+@dataclass
+class SupervisedSimilarity:
+    """Layer × layer similarity of supervised concept maps.
+
+    ``set_iou``, ``soft_iou`` and ``pearson`` map each concept to an (n, n) array (NaN-free:
+    undefined entries are None in :meth:`to_dict`, and listed in ``undefined``); ``matrix`` is
+    the mean set IoU over concepts; ``blind`` lists (concept, i, j) where either layer's own
+    ground-truth set IoU is below 0.1.
+    """
+
+    labels: list[str]
+    concepts: list[str]
+    set_iou: dict[str, np.ndarray]
+    soft_iou: dict[str, np.ndarray]
+    pearson: dict[str, np.ndarray]
+    matrix: np.ndarray
+    blind: list[tuple[str, int, int]]
+    undefined: list[tuple[str, int, int, str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "concepts": self.concepts,
+            "matrix": _json_matrix(self.matrix),
+            "per_concept": {
+                c: {"set_iou": _json_matrix(self.set_iou[c]), "soft_iou": _json_matrix(self.soft_iou[c]), "pearson": _json_matrix(self.pearson[c])}
+                for c in self.concepts
+            },
+            "blind_pairs": [{"concept": c, "a": self.labels[i], "b": self.labels[j]} for c, i, j in self.blind],
+            "undefined": [{"concept": c, "a": self.labels[i], "b": self.labels[j], "why": why} for c, i, j, why in self.undefined],
+        }
+
+
+def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in matrix]
+
+
+def supervised_similarity(
+    layers: Sequence[LayerMaps], concepts: Sequence[str] | None = None, threshold: float = 0.5, batch_size: int = 16
+) -> SupervisedSimilarity:
+    """Compare supervised concept maps of every pair of layers on the same test images.
+
+    Parameters
+    ----------
+    layers : sequence of LayerMaps
+        Layers of one or more models, maps of the same test images on the same grid.
+    concepts : sequence of str, optional
+        Concepts to compare (default: every concept all layers share; unknown names fail).
+    threshold : float
+        Probability above which a cell belongs to the predicted mask.
+    batch_size : int
+        Test images per step.
+    """
+    n_items = _check_same_items(layers)
+    concepts = _common_concepts(layers, concepts)
+    columns = [[layer.concepts.index(c) for c in concepts] for layer in layers]
+    n, k = len(layers), len(concepts)
+    stats = {name: np.zeros((k, n, n)) for name in ("intersection", "minimum", "cross")}
+    stats.update({name: np.zeros((k, n)) for name in ("binary", "total", "squares")})
+    count = 0
+    readers = [EntryReader(layer.maps) for layer in layers]
+    for rows in _batches(n_items, batch_size):
+        maps = [reader.rows(rows)["maps"][:, cols].float() for reader, cols in zip(readers, columns)]
+        for c in range(k):
+            values = torch.stack([m[:, c].reshape(-1) for m in maps])  # (n layers, pixels)
+            _accumulate(stats, c, values, threshold)
+        count += maps[0][:, 0].numel()
+    return _supervised_result(layers, concepts, stats, count)
+
+
+def _accumulate(stats: dict[str, np.ndarray], c: int, values: torch.Tensor, threshold: float) -> None:
+    binary = (values > threshold).float()
+    stats["intersection"][c] += (binary @ binary.T).double().numpy()
+    stats["binary"][c] += binary.sum(dim=1).double().numpy()
+    stats["cross"][c] += (values.double() @ values.double().T).numpy()
+    stats["total"][c] += values.double().sum(dim=1).numpy()
+    stats["squares"][c] += (values.double() ** 2).sum(dim=1).numpy()
+    for i in range(values.shape[0]):  # Σ min(p_i, p_j) for j ≥ i, mirrored
+        minimum = torch.minimum(values[i : i + 1], values[i:]).double().sum(dim=1).numpy()
+        stats["minimum"][c, i, i:] += minimum
+        stats["minimum"][c, i + 1 :, i] += minimum[1:]
+
+
+def _supervised_result(layers: Sequence[LayerMaps], concepts: list[str], stats: dict[str, np.ndarray], count: int) -> SupervisedSimilarity:
+    n = len(layers)
+    set_iou, soft_iou, pearson, undefined, blind = {}, {}, {}, [], []
+    for c, concept in enumerate(concepts):
+        binary, total, squares = stats["binary"][c], stats["total"][c], stats["squares"][c]
+        union = binary[:, None] + binary[None, :] - stats["intersection"][c]
+        set_iou[concept] = _ratio(stats["intersection"][c], union)
+        soft_union = total[:, None] + total[None, :] - stats["minimum"][c]
+        soft_iou[concept] = _ratio(stats["minimum"][c], soft_union)
+        covariance = count * stats["cross"][c] - np.outer(total, total)
+        spread = np.sqrt(np.clip(count * squares - total**2, 0, None))
+        pearson[concept] = _ratio(covariance, np.outer(spread, spread))
+        for i in range(n):
+            for j in range(n):
+                if union[i, j] == 0:
+                    undefined.append((concept, i, j, "neither layer predicts this concept anywhere on the test images"))
+                if _is_blind(layers[i], concept) or _is_blind(layers[j], concept):
+                    blind.append((concept, i, j))
+    matrix = _nanmean_stack([set_iou[c] for c in concepts])
+    return SupervisedSimilarity([layer.label for layer in layers], concepts, set_iou, soft_iou, pearson, matrix, blind, undefined)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    out = np.full(numerator.shape, np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _nanmean_stack(matrices: list[np.ndarray]) -> np.ndarray:
+    stacked = np.stack(matrices)
+    counts = np.isfinite(stacked).sum(axis=0)
+    sums = np.where(np.isfinite(stacked), stacked, 0).sum(axis=0)
+    return _ratio(sums, counts.astype(float))
+
+
+def _is_blind(layer: LayerMaps, concept: str) -> bool:
+    value = layer.ground_truth_iou.get(concept)
+    return value is None or value < BLIND_LAYER_IOU
+
+
+def _common_concepts(layers: Sequence[LayerMaps], concepts: Sequence[str] | None) -> list[str]:
+    shared = [c for c in layers[0].concepts if all(c in layer.concepts for layer in layers[1:])]
+    if concepts is None:
+        if not shared:
+            raise CompareError("concepts", "the layers' banks share no concept name", "probe every layer for the same concepts")
+        return shared
+    for concept in concepts:
+        for layer in layers:
+            if concept not in layer.concepts:
+                raise CompareError(f"concept {concept!r}", f"not in the bank of {layer.label}", f"its concepts: {', '.join(layer.concepts)}")
+    return list(concepts)
+
+
+# ----------------------------------------------------------------------------- unsupervised
+def pairwise_set_iou(intersections: np.ndarray, sizes_a: np.ndarray, sizes_b: np.ndarray) -> np.ndarray:
+    """Set IoU of every NCAV pair from pooled intersections (k1, k2) and mask sizes (k1,), (k2,).
+
+    Two NCAVs that are both empty on every test image get 0 (they share nothing observable).
+    """
+    union = sizes_a[:, None] + sizes_b[None, :] - intersections
+    return np.nan_to_num(_ratio(intersections, union), nan=0.0)
+
+
+def best_match_mean(similarity: np.ndarray) -> float:
+    """Symmetric best-match mean ``½[(1/k1)Σ_i max_j s_ij + (1/k2)Σ_j max_i s_ij]``."""
+    return 0.5 * (float(similarity.max(axis=1).mean()) + float(similarity.max(axis=0).mean()))
+
+
+def hungarian_mean(similarity: np.ndarray) -> tuple[float, list[tuple[int, int, float]]]:
+    """Mean similarity of the one-to-one matching that maximises the total, and the matched pairs."""
+    rows, cols = linear_sum_assignment(-similarity)
+    pairs = [(int(i), int(j), float(similarity[i, j])) for i, j in zip(rows, cols)]
+    return float(np.mean([s for _, _, s in pairs])), pairs
+
+
+@dataclass
+class UnsupervisedSimilarity:
+    """Layer × layer similarity of NCAV maps: best-match and Hungarian means, per-pair details."""
+
+    labels: list[str]
+    best_match: np.ndarray
+    hungarian: np.ndarray
+    pair_iou: dict[tuple[int, int], np.ndarray]
+    matched: dict[tuple[int, int], list[tuple[int, int, float]]]
+    empty_ncavs: dict[str, list[str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "best_match": _json_matrix(self.best_match),
+            "hungarian": _json_matrix(self.hungarian),
+            "pairs": [
+                {"a": self.labels[i], "b": self.labels[j], "set_iou": _json_matrix(self.pair_iou[(i, j)]), "matched": [list(p) for p in self.matched[(i, j)]]}
+                for (i, j) in sorted(self.pair_iou)
+            ],
+            "empty_ncavs": self.empty_ncavs,
+        }
+
+
+def unsupervised_similarity(layers: Sequence[LayerMaps], tau: float = 0.5, batch_size: int = 16) -> UnsupervisedSimilarity:
+    """Compare NCAV maps of every pair of layers (two streaming passes: maxima, then overlaps)."""
+    n_items = _check_same_items(layers)
+    readers = [EntryReader(layer.maps) for layer in layers]
+    batches = _batches(n_items, batch_size)
+    maxima = [torch.zeros(len(layer.concepts)) for layer in layers]
+    for rows in batches:
+        for l, reader in enumerate(readers):
+            maps = reader.rows(rows)["maps"].float()
+            maxima[l] = torch.maximum(maxima[l], maps.amax(dim=(0, 2, 3)))
+    n = len(layers)
+    sizes = [np.zeros(len(layer.concepts)) for layer in layers]
+    intersections = {(i, j): np.zeros((len(layers[i].concepts), len(layers[j].concepts))) for i in range(n) for j in range(i, n)}
+    for rows in batches:
+        binary = []
+        for l, reader in enumerate(readers):
+            maps = reader.rows(rows)["maps"].float()
+            normalised = maps / maxima[l].clamp(min=1e-12).view(1, -1, 1, 1)
+            binary.append((normalised > tau).float().movedim(1, -1).reshape(-1, len(layers[l].concepts)))
+            sizes[l] += binary[-1].sum(dim=0).double().numpy()
+        for (i, j) in intersections:
+            intersections[(i, j)] += (binary[i].T @ binary[j]).double().numpy()
+    return _unsupervised_result(layers, intersections, sizes, maxima)
+
+
+def _unsupervised_result(layers, intersections, sizes, maxima) -> UnsupervisedSimilarity:
+    n = len(layers)
+    best, hungarian = np.eye(n), np.eye(n)
+    pair_iou, matched = {}, {}
+    for (i, j), inter in intersections.items():
+        similarity = pairwise_set_iou(inter, sizes[i], sizes[j])
+        pair_iou[(i, j)] = similarity
+        best[i, j] = best[j, i] = best_match_mean(similarity)
+        score, matched[(i, j)] = hungarian_mean(similarity)
+        hungarian[i, j] = hungarian[j, i] = score
+    empty = {layer.label: [c for c, m in zip(layer.concepts, maxima[l]) if m <= 0] for l, layer in enumerate(layers)}
+    return UnsupervisedSimilarity([layer.label for layer in layers], best, hungarian, pair_iou, matched, {k: v for k, v in empty.items() if v})
+
+
+# ---------------------------------------------------------------------------------- depth
+def relative_depths(names: Sequence[str], order: Sequence[str] | None = None) -> list[float]:
+    """Relative depth in [0, 1] of each layer.
+
+    Without ``order``: rank among ``names`` (given shallow to deep) / (n − 1). With ``order``
+    (every module in execution order, e.g. from :func:`concepts.models.list_layers`): rank of
+    each layer's module in that order / (len(order) − 1).
+    """
+    if order is None:
+        return [i / (len(names) - 1) if len(names) > 1 else 0.0 for i in range(len(names))]
+    position = {name: i for i, name in enumerate(order)}
+    missing = [name for name in names if name.split(":")[0] not in position and name not in position]
+    if missing:
+        raise CompareError(f"layers {missing}", "not in the module order", "list layers with `conceptlens layers MODEL`")
+    ranks = [position.get(name, position.get(name.split(":")[0])) for name in names]
+    return [r / (len(order) - 1) if len(order) > 1 else 0.0 for r in ranks]
+
+
+def ridge(matrix: np.ndarray, depths_a: Sequence[float], depths_b: Sequence[float]) -> dict[str, Any]:
+    """For each layer of A (rows), the best-matching layer of B (columns) and the depth correlation.
+
+    Returns ``{"pairs": [{"a": i, "b": j, "depth_a", "depth_b", "score"}], "depth_correlation": r}``
+    (r is None when fewer than 3 layers or a constant depth sequence).
+    """
+    pairs = []
+    for i, row in enumerate(matrix):
+        if not np.isfinite(row).any():
+            continue
+        j = int(np.nanargmax(row))
+        pairs.append({"a": i, "b": j, "depth_a": float(depths_a[i]), "depth_b": float(depths_b[j]), "score": float(row[j])})
+    correlation = None
+    if len(pairs) >= 3:
+        x = np.array([p["depth_a"] for p in pairs])
+        y = np.array([p["depth_b"] for p in pairs])
+        if x.std() > 0 and y.std() > 0:
+            correlation = float(np.corrcoef(x, y)[0, 1])
+    return {"pairs": pairs, "depth_correlation": correlation if correlation is None or math.isfinite(correlation) else None}

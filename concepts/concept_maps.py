@@ -1,0 +1,74 @@
+"""Concept maps of a bank on the concept grid, computed once per (bank, activations, grid) and stored.
+
+Comparisons read every layer's maps several times (NCAV maps twice: their maximum over the test
+set normalises them before they are binarised), so the maps go to the store instead of being
+recomputed. Linear banks store probabilities, NMF banks non-negative coefficients, both float16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from concepts.geometry import Geometry
+from concepts.store import FORMAT_VERSION, ActivationStore, EntryReader, StoreEntry
+from concepts.vectors import ConceptBank
+
+__all__ = ["bank_fingerprint", "concept_map_entry"]
+
+
+def bank_fingerprint(bank: ConceptBank) -> str:
+    """sha256 over a bank's tensors and the fields that shape its maps."""
+    digest = hashlib.sha256(json.dumps([bank.method, bank.layer, bank.concepts]).encode())
+    for tensor in (bank.vectors, bank.biases, bank.channel_mean, bank.channel_std):
+        if tensor is not None:
+            digest.update(tensor.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def concept_map_entry(
+    bank: ConceptBank,
+    activations: StoreEntry,
+    indices: Sequence[int],
+    grid: tuple[int, int],
+    store: ActivationStore,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> StoreEntry:
+    """Store ``bank``'s maps on ``grid`` for the items ``indices`` of an activation entry.
+
+    Returns a complete entry whose row ``r`` holds the maps of item ``indices[r]`` (tensor
+    ``maps``, (n, K, Gh, Gw)); an existing entry for the same request is reused.
+    """
+    indices = [int(i) for i in indices]
+    request = {
+        "format_version": FORMAT_VERSION,
+        "kind": "concept_maps",
+        "bank": bank_fingerprint(bank),
+        "activations": activations.key,
+        "indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
+        "grid": list(grid),
+    }
+    entry = store.entry(request)
+    done = {(s.start, s.end) for s in entry.valid_shards()}
+    if entry.is_complete:
+        return entry
+    reader = EntryReader(activations)
+    ranges = [(s, min(s + batch_size, len(indices))) for s in range(0, len(indices), batch_size)]
+    show = sys.stderr.isatty() if progress is None else progress
+    for start, end in tqdm([r for r in ranges if r not in done], desc=f"maps {bank.layer}", unit="batch", disable=not show):
+        rows = reader.rows(indices[start:end])
+        geometries = [Geometry.from_list(g.tolist()) for g in rows["geometry"]]
+        with torch.no_grad():
+            maps = bank.concept_maps(rows["activations"].to(device=device, dtype=torch.float32), geometries, grid)
+        entry.write_shard(start, end, {"maps": maps.half().cpu()})
+    ids = activations.manifest()["dataset"]["ids"]
+    entry.finalize({"request": request, "layer": bank.layer, "concepts": bank.concepts, "dataset": {"ids": [ids[i] for i in indices]}}, len(indices))
+    return entry
