@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -121,6 +122,7 @@ def image_cells(geometry: Geometry, feature_size: tuple[int, int]) -> torch.Tens
     return inside_rows[:, None] & inside_cols[None, :]
 
 
+@lru_cache(maxsize=1024)
 def _grid_coordinates(geometry: Geometry, grid: tuple[int, int]) -> torch.Tensor:
     """Sampling grid (Gh, Gw, 2) in ``grid_sample``'s normalised canvas coordinates (x, y)."""
     grid_height, grid_width = grid
@@ -158,7 +160,7 @@ def features_to_grid(
     Tensor
         ``(B, C, Gh, Gw)``, same dtype as ``features``.
     """
-    coordinates = torch.stack([_grid_coordinates(g, grid) for g in geometries]).to(features.device)
+    coordinates = torch.stack([_grid_coordinates(g, tuple(grid)) for g in geometries]).to(features.device)
     sampled = F.grid_sample(
         features.float(), coordinates, mode="bilinear", padding_mode="border", align_corners=False
     )

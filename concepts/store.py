@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r"^shard-(\d{8})-(\d{8})-([0-9a-f]{16})\.safetensors$")
 KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards verified in this process
 
 
 def request_key(request: dict[str, Any]) -> str:
@@ -65,13 +66,29 @@ class Shard:
     def verify(self) -> bool:
         """True when the file exists and its sha256 starts with the checksum in its name."""
         try:
-            return _file_sha256(self.path).startswith(self.checksum)
+            valid = _file_sha256(self.path).startswith(self.checksum)
+        except OSError:
+            return False
+        if valid:
+            _VERIFIED.add(self._identity())
+        return valid
+
+    def _identity(self) -> tuple[str, int, int]:
+        status = self.path.stat()
+        return (str(self.path), status.st_size, status.st_mtime_ns)
+
+    def _verified_before(self) -> bool:
+        try:
+            return self._identity() in _VERIFIED
         except OSError:
             return False
 
     def read(self, verify: bool = True) -> dict[str, torch.Tensor]:
-        """Load the shard's tensors (memory-mapped); raise StoreError when it is corrupt."""
-        if verify and not self.verify():
+        """Load the shard's tensors (memory-mapped); raise StoreError when it is corrupt.
+
+        The checksum is verified on the first read in a process (and again if the file changes).
+        """
+        if verify and not self._verified_before() and not self.verify():
             raise StoreError(str(self.path), "shard is corrupt (checksum mismatch)", "run the embedding again; it recomputes bad shards")
         try:
             with safe_open(str(self.path), framework="pt") as file:
@@ -209,33 +226,43 @@ class StoreEntry:
 
 
 class EntryReader:
-    """Random access to the rows of a complete store entry, keeping the last shard read."""
+    """Random access to the rows of a complete store entry, keeping the last few shards read."""
 
-    def __init__(self, entry: StoreEntry) -> None:
+    def __init__(self, entry: StoreEntry, cached_shards: int = 4) -> None:
         self.entry = entry
         manifest = entry.manifest()
-        self.bounds = [tuple(int(x) for x in name.split("-")[1:3]) for name in manifest["shards"]]
         self.names = manifest["shards"]
+        shards = [Shard.from_path(entry.path / name) for name in self.names]
+        self.bounds = [(shard.start, shard.end) for shard in shards]
         self.starts = np.array([start for start, _ in self.bounds])
-        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.cached_shards = cached_shards
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def shard_of(self, index: int) -> int:
         return int(np.searchsorted(self.starts, index, side="right") - 1)
 
     def _shard(self, number: int) -> dict[str, torch.Tensor]:
-        if self._cached is None or self._cached[0] != number:
-            self._cached = (number, Shard.from_path(self.entry.path / self.names[number]).read())
-        return self._cached[1]
+        if number not in self._cache:
+            if len(self._cache) >= self.cached_shards:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[number] = Shard.from_path(self.entry.path / self.names[number]).read()
+        return self._cache[number]
 
     def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Return every tensor of the entry at ``indices`` (stacked in that order)."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        for index in indices:
-            number = self.shard_of(int(index))
-            tensors = self._shard(number)
-            for name, tensor in tensors.items():
-                parts.setdefault(name, []).append(tensor[int(index) - self.bounds[number][0]])
-        return {name: torch.stack(values) for name, values in parts.items()}
+        """Return every tensor of the entry at ``indices`` (in that order), reading each shard once."""
+        indices = np.asarray(indices, dtype=np.int64)
+        numbers = np.searchsorted(self.starts, indices, side="right") - 1
+        out: dict[str, torch.Tensor] = {}
+        for number in np.unique(numbers):
+            positions = np.nonzero(numbers == number)[0]
+            local = torch.from_numpy(indices[positions] - self.bounds[number][0])
+            for name, tensor in self._shard(int(number)).items():
+                if name not in out:
+                    out[name] = tensor.new_empty((len(indices), *tensor.shape[1:]))
+                elif out[name].shape[1:] != tensor.shape[1:]:
+                    raise StoreError(str(self.entry.path), "rows come from shards with different map sizes", "read one shard at a time")
+                out[name][torch.from_numpy(positions)] = tensor[local]
+        return out
 
 
 class ActivationStore:

@@ -1,0 +1,724 @@
+"""Net2Vec pixel-level concept probes (Fong & Vedaldi 2018; METHODS.md §2).
+
+A probe of one layer is a 1×1 convolution C→K with bias: ``z = W·a + b`` at every position of the
+layer's native activation map, one output per concept, trained on grid masks. The logits are
+computed at native resolution and then bilinearly resampled onto the concept grid over the
+original image (:func:`concepts.geometry.features_to_grid`). Resampling commutes with the 1×1
+convolution, so this equals probing upsampled activations, at a fraction of the cost.
+
+Targets and ground truth:
+
+* the losses use the soft grid masks (covered fraction of each grid cell, METHODS.md §2);
+* metrics and early stopping use binary masks, **covered fraction ≥ 0.5**;
+* an (image, concept) pair with ``valid=False`` counts neither in the loss nor in the metrics of
+  that concept.
+
+The K outputs are independent: the loss is a sum of per-concept losses, Adam adapts each weight
+on its own, and early stopping keeps each concept's best epoch separately, so fitting K concepts
+together gives the weights of K single-concept fits.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from concepts.embed import resolve_device
+from concepts.errors import ConceptLensError, DataError, LayerError
+from concepts.geometry import Geometry, features_to_grid, image_cells
+from concepts.store import StoreEntry
+from concepts.vectors import BankError, ConceptBank
+from probes.data import ProbeBatch, check_aligned, iter_batches, split_indices
+from probes.metrics import SegmentationMetrics
+
+__all__ = ["Net2VecProbe", "LOSSES", "VARIANTS"]
+
+LOSSES = ("net2vec", "bce", "dice", "tversky")
+VARIANTS = ("default", "original")
+MASK_THRESHOLD = 0.5  # a grid cell belongs to the concept when its covered fraction is ≥ this
+TOP_QUANTILE = 0.005  # original Net2Vec: binarise each channel at its top 0.5 %
+QUANTILE_BINS = 4096  # per-channel histogram bins of the streaming quantile estimate
+SMOOTH = 1e-6  # Dice/Tversky smoothing
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Optimiser settings resolved from the hyper-parameters and the variant."""
+
+    optimizer: str
+    lr: float
+    batch_size: int
+    momentum: float
+    bias: bool
+
+
+@dataclass(frozen=True)
+class _Transform:
+    """Per-channel transform of activations before the 1×1 convolution (all None: identity)."""
+
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    threshold: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """A checked (activations, masks) pair and what fit needs to know about it."""
+
+    activations: StoreEntry
+    masks: StoreEntry
+    concepts: list[str]
+    grid: tuple[int, int]
+    layer: str
+    dataset: str
+    model_hash: str | None
+
+
+@dataclass
+class _Statistics:
+    """Per-concept and per-channel statistics of the train split (one streaming pass)."""
+
+    alpha: torch.Tensor
+    n_channels: int
+    pixel_mean: torch.Tensor
+    channel_mean: torch.Tensor | None = None
+    channel_std: torch.Tensor | None = None
+    channel_threshold: torch.Tensor | None = None
+
+
+class Net2VecProbe(BaseEstimator):
+    """Pixel-level concept vectors of one layer: a C→K 1×1 convolution trained on grid masks.
+
+    Parameters
+    ----------
+    loss : {'net2vec', 'bce', 'dice', 'tversky'}
+        ``net2vec``: ``−mean[α·m·p + (1−α)(1−m)(1−p)]`` with ``α = 1 −`` the concept's mean
+        foreground fraction over its training images. ``bce``: BCE-with-logits with the same
+        per-pixel weights, ``−mean[α·m·log p + (1−α)(1−m)·log(1−p)]``. ``dice``: soft Dice over
+        the batch. ``tversky``: soft Tversky index over the batch (``tversky_alpha`` weighs false
+        positives, ``tversky_beta`` false negatives). α is computed for every loss but only the
+        first two use it.
+    lr : float, optional
+        Learning rate; default 1e-3 (Adam), 1e-4 (SGD) for ``variant='original'``.
+    batch_size : int, optional
+        Images per step; default 64, 16 for ``variant='original'``. A batch never spans two
+        activation shards, so it can be smaller.
+    max_epochs : int
+        Upper bound on passes over the train split.
+    patience : int
+        A concept stops improving after this many epochs without a better validation set IoU;
+        training ends when every concept has stopped. Each concept keeps its best epoch's weights.
+    standardize : bool
+        Standardise each channel with its mean and std over the train split (image cells only);
+        the statistics are stored with the vectors.
+    variant : {'default', 'original'}
+        ``original`` is the paper's setting: each channel binarised at its top 0.5 % quantile on
+        the train split (streamed per-channel histogram, linear interpolation inside the bin), no
+        bias, SGD with momentum 0.9.
+    tversky_alpha, tversky_beta : float
+        Weights of false positives and false negatives in the Tversky loss.
+    seed : int
+        Seeds the shuffle order of every epoch (``seed + epoch``). Weights start at zero.
+    device : str
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    progress : bool, optional
+        Progress bar over epochs; default: only when stderr is a terminal.
+
+    Attributes
+    ----------
+    concepts_ : list of str
+        Concept names, the order of the K outputs.
+    weight_ : Tensor
+        ``(K, C)`` float32 concept vectors (in standardised units when ``standardize``).
+    bias_ : Tensor
+        ``(K,)`` float32 biases (zeros for the original variant).
+    alpha_ : Tensor
+        ``(K,)`` 1 − mean foreground fraction per concept on the train split.
+    channel_mean_, channel_std_ : Tensor or None
+        ``(C,)`` standardisation statistics.
+    channel_threshold_ : Tensor or None
+        ``(C,)`` binarisation thresholds of the original variant.
+    history_ : list of dict
+        Per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_set_iou`` (mean over concepts
+        with positive validation pixels) and ``val_set_iou_by_concept``.
+    best_epoch_ : list of int
+        Per concept, the epoch whose weights were kept.
+    grid_ : (int, int)
+        The concept grid of the training masks.
+    n_channels_ : int
+        Channels C of the layer.
+    training_data_ : dict
+        Store keys, model hash, layer, dataset and split sizes of the training data.
+
+    Notes
+    -----
+    Without standardisation, activations are centred by their train-split channel means while
+    training, and the centring is folded into the bias when weights are kept: the model is the
+    plain ``w·a + b``, only the optimisation is better conditioned.
+
+    The original variant cannot be exported to a :class:`~concepts.vectors.ConceptBank` (a bank
+    has no binarisation step); :meth:`to_bank` refuses it.
+
+    On CUDA, the backward pass of bilinear resampling accumulates with atomics, so two runs with
+    the same seed can differ in the last bits; on the CPU they are identical.
+    """
+
+    def __init__(
+        self,
+        loss: str = "net2vec",
+        lr: float | None = None,
+        batch_size: int | None = None,
+        max_epochs: int = 30,
+        patience: int = 5,
+        standardize: bool = False,
+        variant: str = "default",
+        tversky_alpha: float = 0.3,
+        tversky_beta: float = 0.7,
+        seed: int = 0,
+        device: str = "auto",
+        progress: bool | None = None,
+    ) -> None:
+        self.loss = loss
+        self.lr = lr
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.standardize = standardize
+        self.variant = variant
+        self.tversky_alpha = tversky_alpha
+        self.tversky_beta = tversky_beta
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(self, activations: StoreEntry, masks: StoreEntry) -> Net2VecProbe:
+        """Train on the train split, early-stop on the validation split's set IoU.
+
+        Parameters
+        ----------
+        activations : StoreEntry
+            Native activations ``(C, h, w)`` per image of one layer (``reduce='native'``).
+        masks : StoreEntry
+            Grid masks of the same dataset (:func:`concepts.masks.embed_masks`).
+
+        Returns
+        -------
+        Net2VecProbe
+            ``self``, fitted.
+        """
+        settings = self._settings()
+        inputs = _open_inputs(activations, masks)
+        train, val = _split(masks, "train"), _split(masks, "val")
+        device = resolve_device(self.device)
+        stats = _train_statistics(inputs, train, settings.batch_size, device, self.standardize, self.variant == "original")
+        self._set_data_attributes(inputs, stats, len(train), len(val))
+        weight, bias = self._train(inputs, train, val, settings, device, stats.pixel_mean)
+        self.weight_, self.bias_ = weight, bias
+        return self
+
+    def _settings(self) -> _Settings:
+        """Validate the hyper-parameters and resolve the variant's defaults."""
+        name = type(self).__name__
+        _require(self.loss in LOSSES, f"{name}(loss={self.loss!r})", "unknown loss", f"use one of {', '.join(LOSSES)}")
+        _require(self.variant in VARIANTS, f"{name}(variant={self.variant!r})", "unknown variant", f"use one of {', '.join(VARIANTS)}")
+        original = self.variant == "original"
+        _require(not (original and self.standardize), f"{name}(standardize=True, variant='original')",
+                 "binarised activations cannot be standardised", "drop one of the two options")
+        lr = self.lr if self.lr is not None else (1e-4 if original else 1e-3)
+        batch_size = self.batch_size if self.batch_size is not None else (16 if original else 64)
+        _require(lr > 0, f"{name}(lr={lr})", "must be positive", "pass e.g. lr=1e-3")
+        for key, value in (("batch_size", batch_size), ("max_epochs", self.max_epochs), ("patience", self.patience)):
+            _require(int(value) == value and value >= 1, f"{name}({key}={value})", "must be a positive integer", f"pass {key}=1 or more")
+        _require(min(self.tversky_alpha, self.tversky_beta) >= 0 and self.tversky_alpha + self.tversky_beta > 0,
+                 f"{name}(tversky_alpha={self.tversky_alpha}, tversky_beta={self.tversky_beta})",
+                 "need non-negative weights, not both zero", "use e.g. 0.3 and 0.7")
+        return _Settings("sgd" if original else "adam", float(lr), int(batch_size), 0.9 if original else 0.0, not original)
+
+    def _set_data_attributes(self, inputs: _Inputs, stats: _Statistics, n_train: int, n_val: int) -> None:
+        self.concepts_ = list(inputs.concepts)
+        self.grid_ = inputs.grid
+        self.alpha_ = stats.alpha
+        self.channel_mean_, self.channel_std_ = stats.channel_mean, stats.channel_std
+        self.channel_threshold_ = stats.channel_threshold
+        self.n_channels_ = stats.n_channels
+        self.training_data_ = {
+            "activations_key": inputs.activations.key,
+            "masks_key": inputs.masks.key,
+            "model_hash": inputs.model_hash,
+            "layer": inputs.layer,
+            "dataset": inputs.dataset,
+            "n_train": n_train,
+            "n_val": n_val,
+        }
+
+    def _transform(self) -> _Transform:
+        """The input transform of the fitted model (what predictions and the bank apply)."""
+        return _Transform(self.channel_mean_, self.channel_std_, self.channel_threshold_)
+
+    def _train(self, inputs: _Inputs, train: np.ndarray, val: np.ndarray, settings: _Settings, device: torch.device, centre: torch.Tensor):
+        """Optimise from zero weights; return each concept's best-epoch (weight, bias) on the CPU."""
+        k, c = len(self.concepts_), self.n_channels_
+        # Raw activations are centred during training and the centring is folded into the bias
+        # (w·(a − μ) + b = w·a + (b − w·μ)): the same model, but Adam need not chase large
+        # channel offsets with the bias while the weights tilt to compensate.
+        centred = self.channel_mean_ is None and self.channel_threshold_ is None
+        model = _LinearMaps(
+            weight=torch.zeros(k, c, device=device, requires_grad=True),
+            bias=torch.zeros(k, device=device, requires_grad=settings.bias),
+            transform=_Transform(mean=centre.to(device)) if centred else self._transform(),
+            fold_mean=centred,
+        )
+        optimizer = _optimizer(model, settings)
+        stopping = _EarlyStopping(*model.exported(), self.patience)
+        self.history_ = []
+        show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
+        epochs = tqdm(range(self.max_epochs), desc="net2vec", unit="epoch", disable=not show)
+        for epoch in epochs:
+            train_loss = self._train_epoch(inputs, train, model, optimizer, settings.batch_size, epoch, device)
+            val_iou, val_loss = self._validate(inputs, val, model, settings.batch_size, device)
+            stopping.update(epoch, _stopping_scores(val_iou, val_loss), *model.exported())
+            self.history_.append(_epoch_record(epoch, train_loss, val_loss, val_iou, self.concepts_))
+            epochs.set_postfix(loss=f"{train_loss:.4f}", val_iou=self.history_[-1]["val_set_iou"])
+            if stopping.done:
+                break
+        epochs.close()
+        _warn_without_val_positives(val_iou, self.concepts_)
+        self.best_epoch_ = stopping.best_epoch.tolist()
+        return stopping.weight, stopping.bias
+
+    def _train_epoch(
+        self, inputs: _Inputs, indices: np.ndarray, model: _LinearMaps, optimizer: torch.optim.Optimizer,
+        batch_size: int, epoch: int, device: torch.device,
+    ) -> float:
+        """One pass over the train split in a seeded order; return the mean loss per image."""
+        total, images = 0.0, 0
+        batches = iter_batches(inputs.activations, inputs.masks, indices, batch_size, shuffle=True, seed=self.seed + epoch, device=device)
+        for batch in batches:
+            losses = self._losses(model.grid_logits(batch.activations, batch.geometries, inputs.grid), batch.masks, batch.valid)
+            optimizer.zero_grad()
+            losses.sum().backward()  # a sum keeps the K outputs independent
+            optimizer.step()
+            total += float(losses.detach().mean()) * len(batch.indices)
+            images += len(batch.indices)
+        return total / images
+
+    @torch.no_grad()
+    def _validate(
+        self, inputs: _Inputs, indices: np.ndarray, model: _LinearMaps, batch_size: int, device: torch.device
+    ) -> tuple[list[float | None], torch.Tensor]:
+        """Set IoU (None without positive pixels) and mean loss per concept on the validation split."""
+        metrics = SegmentationMetrics(self.concepts_, thresholds=(MASK_THRESHOLD,), bins=1)
+        loss_sum = torch.zeros(len(self.concepts_), dtype=torch.float64)
+        pairs = torch.zeros(len(self.concepts_), dtype=torch.float64)
+        for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+            logits = model.grid_logits(batch.activations, batch.geometries, inputs.grid)
+            counted = batch.valid.sum(dim=0).double().cpu()
+            loss_sum += self._losses(logits, batch.masks, batch.valid).double().cpu() * counted
+            pairs += counted
+            metrics.update(torch.sigmoid(logits), batch.masks >= MASK_THRESHOLD, batch.valid)
+        ious = [result["set_iou"] for result in metrics.compute().values()]
+        return ious, loss_sum / pairs.clamp(min=1)
+
+    def _losses(self, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-concept loss ``(K,)`` of a batch on the grid."""
+        if self.loss in ("net2vec", "bce"):
+            return _weighted_loss(logits, targets, valid, self.alpha_.to(logits.device), log=self.loss == "bce")
+        fp_weight, fn_weight = (0.5, 0.5) if self.loss == "dice" else (self.tversky_alpha, self.tversky_beta)
+        return _tversky_loss(logits, targets, valid, fp_weight, fn_weight)
+
+    # --------------------------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict_proba(
+        self, activations: torch.Tensor, geometries: Sequence[Geometry], grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Concept probabilities on the concept grid.
+
+        Parameters
+        ----------
+        activations : Tensor
+            ``(B, C, h, w)`` native activations of the layer.
+        geometries : sequence of Geometry
+            One per image (stored next to the activations).
+        grid : (int, int), optional
+            Concept grid; default: the training grid ``grid_``.
+
+        Returns
+        -------
+        Tensor
+            ``(B, K, Gh, Gw)`` float32 on the activations' device.
+        """
+        check_is_fitted(self, "weight_")
+        self._check_activations(activations)
+        model = _LinearMaps(self.weight_, self.bias_, self._transform())
+        return torch.sigmoid(model.grid_logits(activations, geometries, tuple(grid or self.grid_)))
+
+    def predict(self, activations: torch.Tensor, geometries: Sequence[Geometry], grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Binary concept masks on the concept grid, ``probability > 0.5``: ``(B, K, Gh, Gw)`` bool."""
+        return self.predict_proba(activations, geometries, grid) > 0.5
+
+    def _check_activations(self, activations: torch.Tensor) -> None:
+        if activations.dim() != 4 or activations.shape[1] != self.n_channels_:
+            raise LayerError(
+                f"layer {self.training_data_['layer']!r}",
+                f"the probe expects (B, {self.n_channels_}, h, w) activations, got {tuple(activations.shape)}",
+                "pass native activations of the layer the probe was trained on",
+            )
+
+    def evaluate(self, activations: StoreEntry, masks: StoreEntry, split: str = "test") -> dict[str, dict[str, Any]]:
+        """Set IoU, mean IoU, AUC-PR and IoU by threshold per concept on a split.
+
+        Returns
+        -------
+        dict
+            ``{concept: metrics}`` (see :meth:`probes.metrics.SegmentationMetrics.compute`).
+        """
+        check_is_fitted(self, "weight_")
+        inputs = _open_inputs(activations, masks)
+        if inputs.concepts != self.concepts_:
+            raise DataError(
+                f"mask entry {masks.key}",
+                f"holds concepts {inputs.concepts}, the probe was trained on {self.concepts_}",
+                "evaluate on masks of the same concepts",
+            )
+        metrics = SegmentationMetrics(self.concepts_)
+        device = resolve_device(self.device)
+        for batch in iter_batches(activations, masks, _split(masks, split), self._settings().batch_size, device=device):
+            probabilities = self.predict_proba(batch.activations, batch.geometries, inputs.grid)
+            metrics.update(probabilities, batch.masks >= MASK_THRESHOLD, batch.valid)
+        return metrics.compute()
+
+    # ------------------------------------------------------------------------------ export
+    def to_bank(self, layer: str, metrics: dict | None = None, provenance: dict | None = None) -> ConceptBank:
+        """Export the concept vectors as a ``net2vec`` :class:`~concepts.vectors.ConceptBank`.
+
+        Parameters
+        ----------
+        layer : str
+            Layer name the vectors live in.
+        metrics : dict, optional
+            Per-concept metrics to store (e.g. from :meth:`evaluate`).
+        provenance : dict, optional
+            Extra provenance; its keys override the recorded ones.
+
+        Returns
+        -------
+        ConceptBank
+            Its ``concept_maps(activations, geometries, grid)`` equals :meth:`predict_proba`.
+        """
+        check_is_fitted(self, "weight_")
+        if self.channel_threshold_ is not None:
+            raise BankError(
+                f"Net2VecProbe(variant='original') of layer {layer!r}",
+                "a concept bank cannot represent binarised activations",
+                "use variant='default' to export vectors, or predict with the probe itself",
+            )
+        recorded = {
+            **self.training_data_,
+            "method": "net2vec",
+            "grid": list(self.grid_),
+            "params": self.get_params(),
+            "training": asdict(self._settings()),
+            "seed": self.seed,
+            "best_epoch": dict(zip(self.concepts_, self.best_epoch_)),
+            "versions": _versions(),
+        }
+        return ConceptBank(
+            method="net2vec",
+            layer=layer,
+            concepts=self.concepts_,
+            vectors=self.weight_,
+            biases=self.bias_,
+            channel_mean=self.channel_mean_,
+            channel_std=self.channel_std_,
+            metrics=dict(metrics or {}),
+            provenance={**recorded, **(provenance or {})},
+        )
+
+
+# ---------------------------------------------------------------------------------- the model
+@dataclass
+class _LinearMaps:
+    """The C→K 1×1 convolution and the input transform it sees.
+
+    ``fold_mean``: the transform only centres the activations, and :meth:`exported` folds the
+    centring into the bias so that the exported vectors apply to raw activations.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    transform: _Transform
+    fold_mean: bool = False
+
+    def grid_logits(self, activations: torch.Tensor, geometries: Sequence[Geometry], grid: tuple[int, int]) -> torch.Tensor:
+        """Logits at native resolution, resampled onto the concept grid: (B, K, Gh, Gw)."""
+        return features_to_grid(_native_logits(activations, self.weight, self.bias, self.transform), geometries, grid)
+
+    def exported(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` for the fitted model's transform."""
+        if self.fold_mean:
+            return self.weight, self.bias - self.weight @ self.transform.mean
+        return self.weight, self.bias
+
+
+def _optimizer(model: _LinearMaps, settings: _Settings) -> torch.optim.Optimizer:
+    parameters = [model.weight, model.bias] if settings.bias else [model.weight]
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=settings.lr)
+    return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum)
+
+
+def _native_logits(activations: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, transform: _Transform) -> torch.Tensor:
+    """``W·a + b`` per position, (B, C, h, w) -> (B, K, h, w).
+
+    The arithmetic mirrors :meth:`ConceptBank.logits` operation for operation, so that a bank
+    exported from the probe reproduces its maps exactly.
+    """
+    inputs = activations.float()
+    shape = (1, -1) + (1,) * (inputs.dim() - 2)
+    if transform.threshold is not None:
+        inputs = (inputs > transform.threshold.to(inputs).view(shape)).float()
+    elif transform.mean is not None:
+        inputs = inputs - transform.mean.to(inputs).view(shape)
+        if transform.std is not None:
+            inputs = inputs / transform.std.to(inputs).view(shape)
+    scores = torch.einsum("kc,bc...->bk...", weight.to(inputs.device), inputs)
+    return scores + bias.to(inputs.device).view(shape)
+
+
+def _weighted_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, alpha: torch.Tensor, log: bool) -> torch.Tensor:
+    """Net2Vec loss (``log=False``) or α-weighted BCE (``log=True``) per concept, over valid pairs."""
+    if log:
+        foreground, background = F.logsigmoid(logits), F.logsigmoid(-logits)
+    else:
+        foreground = torch.sigmoid(logits)
+        background = 1 - foreground
+    a = alpha.view(1, -1, 1, 1)
+    terms = a * targets * foreground + (1 - a) * (1 - targets) * background
+    weights = valid[:, :, None, None].to(terms.dtype)
+    pixels = weights.sum(dim=(0, 2, 3)) * logits.shape[-2] * logits.shape[-1]
+    return -(terms * weights).sum(dim=(0, 2, 3)) / pixels.clamp(min=1)
+
+
+def _tversky_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, fp_weight: float, fn_weight: float) -> torch.Tensor:
+    """``1 − TP / (TP + a·FP + b·FN)`` per concept from soft counts pooled over the batch (Dice: a = b = ½)."""
+    weights = valid[:, :, None, None].to(logits.dtype)
+    probabilities = torch.sigmoid(logits)
+    true_positive = (probabilities * targets * weights).sum(dim=(0, 2, 3))
+    false_positive = (probabilities * (1 - targets) * weights).sum(dim=(0, 2, 3))
+    false_negative = ((1 - probabilities) * targets * weights).sum(dim=(0, 2, 3))
+    index = (true_positive + SMOOTH) / (true_positive + fp_weight * false_positive + fn_weight * false_negative + SMOOTH)
+    return 1 - index
+
+
+class _EarlyStopping:
+    """Per-concept early stopping: each row keeps its best epoch's weights and stops on its own."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, patience: int) -> None:
+        k = weight.shape[0]
+        self.patience = patience
+        self.best_score = torch.full((k,), -float("inf"), dtype=torch.float64)
+        self.best_epoch = torch.full((k,), -1, dtype=torch.int64)
+        self.waited = torch.zeros(k, dtype=torch.int64)
+        self.stopped = torch.zeros(k, dtype=torch.bool)
+        self.weight = weight.detach().cpu().clone()
+        self.bias = bias.detach().cpu().clone()
+
+    def update(self, epoch: int, scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Record an epoch's validation scores (higher is better) and current weights."""
+        active = ~self.stopped
+        improved = active & (scores > self.best_score)
+        self.best_score[improved] = scores[improved]
+        self.best_epoch[improved] = epoch
+        self.weight[improved] = weight.detach().cpu()[improved]
+        self.bias[improved] = bias.detach().cpu()[improved]
+        self.waited[improved] = 0
+        self.waited[active & ~improved] += 1
+        self.stopped |= self.waited >= self.patience
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stopped.all())
+
+
+def _stopping_scores(ious: list[float | None], losses: torch.Tensor) -> torch.Tensor:
+    """Validation set IoU per concept; minus the validation loss where no positive pixel exists."""
+    return torch.tensor([-float(loss) if iou is None else iou for iou, loss in zip(ious, losses)], dtype=torch.float64)
+
+
+def _epoch_record(epoch: int, train_loss: float, val_loss: torch.Tensor, val_iou: list[float | None], concepts: list[str]) -> dict[str, Any]:
+    measured = [iou for iou in val_iou if iou is not None]
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": float(val_loss.mean()),
+        "val_set_iou": float(np.mean(measured)) if measured else None,
+        "val_set_iou_by_concept": dict(zip(concepts, val_iou)),
+    }
+
+
+def _warn_without_val_positives(val_iou: list[float | None], concepts: list[str]) -> None:
+    missing = [c for c, iou in zip(concepts, val_iou) if iou is None]
+    if missing:
+        warnings.warn(
+            f"concepts {missing} have no positive pixel in the val split: early stopping used their validation loss",
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------- the data
+def _open_inputs(activations: StoreEntry, masks: StoreEntry) -> _Inputs:
+    """Check that the entries fit a pixel probe and collect what it needs from their manifests."""
+    check_aligned(activations, masks)
+    manifest = activations.manifest()
+    request = manifest.get("request", {})
+    layer = str(request.get("layer", activations.key))
+    shape, reduce = manifest.get("item_shape", []), request.get("reduce", "native")
+    if reduce != "native" or len(shape) != 3:
+        found = f"reduced with reduce={reduce!r}" if reduce != "native" else f"of shape {tuple(shape)} per image"
+        raise LayerError(f"layer {layer!r}", f"its stored activations are {found}; pixel probes need native (C, h, w) maps",
+                         "embed the layer with reduce='native'")
+    mask_manifest = masks.manifest()
+    grid = mask_manifest.get("request", {}).get("grid")
+    return _Inputs(
+        activations=activations,
+        masks=masks,
+        concepts=list(mask_manifest["dataset"].get("concepts", [])),
+        grid=(int(grid[0]), int(grid[1])),
+        layer=layer,
+        dataset=str(mask_manifest["dataset"].get("name")),
+        model_hash=request.get("model_hash"),
+    )
+
+
+def _split(masks: StoreEntry, split: str) -> np.ndarray:
+    indices = split_indices(masks, split)
+    if len(indices) == 0:
+        name = masks.manifest()["dataset"].get("name")
+        raise DataError(f"split {split!r} of dataset {name!r}", "holds no image", "add images or change the split fractions")
+    return indices
+
+
+def _check_positives(positive_pixels: torch.Tensor, inputs: _Inputs) -> None:
+    missing = [c for c, count in zip(inputs.concepts, positive_pixels.tolist()) if count == 0]
+    if missing:
+        raise DataError(
+            "concept " + ", ".join(repr(c) for c in missing),
+            f"no positive grid cell (covered fraction ≥ {MASK_THRESHOLD}) in the train split of {inputs.dataset!r}",
+            "add training images that contain it, or drop the concept",
+        )
+
+
+def _train_statistics(
+    inputs: _Inputs, indices: np.ndarray, batch_size: int, device: torch.device, standardize: bool, binarise: bool
+) -> _Statistics:
+    """One streaming pass over the train split (a second one for the binarisation thresholds)."""
+    k = len(inputs.concepts)
+    foreground = torch.zeros(k, dtype=torch.float64)
+    images = torch.zeros(k, dtype=torch.float64)
+    positives = torch.zeros(k, dtype=torch.int64)
+    moments = _ChannelMoments()
+    for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+        valid = batch.valid
+        foreground += (batch.masks.mean(dim=(2, 3)) * valid).sum(dim=0).double().cpu()
+        images += valid.sum(dim=0).double().cpu()
+        positives += ((batch.masks >= MASK_THRESHOLD) & valid[:, :, None, None]).sum(dim=(0, 2, 3)).cpu()
+        moments.update(_image_pixels(batch))
+    _check_positives(positives, inputs)
+    stats = _Statistics(alpha=(1 - foreground / images).float(), n_channels=moments.channels, pixel_mean=moments.mean.float())
+    if standardize:
+        stats.channel_mean, stats.channel_std = moments.mean_std()
+    if binarise:
+        stats.channel_threshold = _top_quantile(inputs, indices, batch_size, device, moments)
+    return stats
+
+
+def _image_pixels(batch: ProbeBatch) -> torch.Tensor:
+    """Pixel vectors ``(P, C)`` of the feature cells that lie on the image (padding excluded)."""
+    size = tuple(batch.activations.shape[-2:])
+    cells = torch.stack([image_cells(g, size) for g in batch.geometries]).to(batch.activations.device)
+    return batch.activations.movedim(1, -1)[cells]
+
+
+class _ChannelMoments:
+    """Streaming per-channel count, mean, sum of squared deviations, min and max.
+
+    Batches are merged with Chan et al.'s pairwise update in float64, which stays accurate when a
+    channel's mean is large against its spread.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = self.squares = self.low = self.high = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    def update(self, pixels: torch.Tensor) -> None:
+        n = pixels.shape[0]
+        if n == 0:
+            return
+        mean = pixels.mean(dim=0)
+        squares = (pixels - mean).square().sum(dim=0).double().cpu()
+        mean, low, high = mean.double().cpu(), pixels.min(dim=0).values.cpu(), pixels.max(dim=0).values.cpu()
+        if self.count == 0:
+            self.mean, self.squares, self.low, self.high = mean, squares, low, high
+        else:
+            total = self.count + n
+            delta = mean - self.mean
+            self.mean = self.mean + delta * n / total
+            self.squares = self.squares + squares + delta.square() * self.count * n / total
+            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
+        self.count += n
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std per channel; a constant channel gets std 1 (it standardises to 0)."""
+        std = (self.squares / self.count).sqrt()
+        constant = std <= 1e-7 * self.mean.abs().clamp(min=1)
+        return self.mean.float(), torch.where(constant, torch.ones_like(std), std).float()
+
+
+def _top_quantile(inputs: _Inputs, indices: np.ndarray, batch_size: int, device: torch.device, moments: _ChannelMoments) -> torch.Tensor:
+    """Per-channel value exceeded by ``TOP_QUANTILE`` of the train pixels, from streamed histograms."""
+    low = moments.low.to(device)
+    width = ((moments.high.to(device) - low) / QUANTILE_BINS).clamp(min=1e-12)
+    channels = moments.channels
+    offsets = torch.arange(channels, device=device) * QUANTILE_BINS
+    counts = torch.zeros(channels * QUANTILE_BINS, dtype=torch.int64)
+    for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+        bins = ((_image_pixels(batch) - low) / width).long().clamp(0, QUANTILE_BINS - 1)
+        counts += torch.bincount((bins + offsets).flatten(), minlength=channels * QUANTILE_BINS).cpu()
+    counts = counts.view(channels, QUANTILE_BINS).double()
+    tail = counts.flip(1).cumsum(1).flip(1)  # tail[:, j]: pixels in bins j and above
+    wanted = TOP_QUANTILE * moments.count
+    last = (tail >= wanted).sum(dim=1) - 1  # highest bin whose tail reaches `wanted`
+    above = torch.cat([tail[:, 1:], torch.zeros(channels, 1, dtype=tail.dtype)], dim=1).gather(1, last[:, None])[:, 0]
+    inside = counts.gather(1, last[:, None])[:, 0]
+    fraction = (wanted - above) / inside  # share of that bin lying above the threshold (uniform within the bin)
+    return (moments.low.double() + (last + 1 - fraction) * width.cpu().double()).float()
+
+
+def _require(condition: bool, culprit: str, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConceptLensError(culprit, problem, fix)
+
+
+def _versions() -> dict[str, str]:
+    try:
+        package = version("conceptlens")
+    except PackageNotFoundError:
+        package = "unknown"
+    return {"conceptlens": package, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
