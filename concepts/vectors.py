@@ -175,9 +175,9 @@ class ConceptBank:
             "metrics": self.metrics,
             "provenance": self.provenance,
         }
-        atomic_write_bytes(base.with_suffix(".safetensors"), data)
-        atomic_write_text(base.with_suffix(".json"), json.dumps(metadata, indent=1, default=_json_default))
-        return base.with_suffix(".json")
+        atomic_write_bytes(_with(base, ".safetensors"), data)
+        atomic_write_text(_with(base, ".json"), json.dumps(metadata, indent=1, default=_json_default))
+        return _with(base, ".json")
 
     @classmethod
     def load(cls, path: str | Path, expected_channels: int | None = None, model_hash: str | None = None) -> ConceptBank:
@@ -193,8 +193,8 @@ class ConceptBank:
             Fail unless the bank was trained on the model with this hash.
         """
         base = _base_path(path)
-        metadata = _read_metadata(base.with_suffix(".json"))
-        tensor_path = base.with_suffix(".safetensors")
+        metadata = _read_metadata(_with(base, ".json"))
+        tensor_path = _with(base, ".safetensors")
         try:
             data = tensor_path.read_bytes()
         except OSError as error:
@@ -220,14 +220,14 @@ class ConceptBank:
             raise BankError(str(tensor_path), f"holds {bank.n_channels} channels, its JSON says {metadata.get('n_channels')}", "save the bank again")
         if expected_channels is not None and bank.n_channels != expected_channels:
             raise BankError(
-                str(base.with_suffix(".json")),
+                str(_with(base, ".json")),
                 f"was trained on a layer with {bank.n_channels} channels, this layer has {expected_channels}",
                 f"use a bank trained on this layer (it was trained on {bank.layer!r})",
             )
         trained_on = bank.provenance.get("model_hash")
         if model_hash is not None and trained_on != model_hash:
             raise BankError(
-                str(base.with_suffix(".json")),
+                str(_with(base, ".json")),
                 f"was trained on model {str(trained_on)[:12]}, not {model_hash[:12]}",
                 "train the bank on this model, or load the model it was trained on",
             )
@@ -237,6 +237,11 @@ class ConceptBank:
 def _base_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+
+
+def _with(base: Path, suffix: str) -> Path:
+    """``base`` plus a suffix, keeping any dots already in its name (``layer2.net2vec.json``)."""
+    return base.parent / f"{base.name}{suffix}"
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:

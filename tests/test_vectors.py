@@ -151,3 +151,10 @@ def test_misaligned_entries_are_refused(tmp_path):
     other = activation_entry(tmp_path / "b", torch.zeros(12, 2, 2, 2), [f"x{i}" for i in range(12)])
     with pytest.raises(DataError, match="different items"):
         next(iter_batches(other, masks))
+
+
+def test_bank_names_with_dots_keep_methods_apart(tmp_path):
+    make_bank("net2vec").save(tmp_path / "A__layer2.net2vec")
+    make_bank("nmf", standardized=False).save(tmp_path / "A__layer2.nmf")
+    assert ConceptBank.load(tmp_path / "A__layer2.net2vec").method == "net2vec"
+    assert ConceptBank.load(tmp_path / "A__layer2.nmf.json").method == "nmf"

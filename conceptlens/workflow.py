@@ -1,0 +1,212 @@
+"""Steps shared by the CLI and the pipeline: embed, probe (reusing saved banks), compare.
+
+Each step reuses what is already on disk: activations and masks from the store, banks from the
+banks folder when their provenance matches the request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from concepts.atomic import atomic_write_text
+from concepts.cka import cka_matrix
+from concepts.compare import LayerMaps, relative_depths, ridge, supervised_similarity, unsupervised_similarity
+from concepts.concept_maps import concept_map_entry
+from concepts.dataset import ConceptDataset
+from concepts.embed import embed
+from concepts.errors import ConceptLensError
+from concepts.masks import embed_masks
+from concepts.models import LoadedModel, list_layers
+from concepts.store import ActivationStore, StoreEntry
+from concepts.vectors import BankError, ConceptBank
+from probes.data import split_indices
+
+__all__ = ["ProbedModel", "probe_model", "compare_models", "bank_path", "write_json"]
+
+PIXEL_METHODS = ("net2vec", "nmf")
+
+
+@dataclass
+class ProbedModel:
+    """A model with its probed layers: activation entries and banks per layer, and depths."""
+
+    label: str
+    model: LoadedModel
+    layers: list[str]
+    activations: dict[str, StoreEntry]
+    banks: dict[str, ConceptBank]
+    depths: list[float]
+    module_depths: list[float]
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def bank_path(banks_dir: Path, label: str, layer: str, method: str) -> Path:
+    """File base name of a bank: ``<banks_dir>/<label>__<layer>.<method>`` (unsafe characters replaced)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}__{layer}")
+    return Path(banks_dir) / f"{safe}.{method}"
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (NaN-free: non-finite floats become null)."""
+    atomic_write_text(Path(path), json.dumps(_finite(data), indent=1))
+    return Path(path)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
+
+
+def probe_model(
+    label: str,
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    method: str,
+    store: ActivationStore,
+    banks_dir: Path,
+    grid: tuple[int, int] = (100, 100),
+    params: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress: bool = False,
+    input_size: tuple[int, int] = (224, 224),
+) -> ProbedModel:
+    """Embed ``dataset`` at ``layers`` and fit one bank per layer (net2vec or nmf), reusing saved banks.
+
+    Returns the probed model with the banks' test metrics (set IoU etc. for net2vec; matched
+    concept, IoU and fidelity for nmf).
+    """
+    if method not in PIXEL_METHODS:
+        raise ConceptLensError(f"method {method!r}", "is not a pixel-level method", f"use one of {', '.join(PIXEL_METHODS)}")
+    result = embed(model, dataset, list(layers), store, batch_size=batch_size, device=device, progress=progress)
+    masks = embed_masks(dataset, store, grid=grid, progress=progress)
+    banks, metrics = {}, {}
+    for layer in layers:
+        path = bank_path(banks_dir, label, layer, method)
+        bank = _reusable_bank(path, result.entries[layer], masks, params or {})
+        if bank is None:
+            bank = _fit_bank(method, layer, result.entries[layer], masks, params or {}, device, progress)
+            bank.save(path)
+        banks[layer], metrics[layer] = bank, bank.metrics
+    order = [info.name for info in list_layers(model, input_size)]
+    return ProbedModel(label, model, list(layers), result.entries, banks, relative_depths(layers), relative_depths(layers, order), metrics)
+
+
+def _reusable_bank(path: Path, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any]) -> ConceptBank | None:
+    if not Path(f"{path}.json").is_file():
+        return None
+    try:
+        bank = ConceptBank.load(path)
+    except BankError:
+        return None
+    provenance = bank.provenance
+    same_data = provenance.get("activations_key") == activations.key and provenance.get("masks_key") == masks.key
+    same_params = all(provenance.get("params", {}).get(k) == v for k, v in params.items())
+    return bank if same_data and same_params else None
+
+
+def _fit_bank(method: str, layer: str, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any], device: str, progress: bool) -> ConceptBank:
+    if method == "net2vec":
+        from probes.net2vec import Net2VecProbe
+
+        probe = Net2VecProbe(device=device, progress=progress, **params).fit(activations, masks)
+        return probe.to_bank(layer, metrics=probe.evaluate(activations, masks, "test"))
+    from probes.nmf import NMFConcepts
+
+    nmf = NMFConcepts(device=device, progress=progress, **params).fit(activations, indices=split_indices(masks, "train"))
+    test = split_indices(masks, "test")
+    labels = nmf.label(activations, masks, test)
+    bank = nmf.to_bank(layer, labels, provenance={"activations_key": activations.key, "masks_key": masks.key, "params": params})
+    for name in bank.concepts:
+        bank.metrics.setdefault(name, {})["fidelity"] = nmf.fidelity(activations, test)
+    return bank
+
+
+def compare_models(
+    probed: Sequence[ProbedModel],
+    dataset: ConceptDataset,
+    store: ActivationStore,
+    method: str,
+    grid: tuple[int, int] = (100, 100),
+    cka_grid: tuple[int, int] = (8, 8),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Layer × layer similarity of every probed layer of every model on the test split.
+
+    Returns a JSON-able dict: layer labels with both relative depths, the full matrix (and
+    per-concept matrices), per model pair the sub-matrix and its ridge, and CKA matrices.
+    """
+    masks = embed_masks(dataset, store, grid=grid, progress=progress)
+    test = split_indices(masks, "test")
+    layer_maps, entries, depths, module_depths = [], [], [], []
+    for model in probed:
+        for layer, depth, module_depth in zip(model.layers, model.depths, model.module_depths):
+            bank = model.banks[layer]
+            maps = concept_map_entry(bank, model.activations[layer], test, grid, store, progress=progress)
+            iou = {c: bank.metrics.get(c, {}).get("set_iou") for c in bank.concepts}
+            layer_maps.append(LayerMaps(model.label, layer, bank.concepts, maps, iou))
+            entries.append(model.activations[layer])
+            depths.append(depth)
+            module_depths.append(module_depth)
+    labels = [m.label for m in layer_maps]
+    if method == "nmf":
+        similarity = unsupervised_similarity(layer_maps)
+        matrix, details = similarity.best_match, similarity.to_dict()
+    else:
+        similarity = supervised_similarity(layer_maps)
+        matrix, details = similarity.matrix, similarity.to_dict()
+    cka = {mode: cka_matrix(entries, test, mode=mode, grid=cka_grid) for mode in ("pooled", "spatial")}
+    return {
+        "method": method,
+        "grid": list(grid),
+        "n_test_images": int(len(test)),
+        "layers": [
+            {"label": label, "model": m.model, "layer": m.layer, "depth": d, "module_depth": md}
+            for label, m, d, md in zip(labels, layer_maps, depths, module_depths)
+        ],
+        "matrix": details.get("matrix") or details.get("best_match"),
+        "details": details,
+        "cka": {mode: np.round(values, 6).tolist() for mode, values in cka.items()},
+        "blocks": _blocks(probed, matrix, cka, depths),
+    }
+
+
+def _blocks(probed: Sequence[ProbedModel], matrix: np.ndarray, cka: dict[str, np.ndarray], depths: list[float]) -> list[dict[str, Any]]:
+    """Per (model A, model B) pair: the sub-matrices and the ridge of the concept similarity."""
+    offsets = np.cumsum([0] + [len(m.layers) for m in probed])
+    blocks = []
+    for a, model_a in enumerate(probed):
+        for b, model_b in enumerate(probed):
+            if b < a:
+                continue
+            rows = slice(offsets[a], offsets[a + 1])
+            cols = slice(offsets[b], offsets[b + 1])
+            sub = np.asarray(matrix)[rows, cols]
+            blocks.append({
+                "a": model_a.label,
+                "b": model_b.label,
+                "rows": model_a.layers,
+                "columns": model_b.layers,
+                "similarity": sub.tolist(),
+                "cka_pooled": cka["pooled"][rows, cols].tolist(),
+                "cka_spatial": cka["spatial"][rows, cols].tolist(),
+                "ridge": ridge(sub, depths[rows], depths[cols]),
+            })
+    return blocks
