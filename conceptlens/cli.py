@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from concepts.errors import ConceptLensError
 
 __all__ = ["main", "build_parser"]
@@ -19,6 +21,10 @@ EXAMPLES = {
     "layers": "example: conceptlens layers torchvision:resnet18 --input-size 224 224",
     "embed": "example: conceptlens embed torchvision:resnet18 synthetic:200 --layers layer2 layer3 --reduce grid",
     "synth": "example: conceptlens synth ./world --n 500 --seed 0",
+    "probe": "examples:\n  conceptlens probe zoo:synthetic_vgg_centernet synthetic:300 --layers backbone.block3 --method net2vec\n"
+    "  conceptlens probe zoo:mobilenet_v2 ./image_sets --layers features.7 --method linear",
+    "compare": "example: conceptlens compare synthetic:300 --model zoo:synthetic_vgg_centernet --layers backbone.block2 backbone.block3 "
+    "--model zoo:synthetic_resnet_fpn --layers backbone.layer2 neck.p3 --method net2vec --out ./compare",
     "demo": "example: conceptlens demo --out ./conceptlens-demo",
 }
 
@@ -65,10 +71,48 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true")
     _common(synth)
 
+    probe = commands.add_parser("probe", help="learn concept vectors for layers (net2vec, linear CAVs, nmf)", epilog=EXAMPLES["probe"], formatter_class=raw)
+    _model_arguments(probe)
+    probe.add_argument("data", help="pixel methods: a concept dataset (as for embed); linear: a folder of concept sets + random_* sets")
+    probe.add_argument("--layers", nargs="+", required=True)
+    probe.add_argument("--method", default="net2vec", choices=["net2vec", "linear", "nmf"])
+    _probe_options(probe)
+    _common(probe)
+
+    compare = commands.add_parser("compare", help="layer × layer concept similarity within and across models", epilog=EXAMPLES["compare"], formatter_class=raw)
+    compare.add_argument("data", help="a concept dataset with masks (as for embed)")
+    compare.add_argument("--model", action="append", required=True, help="model spec; repeat for each model (each followed by --layers)")
+    compare.add_argument("--layers", action="append", nargs="+", required=True, help="layers of the preceding --model, shallow to deep")
+    compare.add_argument("--weights", action="append", help="weights per model (default none for each)")
+    compare.add_argument("--method", default="net2vec", choices=["net2vec", "nmf"])
+    compare.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    _probe_options(compare)
+    _common(compare)
+
     demo = commands.add_parser("demo", help="run the demo on the embedded default data and models", epilog=EXAMPLES["demo"], formatter_class=raw)
     demo.add_argument("--out", default="conceptlens-demo", help="output folder (default ./conceptlens-demo)")
     _common(demo)
     return parser
+
+
+def _probe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coco-images", help="image folder of a COCO dataset")
+    parser.add_argument("--store", default="conceptlens-store", help="activation store folder (default ./conceptlens-store)")
+    parser.add_argument("--out", default="conceptlens-out", help="output folder for banks and results (default ./conceptlens-out)")
+    parser.add_argument("--grid", nargs=2, type=int, default=[100, 100], metavar=("H", "W"), help="concept grid (default 100 100)")
+    parser.add_argument("--k", type=int, default=10, help="nmf: number of NCAVs per layer (default 10)")
+    parser.add_argument("--epochs", type=int, default=30, help="net2vec: maximum epochs (default 30)")
+    parser.add_argument("--runs", type=int, default=None, help="linear: CAVs per concept, one per random set (default: all random sets)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _method_params(args: argparse.Namespace) -> dict:
+    if args.method == "net2vec":
+        return {"max_epochs": args.epochs, "seed": args.seed}
+    if args.method == "nmf":
+        return {"n_components": args.k, "seed": args.seed}
+    return {"seed": args.seed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +177,83 @@ def _print_entries(result, seconds: float) -> None:
     print(f"{result.forward_batches} forward batches in {seconds:.1f} s")
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from concepts.store import ActivationStore
+    from conceptlens.workflow import probe_model, write_json
+
+    model = _load(args)
+    out = Path(args.out)
+    if args.method == "linear":
+        return _probe_linear(args, model, out)
+    from conceptlens.data_spec import open_dataset
+
+    dataset = open_dataset(args.data, coco_images=args.coco_images, seed=args.seed, progress=_progress(args))
+    probed = probe_model(
+        "model", model, dataset, args.layers, args.method, ActivationStore(args.store), out / "banks", tuple(args.grid),
+        _method_params(args), args.batch_size, args.device, _progress(args), tuple(args.input_size) if args.input_size else (224, 224),
+    )
+    write_json(out / f"probe_{args.method}.json", {"model": args.model, "dataset": dataset.name, "method": args.method, "metrics": probed.metrics})
+    for layer, bank in probed.banks.items():
+        scores = [m.get("set_iou") for m in bank.metrics.values() if isinstance(m.get("set_iou"), float)]
+        best = max(bank.metrics.items(), key=lambda kv: kv[1].get("set_iou") or -1)
+        summary = f"mean set IoU {np.mean(scores):.3f}, best {best[0]} {best[1].get('set_iou') or 0:.3f}" if scores else ""
+        print(f"{layer:<32} {bank.n_concepts:>3} vectors × {bank.n_channels} channels  {summary}")
+    print(f"banks in {out / 'banks'}, metrics in {out / f'probe_{args.method}.json'}")
+    return 0
+
+
+def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
+    from concepts.embed import embed
+    from concepts.image_sets import ImageSets
+    from concepts.store import ActivationStore
+    from conceptlens.workflow import bank_path, write_json
+    from probes.linear import pooled_activations, train_cavs
+
+    sets = ImageSets(args.data)
+    store = ActivationStore(args.store)
+    pooled: dict[str, dict] = {layer: {} for layer in args.layers}
+    for name in [*sets.concepts, *sets.random_sets]:
+        result = embed(model, sets.dataset(name), args.layers, store, reduce="mean", batch_size=args.batch_size, device=args.device, progress=_progress(args))
+        for layer in args.layers:
+            pooled[layer][name] = pooled_activations(result.entries[layer])
+    summary = {}
+    for layer in args.layers:
+        cavs = train_cavs({c: pooled[layer][c] for c in sets.concepts}, {r: pooled[layer][r] for r in sets.random_sets}, n_runs=args.runs, layer=layer, seed=args.seed)
+        cavs.save(bank_path(out / "banks", "model", layer, "cavs"))
+        bank = cavs.to_bank(layer, provenance={"model_hash": model.hash})
+        bank.save(bank_path(out / "banks", "model", layer, "linear"))
+        summary[layer] = bank.metrics
+        accuracy = ", ".join(f"{c} {m['accuracy_mean']:.2f}" for c, m in bank.metrics.items())
+        print(f"{layer:<32} CAV accuracy (held-out, mean over {cavs.vectors.shape[1]} runs): {accuracy}")
+    write_json(out / "probe_linear.json", {"model": args.model, "method": "linear", "metrics": summary})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from concepts.models import load_model
+    from concepts.store import ActivationStore
+    from conceptlens.data_spec import open_dataset
+    from conceptlens.workflow import probe_model
+
+    if len(args.model) != len(args.layers):
+        raise ConceptLensError("--model/--layers", f"{len(args.model)} models but {len(args.layers)} layer lists", "follow each --model with its --layers")
+    weights = args.weights or ["none"] * len(args.model)
+    dataset = open_dataset(args.data, coco_images=args.coco_images, seed=args.seed, progress=_progress(args))
+    store, out = ActivationStore(args.store), Path(args.out)
+    input_size = tuple(args.input_size) if args.input_size else None
+    probed = []
+    for index, (spec, layers, weight) in enumerate(zip(args.model, args.layers, weights)):
+        model = load_model(spec, weights=weight, input_size=input_size)
+        label = f"{chr(ord('A') + index)}"
+        probed.append(probe_model(label, model, dataset, layers, args.method, store, out / "banks", tuple(args.grid),
+                                  _method_params(args), args.batch_size, args.device, _progress(args), input_size or (224, 224)))
+    from conceptlens.compare_output import write_comparison
+
+    paths = write_comparison(probed, dataset, store, args.method, tuple(args.grid), out, _progress(args))
+    print(f"results: {paths['json']}  tables: {paths['csv']}  heatmaps: {paths['heatmaps']}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from concepts.folder import write_folder_dataset
     from concepts.synthetic import SyntheticWorld
@@ -150,4 +271,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"layers": cmd_layers, "embed": cmd_embed, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {
+    "layers": cmd_layers,
+    "embed": cmd_embed,
+    "probe": cmd_probe,
+    "compare": cmd_compare,
+    "synth": cmd_synth,
+    "demo": cmd_demo,
+}

@@ -1,0 +1,89 @@
+"""Write a comparison's results: ``compare.json``, CSV tables and depth-ordered heatmaps.
+
+Schema of ``compare.json`` (see README, "Comparison outputs"): ``method``, ``grid``,
+``n_test_images``, ``layers`` (label, model, layer, depth, module_depth), ``matrix`` (all layers ×
+all layers; mean set IoU over concepts, or NCAV best-match mean), ``details`` (per-concept set IoU,
+soft IoU and Pearson matrices, or per-pair NCAV IoU matrices with matched pairs; flagged pairs),
+``cka`` (pooled and spatial, all layers × all layers), ``blocks`` (per model pair: sub-matrices and
+the ridge), ``provenance``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from concepts.atomic import atomic_write_text
+from concepts.dataset import ConceptDataset
+from concepts.store import ActivationStore
+from conceptlens.plots import similarity_heatmap
+from conceptlens.workflow import ProbedModel, compare_models, write_json
+
+__all__ = ["write_comparison"]
+
+
+def write_comparison(
+    probed: Sequence[ProbedModel], dataset: ConceptDataset, store: ActivationStore, method: str, grid: tuple[int, int], out: Path, progress: bool = False
+) -> dict[str, Path]:
+    """Compare every probed layer and write JSON, CSV and heatmaps under ``out``; return the paths."""
+    result = compare_models(probed, dataset, store, method, grid, progress=progress)
+    result["provenance"] = {
+        "dataset": dataset.name,
+        "models": [{"label": m.label, "spec": m.model.spec, "weights": m.model.weights, "hash": m.model.hash, "layers": m.layers} for m in probed],
+        "banks": {f"{m.label}:{layer}": m.banks[layer].provenance for m in probed for layer in m.layers},
+    }
+    out = Path(out)
+    json_path = write_json(out / "compare.json", result)
+    csv_path = _write_tables(result, out / "compare.csv", out / "compare_concepts.csv")
+    heatmaps = _write_heatmaps(result, out / "heatmaps", method)
+    return {"json": json_path, "csv": csv_path, "heatmaps": heatmaps, "result": result}
+
+
+def _write_tables(result: dict[str, Any], pairs_path: Path, concepts_path: Path) -> Path:
+    layers = result["layers"]
+    rows = [["a", "b", "depth_a", "depth_b", "similarity", "cka_pooled", "cka_spatial"]]
+    for i, a in enumerate(layers):
+        for j, b in enumerate(layers):
+            rows.append([a["label"], b["label"], a["depth"], b["depth"], result["matrix"][i][j], result["cka"]["pooled"][i][j], result["cka"]["spatial"][i][j]])
+    atomic_write_text(pairs_path, _csv(rows))
+    per_concept = result["details"].get("per_concept")
+    if per_concept:
+        concept_rows = [["concept", "a", "b", "set_iou", "soft_iou", "pearson"]]
+        for concept, matrices in per_concept.items():
+            for i, a in enumerate(layers):
+                for j, b in enumerate(layers):
+                    concept_rows.append([concept, a["label"], b["label"], matrices["set_iou"][i][j], matrices["soft_iou"][i][j], matrices["pearson"][i][j]])
+        atomic_write_text(concepts_path, _csv(concept_rows))
+    return pairs_path
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([["" if v is None else v for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def _write_heatmaps(result: dict[str, Any], folder: Path, method: str) -> Path:
+    depth = {layer["label"]: layer["depth"] for layer in result["layers"]}
+    kind = "NCAV best-match set IoU" if method == "nmf" else "mean concept set IoU"
+    for block in result["blocks"]:
+        rows = [f"{block['a']}:{name}" for name in block["rows"]]
+        columns = [f"{block['b']}:{name}" for name in block["columns"]]
+        depths_a, depths_b = [depth[r] for r in rows], [depth[c] for c in columns]
+        name = f"{block['a']}_vs_{block['b']}"
+        title = "within model " + block["a"] if block["a"] == block["b"] else f"{block['a']} (rows) vs {block['b']} (columns)"
+        similarity_heatmap(_array(block["similarity"]), block["rows"], block["columns"], depths_a, depths_b, f"{kind}, {title}",
+                           folder / f"{method}_{name}.png", block["ridge"]["pairs"])
+        for mode in ("pooled", "spatial"):
+            similarity_heatmap(_array(block[f"cka_{mode}"]), block["rows"], block["columns"], depths_a, depths_b,
+                               f"linear CKA ({mode}), {title}", folder / f"cka_{mode}_{name}.png")
+    return folder
+
+
+def _array(matrix: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
