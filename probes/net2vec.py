@@ -129,8 +129,15 @@ class Net2VecProbe(BaseEstimator):
         bias, SGD with momentum 0.9.
     tversky_alpha, tversky_beta : float
         Weights of false positives and false negatives in the Tversky loss.
+    init : {'lda', 'zeros'}
+        Starting weights. ``lda`` (default): one streaming pass gives each concept Fisher's
+        discriminant ``Σ⁻¹(μ₊ − μ₋)`` (total pixel covariance Σ, class means on the concept grid),
+        scaled to a 4-logit gap between the class means, threshold at their midpoint — the
+        class-balanced optimum the α-weighted loss aims for, which Adam then refines; on a few
+        hundred images this converges where a zero start needs thousands of steps. ``zeros``:
+        start from zero (the original variant always does).
     seed : int
-        Seeds the shuffle order of every epoch (``seed + epoch``). Weights start at zero.
+        Seeds the shuffle order of every epoch (``seed + epoch``).
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     progress : bool, optional
@@ -184,6 +191,7 @@ class Net2VecProbe(BaseEstimator):
         patience: int = 5,
         standardize: bool = False,
         variant: str = "default",
+        init: str = "lda",
         tversky_alpha: float = 0.3,
         tversky_beta: float = 0.7,
         seed: int = 0,
@@ -197,6 +205,7 @@ class Net2VecProbe(BaseEstimator):
         self.patience = patience
         self.standardize = standardize
         self.variant = variant
+        self.init = init
         self.tversky_alpha = tversky_alpha
         self.tversky_beta = tversky_beta
         self.seed = seed
@@ -225,7 +234,10 @@ class Net2VecProbe(BaseEstimator):
         device = resolve_device(self.device)
         stats = _train_statistics(inputs, train, settings.batch_size, device, self.standardize, self.variant == "original")
         self._set_data_attributes(inputs, stats, len(train), len(val))
-        weight, bias = self._train(inputs, train, val, settings, device, stats.pixel_mean)
+        start = None
+        if self.init == "lda" and self.variant != "original":
+            start = _lda_start(inputs, train, settings.batch_size, device)
+        weight, bias = self._train(inputs, train, val, settings, device, stats.pixel_mean, start)
         self.weight_, self.bias_ = weight, bias
         return self
 
@@ -233,6 +245,7 @@ class Net2VecProbe(BaseEstimator):
         """Validate the hyper-parameters and resolve the variant's defaults."""
         name = type(self).__name__
         _require(self.loss in LOSSES, f"{name}(loss={self.loss!r})", "unknown loss", f"use one of {', '.join(LOSSES)}")
+        _require(self.init in ("lda", "zeros"), f"{name}(init={self.init!r})", "unknown initialisation", "use 'lda' or 'zeros'")
         _require(self.variant in VARIANTS, f"{name}(variant={self.variant!r})", "unknown variant", f"use one of {', '.join(VARIANTS)}")
         original = self.variant == "original"
         _require(not (original and self.standardize), f"{name}(standardize=True, variant='original')",
@@ -268,17 +281,28 @@ class Net2VecProbe(BaseEstimator):
         """The input transform of the fitted model (what predictions and the bank apply)."""
         return _Transform(self.channel_mean_, self.channel_std_, self.channel_threshold_)
 
-    def _train(self, inputs: _Inputs, train: np.ndarray, val: np.ndarray, settings: _Settings, device: torch.device, centre: torch.Tensor):
-        """Optimise from zero weights; return each concept's best-epoch (weight, bias) on the CPU."""
+    def _train(
+        self,
+        inputs: _Inputs,
+        train: np.ndarray,
+        val: np.ndarray,
+        settings: _Settings,
+        device: torch.device,
+        centre: torch.Tensor,
+        start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """Optimise from ``start`` (raw-space weight, bias) or zeros; return each concept's best-epoch (weight, bias)."""
         k, c = len(self.concepts_), self.n_channels_
         # Raw activations are centred during training and the centring is folded into the bias
         # (w·(a − μ) + b = w·a + (b − w·μ)): the same model, but Adam need not chase large
         # channel offsets with the bias while the weights tilt to compensate.
         centred = self.channel_mean_ is None and self.channel_threshold_ is None
+        transform = _Transform(mean=centre.to(device)) if centred else self._transform()
+        weight, bias = _in_transformed_space(start, transform, k, c)
         model = _LinearMaps(
-            weight=torch.zeros(k, c, device=device, requires_grad=True),
-            bias=torch.zeros(k, device=device, requires_grad=settings.bias),
-            transform=_Transform(mean=centre.to(device)) if centred else self._transform(),
+            weight=weight.to(device).requires_grad_(True),
+            bias=bias.to(device).requires_grad_(settings.bias),
+            transform=transform,
             fold_mean=centred,
         )
         optimizer = _optimizer(model, settings)
@@ -643,6 +667,56 @@ def _train_statistics(
     if binarise:
         stats.channel_threshold = _top_quantile(inputs, indices, batch_size, device, moments)
     return stats
+
+
+LDA_LOGIT_GAP = 4.0
+
+
+def _lda_start(inputs: _Inputs, indices: np.ndarray, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fisher discriminant per concept in raw activation space: ``(weight (K, C), bias (K,))``.
+
+    Activations are sampled on a grid over the original image no finer than twice the feature
+    map (masks pooled to it), so the pass costs about as much as one epoch.
+    """
+    total = count = squares = None
+    positive_sum = negative_sum = positive_weight = negative_weight = None
+    for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+        h, w = batch.activations.shape[-2:]
+        grid = (min(inputs.grid[0], 2 * h), min(inputs.grid[1], 2 * w))
+        pixels = features_to_grid(batch.activations, batch.geometries, grid).movedim(1, -1).reshape(-1, batch.activations.shape[1]).double()
+        masks = F.adaptive_avg_pool2d(batch.masks, grid).movedim(1, -1).reshape(-1, batch.masks.shape[1]).double()
+        valid = batch.valid.double().repeat_interleave(grid[0] * grid[1], dim=0)
+        positive, negative = (masks >= MASK_THRESHOLD).double() * valid, (masks < MASK_THRESHOLD).double() * valid
+        sums = (pixels.sum(0), pixels.T @ pixels, positive.T @ pixels, negative.T @ pixels, positive.sum(0), negative.sum(0))
+        if total is None:
+            total, squares, positive_sum, negative_sum, positive_weight, negative_weight = sums
+            count = pixels.shape[0]
+        else:
+            total, squares = total + sums[0], squares + sums[1]
+            positive_sum, negative_sum = positive_sum + sums[2], negative_sum + sums[3]
+            positive_weight, negative_weight = positive_weight + sums[4], negative_weight + sums[5]
+            count += pixels.shape[0]
+    mean = total / count
+    covariance = squares / count - torch.outer(mean, mean)
+    covariance += torch.eye(len(mean), dtype=covariance.dtype, device=covariance.device) * 1e-3 * covariance.diagonal().mean().clamp(min=1e-12)
+    mean_positive = positive_sum / positive_weight.clamp(min=1)[:, None]
+    mean_negative = negative_sum / negative_weight.clamp(min=1)[:, None]
+    difference = mean_positive - mean_negative
+    direction = torch.linalg.solve(covariance, difference.T).T
+    gap = (direction * difference).sum(dim=1).clamp(min=1e-12)
+    weight = direction * (LDA_LOGIT_GAP / gap)[:, None]
+    bias = -(weight * (mean_positive + mean_negative) / 2).sum(dim=1)
+    return weight.float().cpu(), bias.float().cpu()
+
+
+def _in_transformed_space(start: tuple[torch.Tensor, torch.Tensor] | None, transform: _Transform, k: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Express a raw-space linear map ``w·a + b`` in the training input space (centred or standardised)."""
+    if start is None:
+        return torch.zeros(k, c), torch.zeros(k)
+    weight, bias = start
+    mean = transform.mean.cpu().float() if transform.mean is not None else torch.zeros(c)
+    std = transform.std.cpu().float() if getattr(transform, "std", None) is not None else torch.ones(c)
+    return weight * std, bias + weight @ mean
 
 
 def _image_pixels(batch: ProbeBatch) -> torch.Tensor:

@@ -322,3 +322,15 @@ def test_bank_round_trip_reproduces_predictions(which, entries, tmp_path, reques
     assert {"torch", "numpy", "conceptlens"} <= set(provenance["versions"]) and provenance["note"] == "test"
     assert loaded.metrics["door"]["set_iou"] == pytest.approx(metrics["door"]["set_iou"])
     json.dumps(provenance)  # plain JSON all the way down
+
+
+# ------------------------------------------------------------------------------ initialisation
+def test_lda_start_is_fisher_direction_and_converges_in_one_epoch(entries, planted):
+    _, _, directions = planted
+    lda = Net2VecProbe(max_epochs=1, seed=0).fit(*entries)
+    zeros = Net2VecProbe(max_epochs=1, seed=0, init="zeros").fit(*entries)
+    assert min(_set_ious(lda, entries)) >= 0.85
+    assert _cosines(lda, directions).min() >= 0.9
+    assert max(_set_ious(zeros, entries)) < min(_set_ious(lda, entries))
+    with pytest.raises(ConceptLensError, match="init='pca'"):
+        Net2VecProbe(init="pca").fit(*entries)
