@@ -16,7 +16,7 @@ import numpy as np
 
 from concepts.errors import DataError
 
-__all__ = ["SPLITS", "ArrayDataset", "ConceptDataset", "SubsetDataset", "assign_splits", "read_splits", "write_splits"]
+__all__ = ["SPLITS", "ArrayDataset", "ConceptDataset", "ConceptSelection", "SubsetDataset", "assign_splits", "read_splits", "write_splits"]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -99,6 +99,10 @@ class ConceptDataset(ABC):
         """Return a view of the items at ``indices`` (in that order)."""
         return SubsetDataset(self, indices)
 
+    def select_concepts(self, names: Sequence[str]) -> ConceptSelection:
+        """Return a view that keeps only the concepts ``names`` (in that order)."""
+        return ConceptSelection(self, names)
+
 
 class SubsetDataset(ConceptDataset):
     """A view of some items of another dataset, in a given order."""
@@ -132,6 +136,45 @@ class SubsetDataset(ConceptDataset):
     def mask_fingerprint(self) -> str:
         digest = hashlib.sha256(self.parent.mask_fingerprint().encode())
         digest.update(json.dumps(self.indices).encode())
+        return digest.hexdigest()
+
+
+class ConceptSelection(ConceptDataset):
+    """A view of another dataset with a subset of its concepts (same images, ids and split)."""
+
+    def __init__(self, parent: ConceptDataset, names: Sequence[str]) -> None:
+        import difflib
+
+        for name in names:
+            if name not in parent.concepts:
+                close = difflib.get_close_matches(name, parent.concepts, n=3)
+                hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(parent.concepts)}"
+                raise DataError(f"concept {name!r}", f"not in dataset {parent.name!r}", hint)
+        if len(set(names)) != len(names):
+            raise DataError(f"concepts {list(names)}", "a concept is listed twice", "list each concept once")
+        self.parent = parent
+        self.columns = [parent.concepts.index(name) for name in names]
+        self.name, self.ids, self.splits = parent.name, parent.ids, parent.splits
+        self.concepts = list(names)
+
+    def image(self, index: int) -> np.ndarray:
+        return self.parent.image(index)
+
+    def masks(self, index: int) -> np.ndarray:
+        return self.parent.masks(index)[self.columns]
+
+    def mask_valid(self, index: int) -> np.ndarray:
+        return self.parent.mask_valid(index)[self.columns]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.parent.image_size(index)
+
+    def image_fingerprint(self) -> str:
+        return self.parent.image_fingerprint()
+
+    def mask_fingerprint(self) -> str:
+        digest = hashlib.sha256(self.parent.mask_fingerprint().encode())
+        digest.update(json.dumps(self.concepts).encode())
         return digest.hexdigest()
 
 

@@ -698,7 +698,8 @@ def _lda_start(inputs: _Inputs, indices: np.ndarray, batch_size: int, device: to
             count += pixels.shape[0]
     mean = total / count
     covariance = squares / count - torch.outer(mean, mean)
-    covariance += torch.eye(len(mean), dtype=covariance.dtype, device=covariance.device) * 1e-3 * covariance.diagonal().mean().clamp(min=1e-12)
+    # a ridge relative to each channel's variance keeps the start equivariant to channel scaling
+    covariance += torch.diag(1e-3 * covariance.diagonal().clamp(min=1e-12))
     mean_positive = positive_sum / positive_weight.clamp(min=1)[:, None]
     mean_negative = negative_sum / negative_weight.clamp(min=1)[:, None]
     difference = mean_positive - mean_negative

@@ -158,3 +158,16 @@ def test_bank_names_with_dots_keep_methods_apart(tmp_path):
     make_bank("nmf", standardized=False).save(tmp_path / "A__layer2.nmf")
     assert ConceptBank.load(tmp_path / "A__layer2.net2vec").method == "net2vec"
     assert ConceptBank.load(tmp_path / "A__layer2.nmf.json").method == "nmf"
+
+
+def test_select_concepts_keeps_chosen_masks_and_names_unknown_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    masks = [rng.random((3, 8, 8)) > 0.5 for _ in range(3)]
+    dataset = ArrayDataset(images, masks, ["wheel", "window", "roof"])
+    chosen = dataset.select_concepts(["roof", "wheel"])
+    assert chosen.concepts == ["roof", "wheel"] and np.array_equal(chosen.masks(1), masks[1][[2, 0]])
+    assert chosen.image_fingerprint() == dataset.image_fingerprint()
+    assert chosen.mask_fingerprint() != dataset.mask_fingerprint()
+    with pytest.raises(DataError, match="concept 'weel'.*closest: wheel"):
+        dataset.select_concepts(["weel"])
