@@ -72,3 +72,22 @@ def test_synth_writes_folder_layout_that_loads_back_exactly(tmp_path, capsys):
     for index in range(6):
         assert np.array_equal(loaded.image(index), world.image(index))
         assert np.array_equal(loaded.masks(index), world.masks(index))
+
+
+@pytest.mark.slow
+def test_demo_runs_and_tells_depth_apart(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "best layer" in out and (tmp_path / "demo" / "demo.json").is_file()
+    import json
+
+    table = json.loads((tmp_path / "demo" / "demo.json").read_text())["set_iou"]
+    assert table["sky"]["backbone.block2"] > 0.8  # background: already at the shallowest layer
+    assert table["car"]["backbone.block4"] > table["car"]["backbone.block2"] + 0.2  # objects: deeper
