@@ -207,6 +207,13 @@ def _blocks(probed: Sequence[ProbedModel], matrix: np.ndarray, cka: dict[str, np
                 "similarity": sub.tolist(),
                 "cka_pooled": cka["pooled"][rows, cols].tolist(),
                 "cka_spatial": cka["spatial"][rows, cols].tolist(),
-                "ridge": ridge(sub, depths[rows], depths[cols]),
+                "ridge": ridge(_without_diagonal(sub) if a == b else sub, depths[rows], depths[cols]),
             })
     return blocks
+
+
+def _without_diagonal(matrix: np.ndarray) -> np.ndarray:
+    """Within one model every layer matches itself; its ridge is the best *other* layer."""
+    masked = np.array(matrix, dtype=float)
+    np.fill_diagonal(masked, np.nan)
+    return masked
