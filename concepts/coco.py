@@ -17,6 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from concepts.artifacts import file_sha256
 from concepts.dataset import ConceptDataset, assign_splits
 from concepts.errors import DataError
 from concepts.imageio import read_image
@@ -157,17 +158,9 @@ class CocoDataset(ConceptDataset):
     def mask_fingerprint(self) -> str:
         """Return sha256 over the image fingerprint, the annotation file, categories and area filter."""
         digest = hashlib.sha256(self.image_fingerprint().encode())
-        digest.update(_file_sha256(self.annotation_file).encode())
+        digest.update(file_sha256(self.annotation_file).encode())
         digest.update(json.dumps([self.concepts, self.area_range]).encode())
         return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_area_range(area_range: tuple[float, float] | None) -> tuple[float, float] | None:

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from concepts.artifacts import file_sha256
 from concepts.atomic import atomic_write_bytes, atomic_write_text
 from concepts.errors import StoreError
 
@@ -66,7 +67,7 @@ class Shard:
     def verify(self) -> bool:
         """True when the file exists and its sha256 starts with the checksum in its name."""
         try:
-            valid = _file_sha256(self.path).startswith(self.checksum)
+            valid = file_sha256(self.path).startswith(self.checksum)
         except OSError:
             return False
         if valid:
@@ -95,14 +96,6 @@ class Shard:
                 return {name: file.get_tensor(name) for name in file.keys()}
         except Exception as error:  # noqa: BLE001
             raise StoreError(str(self.path), f"cannot read shard ({error})", "run the embedding again; it recomputes bad shards") from error
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class StoreEntry:

@@ -11,18 +11,13 @@ sha256); loading never unpickles and checks format version, checksum and shapes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
-
-from concepts.atomic import atomic_write_bytes, atomic_write_text
+from concepts.artifacts import artifact_paths, read_artifact, write_artifact
 from concepts.errors import ConceptLensError
 from concepts.geometry import Geometry, features_to_grid
 
@@ -30,7 +25,7 @@ __all__ = ["BankError", "ConceptBank", "METHODS", "BANK_FORMAT_VERSION", "nnls"]
 
 METHODS = ("net2vec", "linear", "nmf")
 BANK_FORMAT_VERSION = 1
-MAX_BANK_JSON_BYTES = 32 * 1024 * 1024
+BANK_KIND = "concept bank"
 
 
 class BankError(ConceptLensError):
@@ -158,26 +153,20 @@ class ConceptBank:
     # ----------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` atomically; return the JSON path."""
-        base = _base_path(path)
-        tensors = {"vectors": self.vectors.contiguous(), "biases": self.biases.contiguous()}
+        tensors = {"vectors": self.vectors, "biases": self.biases}
         if self.channel_mean is not None:
-            tensors["channel_mean"] = self.channel_mean.float().contiguous()
-            tensors["channel_std"] = self.channel_std.float().contiguous()
-        data = save_tensors(tensors)
+            tensors["channel_mean"] = self.channel_mean.float()
+            tensors["channel_std"] = self.channel_std.float()
         metadata = {
-            "format_version": BANK_FORMAT_VERSION,
             "method": self.method,
             "layer": self.layer,
             "concepts": self.concepts,
             "n_channels": self.n_channels,
             "standardized": self.channel_mean is not None,
-            "tensors_sha256": hashlib.sha256(data).hexdigest(),
             "metrics": self.metrics,
             "provenance": self.provenance,
         }
-        atomic_write_bytes(_with(base, ".safetensors"), data)
-        atomic_write_text(_with(base, ".json"), json.dumps(metadata, indent=1, default=_json_default))
-        return _with(base, ".json")
+        return write_artifact(path, BANK_KIND, BANK_FORMAT_VERSION, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | Path, expected_channels: int | None = None, model_hash: str | None = None) -> ConceptBank:
@@ -192,19 +181,12 @@ class ConceptBank:
         model_hash : str, optional
             Fail unless the bank was trained on the model with this hash.
         """
-        base = _base_path(path)
-        metadata = _read_metadata(_with(base, ".json"))
-        tensor_path = _with(base, ".safetensors")
-        try:
-            data = tensor_path.read_bytes()
-        except OSError as error:
-            raise BankError(str(tensor_path), f"cannot read ({error.strerror})", "save the bank again") from error
-        if hashlib.sha256(data).hexdigest() != metadata.get("tensors_sha256"):
-            raise BankError(str(tensor_path), "checksum does not match its JSON (corrupt or replaced)", "save the bank again")
-        try:
-            tensors = load_tensors(data)
-        except Exception as error:  # noqa: BLE001
-            raise BankError(str(tensor_path), f"not a safetensors file ({error})", "save the bank again") from error
+        metadata, tensors = read_artifact(
+            path, BANK_KIND, BANK_FORMAT_VERSION, ("method", "layer", "concepts", "n_channels"), BankError, accept_missing_kind=True
+        )
+        json_path, tensor_path = artifact_paths(path)
+        if "vectors" not in tensors or "biases" not in tensors:
+            raise BankError(str(tensor_path), "missing the vectors or biases tensor", "save the bank again")
         bank = cls(
             method=metadata["method"],
             layer=metadata["layer"],
@@ -216,60 +198,22 @@ class ConceptBank:
             metrics=metadata.get("metrics", {}),
             provenance=metadata.get("provenance", {}),
         )
-        if bank.n_channels != metadata.get("n_channels"):
-            raise BankError(str(tensor_path), f"holds {bank.n_channels} channels, its JSON says {metadata.get('n_channels')}", "save the bank again")
+        if bank.n_channels != metadata["n_channels"]:
+            raise BankError(str(tensor_path), f"holds {bank.n_channels} channels, its JSON says {metadata['n_channels']}", "save the bank again")
         if expected_channels is not None and bank.n_channels != expected_channels:
             raise BankError(
-                str(_with(base, ".json")),
+                str(json_path),
                 f"was trained on a layer with {bank.n_channels} channels, this layer has {expected_channels}",
                 f"use a bank trained on this layer (it was trained on {bank.layer!r})",
             )
         trained_on = bank.provenance.get("model_hash")
         if model_hash is not None and trained_on != model_hash:
             raise BankError(
-                str(_with(base, ".json")),
+                str(json_path),
                 f"was trained on model {str(trained_on)[:12]}, not {model_hash[:12]}",
                 "train the bank on this model, or load the model it was trained on",
             )
         return bank
-
-
-def _base_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-
-
-def _with(base: Path, suffix: str) -> Path:
-    """``base`` plus a suffix, keeping any dots already in its name (``layer2.net2vec.json``)."""
-    return base.parent / f"{base.name}{suffix}"
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_BANK_JSON_BYTES:
-            raise BankError(str(path), "file is implausibly large for a bank's metadata", "save the bank again")
-        metadata = json.loads(path.read_text())
-    except OSError as error:
-        raise BankError(str(path), f"cannot read ({error.strerror})", "check the path") from error
-    except ValueError as error:
-        raise BankError(str(path), f"not valid JSON ({error})", "save the bank again") from error
-    if not isinstance(metadata, dict) or metadata.get("format_version") != BANK_FORMAT_VERSION:
-        found = metadata.get("format_version") if isinstance(metadata, dict) else None
-        raise BankError(str(path), f"format version {found} is not {BANK_FORMAT_VERSION}", "train and save the bank again")
-    missing = [k for k in ("method", "layer", "concepts", "n_channels", "tensors_sha256") if k not in metadata]
-    if missing:
-        raise BankError(str(path), f"missing keys {missing}", "save the bank again")
-    return metadata
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in a bank's JSON")
 
 
 def nnls(targets: torch.Tensor, basis: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:

@@ -33,8 +33,6 @@ CAV is trained on the rest and its accuracy measured on the held-out rows.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 import warnings
@@ -45,12 +43,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 
-from concepts.atomic import atomic_write_bytes, atomic_write_text
+from concepts.artifacts import artifact_paths, read_artifact, write_artifact
 from concepts.embed import reduce_features, resolve_device
 from concepts.errors import ConceptLensError
 from concepts.geometry import Geometry
@@ -73,7 +69,6 @@ CLASSIFIERS = ("logistic", "svm")
 SOLVERS = ("torch", "sklearn")
 CAVSET_FORMAT_VERSION = 1
 CAVSET_KIND = "linear-cav-set"
-MAX_CAVSET_JSON_BYTES = 32 * 1024 * 1024
 # float64 bytes one batched solve may hold (the stacked rows dominate); more problems are chunked.
 BATCH_BYTES = 1 << 30
 # Damping of the bias's Newton curvature: keeps the system regular when no squared-hinge row is
@@ -807,12 +802,7 @@ class CAVSet:
     # ----------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (all runs) and ``<path>.json`` atomically; return the JSON path."""
-        base = _base_path(path)
-        tensors = {name: getattr(self, name) for name in _CAVSET_TENSORS}
-        data = save_tensors(tensors)
         metadata = {
-            "format_version": CAVSET_FORMAT_VERSION,
-            "kind": CAVSET_KIND,
             "layer": self.layer,
             "concepts": self.concepts,
             "random_sets": self.random_sets,
@@ -821,28 +811,15 @@ class CAVSet:
             "feature_shape": self.feature_shape,
             "settings": self.settings,
             "provenance": self.provenance,
-            "tensors_sha256": hashlib.sha256(data).hexdigest(),
         }
-        atomic_write_bytes(base.with_suffix(".safetensors"), data)
-        atomic_write_text(base.with_suffix(".json"), json.dumps(metadata, indent=1, default=_json_default))
-        return base.with_suffix(".json")
+        return write_artifact(path, CAVSET_KIND, CAVSET_FORMAT_VERSION, {name: getattr(self, name) for name in _CAVSET_TENSORS}, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> CAVSet:
         """Load a set saved by :meth:`save`, checking format, checksum and shapes."""
-        base = _base_path(path)
-        metadata = _read_cavset_metadata(base.with_suffix(".json"))
-        tensor_path = base.with_suffix(".safetensors")
-        try:
-            data = tensor_path.read_bytes()
-        except OSError as error:
-            raise CAVError(str(tensor_path), f"cannot read ({error.strerror})", "save the CAV set again") from error
-        if hashlib.sha256(data).hexdigest() != metadata["tensors_sha256"]:
-            raise CAVError(str(tensor_path), "checksum does not match its JSON (corrupt or replaced)", "save the CAV set again")
-        try:
-            tensors = load_tensors(data)
-        except Exception as error:  # noqa: BLE001
-            raise CAVError(str(tensor_path), f"not a safetensors file ({error})", "save the CAV set again") from error
+        required = ("concepts", "random_sets", "random_pairs", "n_features")
+        metadata, tensors = read_artifact(path, CAVSET_KIND, CAVSET_FORMAT_VERSION, required, CAVError)
+        _, tensor_path = artifact_paths(path)
         missing = [name for name in _CAVSET_TENSORS if name not in tensors]
         if missing:
             raise CAVError(str(tensor_path), f"missing tensors {missing}", "save the CAV set again")
@@ -862,40 +839,6 @@ class CAVSet:
 
 
 _CAVSET_TENSORS = ("vectors", "biases", "accuracies", "random_vectors", "random_biases", "random_accuracies")
-
-
-def _base_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-
-
-def _read_cavset_metadata(path: Path) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_CAVSET_JSON_BYTES:
-            raise CAVError(str(path), "file is implausibly large for a CAV set's metadata", "save the CAV set again")
-        metadata = json.loads(path.read_text())
-    except OSError as error:
-        raise CAVError(str(path), f"cannot read ({error.strerror})", "check the path") from error
-    except ValueError as error:
-        raise CAVError(str(path), f"not valid JSON ({error})", "save the CAV set again") from error
-    if not isinstance(metadata, dict) or metadata.get("kind") != CAVSET_KIND:
-        raise CAVError(str(path), "is not a CAV set", "load it with the class that saved it (ConceptBank.load for banks)")
-    if metadata.get("format_version") != CAVSET_FORMAT_VERSION:
-        raise CAVError(str(path), f"format version {metadata.get('format_version')} is not {CAVSET_FORMAT_VERSION}", "train and save the CAV set again")
-    missing = [k for k in ("concepts", "random_sets", "random_pairs", "n_features", "tensors_sha256") if k not in metadata]
-    if missing:
-        raise CAVError(str(path), f"missing keys {missing}", "save the CAV set again")
-    return metadata
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a CAV set's JSON")
 
 
 # ---------------------------------------------------------------------------- training

@@ -44,3 +44,14 @@ def random_images_dataset() -> ArrayDataset:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: its tensors are small, and on a busy 2-core machine OpenMP
+    barriers make two threads many times slower than one. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

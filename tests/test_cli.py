@@ -75,15 +75,8 @@ def test_synth_writes_folder_layout_that_loads_back_exactly(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_and_tells_depth_apart(tmp_path, capsys):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+def test_demo_runs_and_tells_depth_apart(tmp_path, capsys, one_thread):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "best layer" in out and (tmp_path / "demo" / "demo.json").is_file()
     import json

@@ -17,12 +17,7 @@ GRID = (24, 24)
 CONCEPTS = ["car", "house", "tree", "boat", "wheel", "window", "roof", "door", "crown", "hull", "sail", "sky", "ground", "water"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def permuted_rescaled_copy(model: LoadedModel, seed: int = 0) -> LoadedModel:

@@ -234,7 +234,7 @@ def test_cav_set_save_load_round_trip_is_exact(tmp_path):
     with pytest.raises(CAVError, match="checksum"):
         CAVSet.load(json_path)
     bank_json = ConceptBank("linear", "l", ["a"], torch.ones(1, 3), torch.zeros(1)).save(tmp_path / "bank")
-    with pytest.raises(CAVError, match="not a CAV set"):
+    with pytest.raises(CAVError, match="holds a concept bank, not a linear-cav-set"):
         CAVSet.load(bank_json)
 
 

@@ -17,12 +17,7 @@ from probes.net2vec import Net2VecProbe
 PARTS = ["wheel", "window", "roof", "door", "trunk", "crown", "sail", "hull"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shuffled_masks(masks: StoreEntry, store: ActivationStore, seed: int = 0) -> StoreEntry:

@@ -22,13 +22,7 @@ MAP_BAR = 0.7
 TEST_SEED = 4242
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run single-threaded: on a busy 2-core machine OpenMP barriers make 2 threads far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=NAMES)

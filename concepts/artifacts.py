@@ -1,0 +1,115 @@
+"""Tensor artifacts on disk: ``<name>.safetensors`` + ``<name>.json``, never pickle.
+
+The JSON holds the metadata, a ``kind``, a ``format_version`` and the sha256 of the tensor file;
+reading checks all of them (and a size limit on the JSON) before any tensor is used. Both files
+are written atomically. Concept banks and CAV sets are stored this way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from concepts.atomic import atomic_write_bytes, atomic_write_text
+from concepts.errors import ConceptLensError
+
+__all__ = ["artifact_paths", "write_artifact", "read_artifact", "file_sha256"]
+
+MAX_JSON_BYTES = 32 * 1024 * 1024
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_paths(path: str | Path) -> tuple[Path, Path]:
+    """The (JSON, safetensors) paths of an artifact named ``path``, ``path.json`` or ``path.safetensors``.
+
+    Dots already in the name stay (``A__features.7.net2vec`` → ``A__features.7.net2vec.json``).
+    """
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    return base.parent / f"{base.name}.json", base.parent / f"{base.name}.safetensors"
+
+
+def write_artifact(path: str | Path, kind: str, format_version: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write tensors and metadata atomically; return the JSON path."""
+    json_path, tensor_path = artifact_paths(path)
+    data = save_tensors({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()})
+    header = {"format_version": format_version, "kind": kind, **metadata, "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_bytes(tensor_path, data)
+    atomic_write_text(json_path, json.dumps(header, indent=1, default=_json_default))
+    return json_path
+
+
+def read_artifact(
+    path: str | Path,
+    kind: str,
+    format_version: int,
+    required: tuple[str, ...],
+    error: type[ConceptLensError],
+    accept_missing_kind: bool = False,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an artifact; raise ``error`` naming the file and the fix on any problem.
+
+    Returns ``(metadata, tensors)``. ``accept_missing_kind`` admits files written before kinds
+    were recorded.
+    """
+    json_path, tensor_path = artifact_paths(path)
+    metadata = _read_json(json_path, error)
+    found_kind = metadata.get("kind")
+    if found_kind != kind and not (accept_missing_kind and found_kind is None):
+        raise error(str(json_path), f"holds a {found_kind or 'unknown artifact'}, not a {kind}", "load it with the class that saved it")
+    if metadata.get("format_version") != format_version:
+        raise error(str(json_path), f"format version {metadata.get('format_version')} is not {format_version}", f"create the {kind} again")
+    missing = [key for key in (*required, "tensors_sha256") if key not in metadata]
+    if missing:
+        raise error(str(json_path), f"missing keys {missing}", f"save the {kind} again")
+    try:
+        data = tensor_path.read_bytes()
+    except OSError as problem:
+        raise error(str(tensor_path), f"cannot read ({problem.strerror})", f"save the {kind} again") from problem
+    if hashlib.sha256(data).hexdigest() != metadata["tensors_sha256"]:
+        raise error(str(tensor_path), "checksum does not match its JSON (corrupt or replaced)", f"save the {kind} again")
+    try:
+        tensors = load_tensors(data)
+    except Exception as problem:  # noqa: BLE001 - any parse failure means the file is not safetensors
+        raise error(str(tensor_path), f"not a safetensors file ({problem})", f"save the {kind} again") from problem
+    return metadata, tensors
+
+
+def _read_json(path: Path, error: type[ConceptLensError]) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(str(path), "file is implausibly large for artifact metadata", "save it again")
+        metadata = json.loads(path.read_text())
+    except OSError as problem:
+        raise error(str(path), f"cannot read ({problem.strerror})", "check the path") from problem
+    except ValueError as problem:
+        raise error(str(path), f"not valid JSON ({problem})", "save it again") from problem
+    if not isinstance(metadata, dict):
+        raise error(str(path), "is not a JSON object", "save it again")
+    return metadata
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in artifact JSON")
