@@ -216,7 +216,7 @@ class ConceptBank:
         return bank
 
 
-def nnls(targets: torch.Tensor, basis: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:
+def nnls(targets: torch.Tensor, basis: torch.Tensor, iterations: int = 200, tolerance: float | None = None) -> torch.Tensor:
     """Solve ``min_{S≥0} ‖targets − S·basis‖_F`` row by row (HALS coordinate descent, batched).
 
     Parameters
@@ -227,14 +227,17 @@ def nnls(targets: torch.Tensor, basis: torch.Tensor, iterations: int = 200, tole
         ``(K, C)`` non-negative basis (NCAVs).
     iterations : int
         Maximum sweeps over the K coordinates.
-    tolerance : float
-        Stop when no coefficient changes by more than this (relative to the largest).
+    tolerance : float, optional
+        Stop when no coefficient changes by more than this (relative to the largest); default
+        100 machine epsilons of the dtype (≈1e-5 in float32, where smaller changes are noise).
 
     Returns
     -------
     Tensor
         ``(N, K)`` non-negative coefficients.
     """
+    if tolerance is None:
+        tolerance = 100 * torch.finfo(targets.dtype).eps
     gram = basis @ basis.T
     cross = targets @ basis.T
     diagonal = gram.diagonal().clamp(min=1e-12)
