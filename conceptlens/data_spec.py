@@ -1,6 +1,7 @@
 """Turn a data spec string from the command line or a config into a concept dataset.
 
-Forms: ``synthetic[:N[:SEED]]`` (the synthetic concept world), a folder in the folder layout
+Forms: ``synthetic[:N[:SEED]]`` (the synthetic concept world), ``real-textures[:N[:SEED]]``
+(real textures and photo crops with exact masks, needs scikit-image), a folder in the folder layout
 (``images/`` + ``masks/<concept>/``), or a COCO instances JSON file (with ``coco_images``).
 """
 
@@ -29,7 +30,15 @@ def open_dataset(spec: str, coco_images: str | None = None, seed: int = 0, progr
         Show a progress bar while validating files.
     """
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        return _synthetic(spec, seed)
+        from concepts.synthetic import SyntheticWorld
+
+        n_images, world_seed = _generated_arguments(spec, seed)
+        return SyntheticWorld(n_images=n_images, seed=world_seed)
+    if spec == "real-textures" or spec.startswith("real-textures:"):
+        from concepts.real_textures import RealTextureWorld
+
+        n_images, world_seed = _generated_arguments(spec, seed)
+        return RealTextureWorld(n_images=n_images, seed=world_seed)
     path = Path(spec)
     if path.suffix.lower() == ".json":
         if coco_images is None:
@@ -41,16 +50,15 @@ def open_dataset(spec: str, coco_images: str | None = None, seed: int = 0, progr
         from concepts.folder import FolderDataset
 
         return FolderDataset(path, seed=seed, progress=progress)
-    raise DataError(spec, "no such folder or file", "give a folder with images/ and masks/, a COCO .json, or synthetic:N")
+    raise DataError(spec, "no such folder or file", "give a folder with images/ and masks/, a COCO .json, synthetic:N or real-textures:N")
 
 
-def _synthetic(spec: str, seed: int) -> ConceptDataset:
-    from concepts.synthetic import SyntheticWorld
-
+def _generated_arguments(spec: str, seed: int) -> tuple[int, int]:
+    """``name[:N[:SEED]]`` → (N, SEED), default 200 images and the split seed."""
     parts = spec.split(":")[1:]
     try:
         n_images = int(parts[0]) if parts else 200
         world_seed = int(parts[1]) if len(parts) > 1 else seed
     except ValueError as error:
-        raise DataError(spec, "N and SEED must be integers", "write synthetic:200:0") from error
-    return SyntheticWorld(n_images=n_images, seed=world_seed)
+        raise DataError(spec, "N and SEED must be integers", f"write {spec.split(':')[0]}:200:0") from error
+    return n_images, world_seed
