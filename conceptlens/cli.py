@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _probe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coco-images", help="image folder of a COCO dataset")
+    parser.add_argument("--concepts", nargs="+", help="only these concepts of the dataset (default: all)")
     parser.add_argument("--store", default="conceptlens-store", help="activation store folder (default ./conceptlens-store)")
     parser.add_argument("--out", default="conceptlens-out", help="output folder for banks and results (default ./conceptlens-out)")
     parser.add_argument("--grid", nargs=2, type=int, default=[100, 100], metavar=("H", "W"), help="concept grid (default 100 100)")
@@ -198,9 +199,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.method == "linear":
         return _probe_linear(args, model, out)
-    from conceptlens.data_spec import open_dataset
-
-    dataset = open_dataset(args.data, coco_images=args.coco_images, seed=args.seed, progress=_progress(args))
+    dataset = _concept_data(args)
     probed = probe_model(
         "model", model, dataset, args.layers, args.method, ActivationStore(args.store), out / "banks", tuple(args.grid),
         _method_params(args), args.batch_size, args.device, _progress(args), tuple(args.input_size) if args.input_size else (224, 224),
@@ -242,16 +241,22 @@ def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
     return 0
 
 
+def _concept_data(args: argparse.Namespace):
+    from conceptlens.data_spec import open_dataset
+
+    dataset = open_dataset(args.data, coco_images=args.coco_images, seed=args.seed, progress=_progress(args))
+    return dataset.select_concepts(args.concepts) if args.concepts else dataset
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from concepts.models import load_model
     from concepts.store import ActivationStore
-    from conceptlens.data_spec import open_dataset
     from conceptlens.workflow import probe_model
 
     if len(args.model) != len(args.layers):
         raise ConceptLensError("--model/--layers", f"{len(args.model)} models but {len(args.layers)} layer lists", "follow each --model with its --layers")
     weights = args.weights or ["none"] * len(args.model)
-    dataset = open_dataset(args.data, coco_images=args.coco_images, seed=args.seed, progress=_progress(args))
+    dataset = _concept_data(args)
     store, out = ActivationStore(args.store), Path(args.out)
     input_size = tuple(args.input_size) if args.input_size else None
     probed = []

@@ -84,3 +84,39 @@ def test_demo_runs_and_tells_depth_apart(tmp_path, capsys, one_thread):
     table = json.loads((tmp_path / "demo" / "demo.json").read_text())["set_iou"]
     assert table["sky"]["backbone.block2"] > 0.8  # background: already at the shallowest layer
     assert table["car"]["backbone.block4"] > table["car"]["backbone.block2"] + 0.2  # objects: deeper
+
+
+def _image_sets(root, rng):
+    from PIL import Image
+
+    for name in ("stripes", "random_0", "random_1", "random_2"):
+        (root / name).mkdir(parents=True)
+        for i in range(8):
+            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            if name == "stripes":
+                image[::4] = 255
+            Image.fromarray(image).save(root / name / f"{name}{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("method", ["net2vec", "nmf", "linear"])
+def test_probe_writes_banks_and_metrics(tmp_path, capsys, method):
+    from concepts.vectors import ConceptBank
+
+    data = str(_image_sets(tmp_path / "sets", np.random.default_rng(0))) if method == "linear" else "synthetic:40"
+    argv = ["probe", "torchvision:resnet18", data, "--layers", "layer1", "--method", method, "--store", str(tmp_path / "store"),
+            "--out", str(tmp_path / "out"), "--input-size", "64", "64", "--grid", "16", "16", "--epochs", "2", "--k", "3", "--quiet"]
+    if method != "linear":
+        argv += ["--concepts", "car", "house", "sky"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "layer1" in out
+    bank = ConceptBank.load(tmp_path / "out" / "banks" / f"model__layer1.{method}", expected_channels=64)
+    assert bank.method == method
+    assert (tmp_path / "out" / f"probe_{method}.json").is_file()
+    if method == "linear":
+        assert bank.concepts == ["stripes"] and bank.metrics["stripes"]["accuracy_mean"] > 0.8
+    elif method == "net2vec":
+        assert bank.concepts == ["car", "house", "sky"]
+    else:
+        assert bank.n_concepts == 3 and "matched_concept" in bank.metrics["ncav_0"]
