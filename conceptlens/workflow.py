@@ -130,10 +130,13 @@ def _fit_bank(method: str, layer: str, activations: StoreEntry, masks: StoreEntr
         return probe.to_bank(layer, metrics=probe.evaluate(activations, masks, "test"))
     from probes.nmf import NMFConcepts
 
-    nmf = NMFConcepts(device=device, progress=progress, **params).fit(activations, indices=split_indices(masks, "train"))
+    channels = int(activations.manifest()["item_shape"][0])
+    settings = {**params, "n_components": min(params.get("n_components", 10), channels)}  # a narrow layer gets k ≤ C
+    nmf = NMFConcepts(device=device, progress=progress, **settings).fit(activations, indices=split_indices(masks, "train"))
     test = split_indices(masks, "test")
     labels = nmf.label(activations, masks, test)
-    bank = nmf.to_bank(layer, labels, provenance={"activations_key": activations.key, "masks_key": masks.key, "params": params})
+    provenance = {"activations_key": activations.key, "masks_key": masks.key, "params": params, "n_components_used": settings["n_components"]}
+    bank = nmf.to_bank(layer, labels, provenance=provenance)
     for name in bank.concepts:
         bank.metrics.setdefault(name, {})["fidelity"] = nmf.fidelity(activations, test)
     return bank

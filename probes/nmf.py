@@ -176,6 +176,10 @@ class NMFConcepts:
         """
         self._validate_params()
         source = _source(data, indices)
+        channels = source.channels()
+        if self.n_components > channels:
+            raise NMFError(source.name, f"has {channels} channels, fewer than n_components={self.n_components}",
+                           f"use n_components ≤ {channels} for this layer")
         device = torch.device("cpu") if self.solver == "sklearn" else _resolve_device(self.device)
         if self.batch_size is None:
             result = self._fit_full(source, device)
@@ -473,6 +477,12 @@ class _Source:
     entry: StoreEntry | None = None
     indices: Sequence[int] | None = None
     reduce: str = "native"
+
+    def channels(self) -> int:
+        """The number of channels C of the pixel vectors."""
+        if self.pixels is not None:
+            return int(self.pixels.shape[1])
+        return int(self.entry.manifest()["item_shape"][0])
 
     def matrix(self, device: torch.device, show: bool = False) -> torch.Tensor:
         """The whole (N, C) pixel matrix on ``device`` (raw, not clamped)."""

@@ -307,3 +307,9 @@ def test_indices_outside_the_entry_are_refused(tmp_path):
     entry = activation_entry(tmp_path, torch.rand(6, 4, 3, 3), [str(i) for i in range(6)])
     with pytest.raises(NMFError, match="holds 6 items"):
         NMFConcepts(n_components=2, device="cpu").fit(entry, indices=[0, 6])
+
+
+def test_more_components_than_channels_is_refused():
+    pixels = torch.rand(50, 4)
+    with pytest.raises(NMFError, match=r"4 channels, fewer than n_components=8.*n_components ≤ 4"):
+        NMFConcepts(n_components=8, device="cpu").fit(pixels)
