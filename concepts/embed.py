@@ -209,12 +209,14 @@ def _check_finite(features: torch.Tensor, layer: str, dataset: ConceptDataset, s
 
 
 def _metadata(model: LoadedModel, dataset: ConceptDataset, request: dict[str, Any], entry: StoreEntry) -> dict[str, Any]:
-    first = entry.shards()[0].read()
     import torchvision
+    from safetensors import safe_open
 
+    with safe_open(str(entry.shards()[0].path), framework="pt") as file:
+        item_shape = list(file.get_slice("activations").get_shape()[1:])
     return {
         "request": request,
-        "item_shape": list(first["activations"].shape[1:]),
+        "item_shape": item_shape,
         "model": {"spec": model.spec, "weights": model.weights, "hash": model.hash},
         "dataset": {"name": dataset.name, "ids": list(dataset.ids), "concepts": list(dataset.concepts)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
