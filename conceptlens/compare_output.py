@@ -40,7 +40,8 @@ def write_comparison(
     out = Path(out)
     json_path = write_json(out / "compare.json", result)
     csv_path = _write_tables(result, out / "compare.csv", out / "compare_concepts.csv")
-    heatmaps = _write_heatmaps(result, out / "heatmaps", method)
+    specs = {m.label: m.model.spec for m in probed}
+    heatmaps = _write_heatmaps(result, out / "heatmaps", method, specs)
     return {"json": json_path, "csv": csv_path, "heatmaps": heatmaps, "result": result}
 
 
@@ -68,7 +69,7 @@ def _csv(rows: list[list[Any]]) -> str:
     return buffer.getvalue()
 
 
-def _write_heatmaps(result: dict[str, Any], folder: Path, method: str) -> Path:
+def _write_heatmaps(result: dict[str, Any], folder: Path, method: str, specs: dict[str, str]) -> Path:
     depth = {layer["label"]: layer["depth"] for layer in result["layers"]}
     kind = "NCAV best-match set IoU" if method == "nmf" else "mean concept set IoU"
     for block in result["blocks"]:
@@ -76,7 +77,8 @@ def _write_heatmaps(result: dict[str, Any], folder: Path, method: str) -> Path:
         columns = [f"{block['b']}:{name}" for name in block["columns"]]
         depths_a, depths_b = [depth[r] for r in rows], [depth[c] for c in columns]
         name = f"{block['a']}_vs_{block['b']}"
-        title = "within model " + block["a"] if block["a"] == block["b"] else f"{block['a']} (rows) vs {block['b']} (columns)"
+        a, b = f"{block['a']} = {specs[block['a']]}", f"{block['b']} = {specs[block['b']]}"
+        title = f"within {a}" if block["a"] == block["b"] else f"rows {a}\ncolumns {b}"
         similarity_heatmap(_array(block["similarity"]), block["rows"], block["columns"], depths_a, depths_b, f"{kind}, {title}",
                            folder / f"{method}_{name}.png", block["ridge"]["pairs"])
         for mode in ("pooled", "spatial"):
