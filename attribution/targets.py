@@ -1,0 +1,381 @@
+"""Attribution targets: turn a model's output for a batch into one differentiable scalar per image.
+
+A target (METHODS.md §6, the ``h_k`` of TCAV's conceptual sensitivity) is a callable
+``target(output) -> TargetValues``. ``values`` is a ``(B,)`` tensor that stays in the autograd
+graph of the forward pass, so ``values[valid].sum().backward()`` (or ``torch.autograd.grad``) gives
+the per-image gradients w.r.t. the input or a captured activation. ``valid`` is a ``(B,)`` bool mask:
+an image on which a detector target finds no matching detection gets ``valid=False`` and value 0 —
+the zero is still a graph node (``0 * scores.sum()``), so the batch keeps its shape and no image is
+dropped silently; :func:`describe_missing` writes the line a caller reports.
+
+Targets
+-------
+* :class:`ClassLogit` / :class:`ClassProbability` — classifier output ``(B, n_classes)``.
+* :class:`TopDetection` — score of the highest-scoring detection of one label.
+* :class:`MatchedDetection` — score of the detection that best matches (IoU) a given box.
+
+Detector targets read torchvision-style output: a list with one dict per image holding ``boxes``
+(``(n, 4)`` xyxy, in the coordinates of the model's input images), ``scores`` ``(n,)`` and
+``labels`` ``(n,)`` — the output of torchvision's detection models and of the zoo detectors in
+eval mode. Labels are compared as the model emits them (torchvision COCO models and the zoo
+detectors are 1-based; 0 is background).
+
+Gradients
+---------
+The chosen detection is found on detached values (argmax / IoU), then its score is *indexed* from
+``scores``, which keeps the graph. This works because the post-processed scores are differentiable:
+torchvision's Faster R-CNN computes them as ``softmax(class_logits)`` of the box head (its RPN
+detaches the proposal boxes and objectness, so the gradient reaches the input through the RoI
+features, not through the box coordinates); SSD/SSDlite compute ``softmax`` of the head logits and
+select with ``topk``/indexing/NMS (indices only); the zoo CenterNet detectors gather the sigmoid
+heatmap at its peaks. All of this requires that ``torch.no_grad()`` / ``torch.inference_mode()``
+is **not** active during the forward pass and that the inputs (list of image tensors for
+torchvision detectors) have ``requires_grad_()`` set before ``forward``. A detector whose
+post-processing detaches its scores is caught: :func:`check_differentiable` raises a
+:class:`TargetError` naming the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torchvision.ops import box_iou
+
+from concepts.errors import ConceptLensError
+
+__all__ = [
+    "SPEC_FORMS",
+    "ClassLogit",
+    "ClassProbability",
+    "MatchedDetection",
+    "Target",
+    "TargetError",
+    "TargetValues",
+    "TopDetection",
+    "check_differentiable",
+    "describe_missing",
+    "target_from_spec",
+]
+
+#: Accepted forms of :func:`target_from_spec`, for error messages and CLI help.
+SPEC_FORMS = "logit:K, prob:K, top:K, top:K:MIN_SCORE, box:K:x0,y0,x1,y1 or box:any:x0,y0,x1,y1 (K an integer class/label id)"
+
+
+class TargetError(ConceptLensError):
+    """A target spec is malformed, or a model output does not fit the target."""
+
+
+@dataclass
+class TargetValues:
+    """Per-image target scalars.
+
+    Attributes
+    ----------
+    values : torch.Tensor
+        ``(B,)``, differentiable w.r.t. the forward pass's inputs; 0 where ``valid`` is False.
+    valid : torch.Tensor
+        ``(B,)`` bool; False when an image has no matching detection.
+    index : torch.Tensor or None
+        ``(B,)`` int64, index of the chosen detection in each image's output (-1 when invalid);
+        None for classifier targets.
+    """
+
+    values: torch.Tensor
+    valid: torch.Tensor
+    index: torch.Tensor | None = None
+
+    @property
+    def n_missing(self) -> int:
+        return int((~self.valid).sum())
+
+    def missing(self, ids: Sequence[Any] | None = None) -> list[Any]:
+        """Ids (default: batch positions) of the images with no valid target."""
+        positions = [int(i) for i in torch.nonzero(~self.valid.cpu()).flatten()]
+        return positions if ids is None else [ids[i] for i in positions]
+
+
+@runtime_checkable
+class Target(Protocol):
+    name: str
+
+    def __call__(self, output: Any) -> TargetValues: ...
+
+
+def describe_missing(values: TargetValues, ids: Sequence[Any] | None = None, target: Any = None, max_ids: int = 10) -> str:
+    """One line reporting the images without a valid target, or ``""`` when there are none.
+
+    ``"3 of 32 images have no detection of class 2 (top:2): img_04, img_11, img_17"``
+    """
+    missing = values.missing(ids)
+    if not missing:
+        return ""
+    total = int(values.valid.numel())
+    what = getattr(target, "what", None) or "valid target"
+    name = getattr(target, "name", None)
+    line = f"{len(missing)} of {total} images have no {what}"
+    if name:
+        line += f" ({name})"
+    shown = ", ".join(str(i) for i in missing[:max_ids])
+    if len(missing) > max_ids:
+        shown += f", … (+{len(missing) - max_ids})"
+    return f"{line}: {shown}"
+
+
+def check_differentiable(values: TargetValues, target: Any = None) -> None:
+    """Raise :class:`TargetError` when ``values`` carries no autograd graph.
+
+    Typical causes: the forward pass ran under ``torch.no_grad()``/``inference_mode``, nothing
+    upstream requires grad, or the model's post-processing detaches its scores.
+    """
+    if not values.values.requires_grad:
+        name = getattr(target, "name", None) or "target"
+        raise TargetError(
+            name,
+            "target values are not differentiable (no autograd graph)",
+            "run the forward pass without torch.no_grad()/inference_mode, call requires_grad_() on the inputs "
+            "(each image tensor for torchvision detectors) and make sure the model's post-processing does not detach scores",
+        )
+
+
+# -- classifier targets ------------------------------------------------------------------------
+
+
+def _logits(output: Any, name: str, k: int) -> torch.Tensor:
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 2:
+        output = output[0]  # e.g. (logits, aux) outputs
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise TargetError(name, f"expects classifier logits of shape (B, n_classes), got {shape}", "use a detector target (top:K, box:...) for detectors")
+    if not -output.shape[1] <= k < output.shape[1]:
+        raise TargetError(name, f"class {k} is out of range for {output.shape[1]} classes", f"use a class in 0..{output.shape[1] - 1}")
+    return output
+
+
+class ClassLogit:
+    """The logit of class ``k``: ``output[:, k]``."""
+
+    def __init__(self, k: int) -> None:
+        self.k = int(k)
+        self.name = f"logit:{self.k}"
+        self.what = f"logit of class {self.k}"
+
+    def __call__(self, output: Any) -> TargetValues:
+        logits = _logits(output, self.name, self.k)
+        values = logits[:, self.k]
+        return TargetValues(values, torch.ones_like(values, dtype=torch.bool))
+
+    def __repr__(self) -> str:
+        return f"ClassLogit({self.k})"
+
+
+class ClassProbability:
+    """The softmax probability of class ``k``."""
+
+    def __init__(self, k: int) -> None:
+        self.k = int(k)
+        self.name = f"prob:{self.k}"
+        self.what = f"probability of class {self.k}"
+
+    def __call__(self, output: Any) -> TargetValues:
+        logits = _logits(output, self.name, self.k)
+        values = torch.softmax(logits, dim=1)[:, self.k]
+        return TargetValues(values, torch.ones_like(values, dtype=torch.bool))
+
+    def __repr__(self) -> str:
+        return f"ClassProbability({self.k})"
+
+
+# -- detector targets --------------------------------------------------------------------------
+
+
+def _detections(output: Any, name: str) -> list[dict[str, torch.Tensor]]:
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
+        output = output[1]  # torchscript detectors return (losses, detections)
+    if output is None:
+        raise TargetError(name, "the model produced no output (a layer hook stopped the forward pass)", "run the full forward pass to compute a target")
+    if not isinstance(output, (list, tuple)) or not all(isinstance(d, dict) and "scores" in d and "labels" in d for d in output):
+        raise TargetError(
+            name,
+            f"expects detector output (a list of dicts with boxes/scores/labels), got {type(output).__name__}",
+            "use logit:K or prob:K for classifiers; put the detector in eval mode",
+        )
+    if not output:
+        raise TargetError(name, "the detector output is an empty batch", "pass at least one image")
+    return list(output)
+
+
+def _zero_like(scores: torch.Tensor) -> torch.Tensor:
+    """A 0 that stays in the graph of ``scores`` (even when ``scores`` is empty)."""
+    return scores.sum() * 0.0
+
+
+def _pack(chosen: list[torch.Tensor], index: list[int]) -> TargetValues:
+    values = torch.stack(chosen)
+    idx = torch.tensor(index, dtype=torch.int64, device=values.device)
+    return TargetValues(values, idx >= 0, idx)
+
+
+class TopDetection:
+    """Score of the highest-scoring detection of ``label`` (with score ≥ ``min_score``) per image."""
+
+    def __init__(self, label: int, min_score: float = 0.0) -> None:
+        self.label = int(label)
+        self.min_score = float(min_score)
+        self.name = f"top:{self.label}" + (f":{self.min_score:g}" if self.min_score > 0 else "")
+        self.what = f"detection of class {self.label}" + (f" with score ≥ {self.min_score:g}" if self.min_score > 0 else "")
+
+    def __call__(self, output: Any) -> TargetValues:
+        chosen, index = [], []
+        for det in _detections(output, self.name):
+            scores, labels = det["scores"], det["labels"]
+            ok = (labels == self.label) & (scores.detach() >= self.min_score)
+            if bool(ok.any()):
+                masked = torch.where(ok, scores.detach(), torch.full_like(scores.detach(), -math.inf))
+                i = int(masked.argmax())
+                chosen.append(scores[i])
+                index.append(i)
+            else:
+                chosen.append(_zero_like(scores))
+                index.append(-1)
+        return _pack(chosen, index)
+
+    def __repr__(self) -> str:
+        return f"TopDetection({self.label}, min_score={self.min_score:g})"
+
+
+class MatchedDetection:
+    """Score of the detection that best matches a given box per image.
+
+    Parameters
+    ----------
+    label : int or None
+        Only detections of this label are considered; None: any label.
+    boxes : Tensor (B, 4) or (4,), or a sequence of per-image boxes
+        xyxy in the coordinates of the model's input images (for torchvision detectors: the
+        images handed to the model, before its internal resize; for the zoo detectors: the
+        128×128 canvas). A per-image entry may be None (that image is invalid). A single (4,)
+        box is used for every image.
+    min_iou : float
+        A detection matches when its IoU with the box is ≥ ``min_iou``.
+
+    Among the matching detections the one with the largest IoU is chosen (ties: the higher score).
+    """
+
+    def __init__(self, label: int | None, boxes: torch.Tensor | Sequence[Any], min_iou: float = 0.5) -> None:
+        self.label = None if label is None else int(label)
+        self.min_iou = float(min_iou)
+        self.boxes = boxes
+        box_text = ""
+        single = self._single_box()
+        if single is not None:
+            box_text = ":" + ",".join(f"{float(v):g}" for v in single)
+        self.name = f"box:{'any' if self.label is None else self.label}{box_text}"
+        cls = "any class" if self.label is None else f"class {self.label}"
+        self.what = f"detection of {cls} with IoU ≥ {self.min_iou:g} to the given box"
+
+    def _single_box(self) -> torch.Tensor | None:
+        b = self.boxes
+        if isinstance(b, torch.Tensor) and b.dim() == 1:
+            return b
+        if isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b):
+            return torch.tensor(b, dtype=torch.float32)
+        return None
+
+    def _box_for(self, b: int, n_images: int) -> torch.Tensor | None:
+        single = self._single_box()
+        if single is not None:
+            return single.reshape(4)
+        boxes = self.boxes
+        if isinstance(boxes, torch.Tensor) and (boxes.dim() != 2 or boxes.shape[1] != 4):
+            raise TargetError(self.name, f"boxes must have shape (B, 4) or (4,), got {tuple(boxes.shape)}", "pass xyxy boxes")
+        if len(boxes) != n_images:
+            raise TargetError(self.name, f"got {len(boxes)} boxes for {n_images} images", "pass one box per image")
+        box = boxes[b]
+        if box is None:
+            return None
+        box = torch.as_tensor(box, dtype=torch.float32).reshape(-1)
+        if box.numel() != 4:
+            raise TargetError(self.name, f"box of image {b} has {box.numel()} numbers", "pass xyxy boxes (4 numbers)")
+        return box
+
+    def __call__(self, output: Any) -> TargetValues:
+        detections = _detections(output, self.name)
+        chosen, index = [], []
+        for b, det in enumerate(detections):
+            scores, labels = det["scores"], det["labels"]
+            if "boxes" not in det:
+                raise TargetError(self.name, "detector output has no 'boxes'", "use top:K instead")
+            box = self._box_for(b, len(detections))
+            i = -1
+            if box is not None and scores.numel() > 0:
+                pred = det["boxes"].detach()
+                iou = box_iou(box.to(pred.device, pred.dtype)[None], pred)[0]
+                ok = iou >= self.min_iou
+                if self.label is not None:
+                    ok &= labels == self.label
+                if bool(ok.any()):
+                    best = iou[ok].max()
+                    tied = ok & (iou == best)
+                    masked = torch.where(tied, scores.detach(), torch.full_like(scores.detach(), -math.inf))
+                    i = int(masked.argmax())
+            chosen.append(scores[i] if i >= 0 else _zero_like(scores))
+            index.append(i)
+        return _pack(chosen, index)
+
+    def __repr__(self) -> str:
+        return f"MatchedDetection({self.label}, boxes=..., min_iou={self.min_iou:g})"
+
+
+# -- spec parser ---------------------------------------------------------------------------------
+
+
+def _bad(spec: str, problem: str) -> TargetError:
+    return TargetError(f"target {spec!r}", problem, f"use one of {SPEC_FORMS}")
+
+
+def _int(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _bad(spec, f"{text!r} is not an integer class id") from None
+
+
+def target_from_spec(spec: str, min_iou: float = 0.5) -> Target:
+    """Parse a CLI target spec: ``logit:K``, ``prob:K``, ``top:K[:MIN_SCORE]``, ``box:K|any:x0,y0,x1,y1``."""
+    if not isinstance(spec, str):
+        raise _bad(str(spec), "a target spec must be a string")
+    parts = spec.strip().split(":")
+    kind = parts[0].lower()
+    if kind in ("logit", "prob"):
+        if len(parts) != 2:
+            raise _bad(spec, f"{kind} takes exactly one class id")
+        k = _int(parts[1], spec)
+        return ClassLogit(k) if kind == "logit" else ClassProbability(k)
+    if kind == "top":
+        if len(parts) not in (2, 3):
+            raise _bad(spec, "top takes a label and optionally a minimum score")
+        min_score = 0.0
+        if len(parts) == 3:
+            try:
+                min_score = float(parts[2])
+            except ValueError:
+                raise _bad(spec, f"{parts[2]!r} is not a number (minimum score)") from None
+        return TopDetection(_int(parts[1], spec), min_score)
+    if kind == "box":
+        if len(parts) != 3:
+            raise _bad(spec, "box takes a label (or 'any') and four comma-separated coordinates")
+        label = None if parts[1].lower() == "any" else _int(parts[1], spec)
+        try:
+            coords = [float(v) for v in parts[2].split(",")]
+        except ValueError:
+            raise _bad(spec, f"{parts[2]!r} is not four comma-separated numbers") from None
+        if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
+            raise _bad(spec, f"{parts[2]!r} is not four finite comma-separated numbers")
+        if coords[2] <= coords[0] or coords[3] <= coords[1]:
+            raise _bad(spec, "the box needs x1 > x0 and y1 > y0 (xyxy)")
+        return MatchedDetection(label, torch.tensor(coords), min_iou=min_iou)
+    raise _bad(spec, f"unknown target kind {parts[0]!r}")
