@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from concepts.atomic import atomic_write_bytes, atomic_write_text
 from concepts.dataset import ConceptDataset, assign_splits, read_splits, write_splits
 from concepts.errors import DataError
-from concepts.imageio import list_image_files, read_image, read_image_size, read_mask
+from concepts.imageio import index_by_stem, list_image_files, read_image, read_image_size, read_mask
 
 __all__ = ["FolderDataset", "write_folder_dataset"]
 
@@ -174,15 +174,7 @@ def _index_images(folder: Path) -> dict[str, Path]:
     """Map image id (file stem) to image file; the folder must exist and hold images only."""
     if not folder.is_dir():
         raise DataError(str(folder), "images folder is missing", f"use the layout {_LAYOUT}")
-    files: dict[str, Path] = {}
-    for path in list_image_files(folder, "images/"):
-        if path.stem in files:
-            raise DataError(
-                f"{files[path.stem]}, {path}",
-                f"two images have the same id {path.stem!r}",
-                "rename one of them (the id is the file name without extension)",
-            )
-        files[path.stem] = path
+    files = index_by_stem(list_image_files(folder, "images/"), "images/")
     if not files:
         raise DataError(str(folder), "images folder holds no image files", f"use the layout {_LAYOUT}")
     return files

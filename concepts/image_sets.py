@@ -11,7 +11,7 @@ import numpy as np
 
 from concepts.dataset import ConceptDataset, assign_splits
 from concepts.errors import DataError
-from concepts.imageio import list_image_files, read_image, read_image_size
+from concepts.imageio import index_by_stem, list_image_files, read_image, read_image_size
 
 __all__ = ["ImageFolderDataset", "ImageSets"]
 
@@ -65,16 +65,7 @@ def _index_by_stem(files: list[Path], name: str) -> dict[str, Path]:
     """Map file stem to file; duplicate stems and an empty list are errors."""
     if not files:
         raise DataError(name, "image set has no image files", "add images to the set")
-    by_stem: dict[str, Path] = {}
-    for path in files:
-        if path.stem in by_stem:
-            raise DataError(
-                f"{by_stem[path.stem]}, {path}",
-                f"two images of {name!r} have the same id {path.stem!r}",
-                "rename one of them (the id is the file name without extension)",
-            )
-        by_stem[path.stem] = path
-    return by_stem
+    return index_by_stem(files, repr(name))
 
 
 class ImageSets:

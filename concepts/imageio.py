@@ -248,3 +248,16 @@ def read_mask(
         )
     return _binarise(path, values)
 
+
+def index_by_stem(files: list[Path], what: str) -> dict[str, Path]:
+    """Map each file's id (its name without extension) to the file; two files with one id are an error."""
+    by_stem: dict[str, Path] = {}
+    for path in files:
+        if path.stem in by_stem:
+            raise DataError(
+                f"{by_stem[path.stem]}, {path}",
+                f"two images of {what} have the same id {path.stem!r}",
+                "rename one of them (the id is the file name without extension)",
+            )
+        by_stem[path.stem] = path
+    return by_stem
