@@ -36,12 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from captum.attr import LayerGradientXActivation
 from scipy import stats
 from torch import nn
 
 from concepts.errors import ConceptLensError
+from concepts.models import LoadedModel
 from probes.linear import CAVSet
+
+from attribution.gradients import iter_layer_gradients, layer_modules_of
 
 __all__ = [
     "METRICS",
@@ -68,18 +70,11 @@ class TCAVError(ConceptLensError):
     """Bad TCAV input: CAVs that do not fit a layer, unknown layers or targets, bad settings."""
 
 
-Target = Callable[[Any], torch.Tensor]
+Target = Callable[[Any], Any]
 
 
 # ----------------------------------------------------------------------------------------------
 # gradients and sensitivities
-
-
-def _as_target(target: Target | int) -> Target:
-    if callable(target):
-        return target
-    index = int(target)
-    return lambda output: output[:, index]
 
 
 def layer_gradients(
@@ -91,63 +86,16 @@ def layer_gradients(
 ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
     """Stream per-batch gradients of a target scalar w.r.t. each layer's output.
 
-    One forward and one backward pass per batch for all layers (captum's
-    ``LayerGradientXActivation(multiply_by_inputs=False)``, i.e. plain layer gradients).
-
-    Parameters
-    ----------
-    model : nn.Module
-        Taken as is (put it in ``eval()`` mode yourself).
-    inputs : Tensor
-        ``(N, ...)``; batches are moved to the model's device.
-    layer_modules : mapping of str to nn.Module
-        Layer name → module whose output is ``A_L``.
-    target : callable or int
-        ``target(model_output) -> (B,)`` scalar per input (gradients of the sum are per-input
-        gradients, as inputs do not interact in eval mode); an int picks ``output[:, int]``.
-    batch_size : int
+    The two-value form of :func:`attribution.gradients.iter_layer_gradients` (which also takes
+    loaded models with raw images, and reports invalid detector targets).
 
     Yields
     ------
     (slice, dict of str to Tensor)
         The rows of ``inputs`` of the batch, and per layer the gradient ``(B, *layer_shape)``.
     """
-    if batch_size < 1:
-        raise TCAVError("batch_size", f"is {batch_size}", "use a positive batch size")
-    if not layer_modules:
-        raise TCAVError("layer_modules", "is empty", "name at least one layer")
-    target_fn = _as_target(target)
-    names = list(layer_modules)
-    modules = [layer_modules[name] for name in names]
-    device = _model_device(model)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        value = target_fn(model(x))
-        if value.dim() != 1 or value.shape[0] != x.shape[0]:
-            raise TCAVError("target", f"returned shape {tuple(value.shape)} for a batch of {x.shape[0]}", "return one scalar per input, shape (B,)")
-        return value
-
-    method = LayerGradientXActivation(forward, modules, multiply_by_inputs=False)
-    for start in range(0, inputs.shape[0], batch_size):
-        rows = slice(start, min(start + batch_size, inputs.shape[0]))
-        batch = inputs[rows].to(device)
-        grads = method.attribute(batch, target=None)
-        if len(names) == 1 and isinstance(grads, torch.Tensor):
-            grads = [grads]
-        out: dict[str, torch.Tensor] = {}
-        for name, grad in zip(names, grads):
-            if isinstance(grad, tuple):
-                if len(grad) != 1:
-                    raise TCAVError(name, f"returns {len(grad)} tensors", "probe a module with a single tensor output")
-                grad = grad[0]
-            out[name] = grad.detach()
-        yield rows, out
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    for batch in iter_layer_gradients(model, inputs, layer_modules, target, batch_size):
+        yield batch.rows, batch.gradients
 
 
 def sensitivities(gradients: torch.Tensor, cavs: torch.Tensor, pooling: str = "auto") -> torch.Tensor:
@@ -299,7 +247,9 @@ class TCAVResult:
     """All hypotheses of one :func:`tcav_scores` call.
 
     ``sensitivities[(layer, target)]`` keeps the per-input sensitivities ``(n_inputs, K·R + R)``
-    (concept CAVs in (K, R) order, then the R null CAVs) for further analysis.
+    (concept CAVs in (K, R) order, then the R null CAVs) of the inputs with a valid target, for
+    further analysis; ``missing[target]`` lists the inputs (ids or positions) left out because a
+    detector target found no matching detection on them.
     """
 
     records: list[TCAVRecord]
@@ -309,6 +259,17 @@ class TCAVResult:
     n_bootstrap: int
     seed: int
     sensitivities: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    missing: dict[str, list[Any]] = field(default_factory=dict)
+
+    def missing_lines(self) -> list[str]:
+        """One line per target with inputs that have no valid target (detections not found)."""
+        lines = []
+        for target, ids in self.missing.items():
+            if ids:
+                n = next((r.n_inputs for r in self.records if r.target == target), 0) + len(ids)
+                shown = ", ".join(str(i) for i in ids[:10]) + (f", … (+{len(ids) - 10})" if len(ids) > 10 else "")
+                lines.append(f"{len(ids)} of {n} inputs have no valid target for {target}; left out: {shown}")
+        return lines
 
     def get(self, concept: str, layer: str, target: str) -> TCAVRecord:
         for record in self.records:
@@ -320,6 +281,7 @@ class TCAVResult:
         return {
             "statistic": self.statistic, "correction": self.correction, "alpha": self.alpha,
             "n_bootstrap": self.n_bootstrap, "seed": self.seed, "n_hypotheses": len(self.records),
+            "missing": {target: list(ids) for target, ids in self.missing.items()},
             "records": [{k: _json_value(v) for k, v in r.to_dict().items()} for r in self.records],
         }
 
@@ -339,9 +301,9 @@ class TCAVResult:
 
 
 def tcav_scores(
-    model: nn.Module,
-    inputs: torch.Tensor | Mapping[str, torch.Tensor],
-    layer_modules: Mapping[str, nn.Module],
+    model: nn.Module | LoadedModel,
+    inputs: Any,
+    layer_modules: Mapping[str, nn.Module] | Sequence[str] | None,
     cav_sets: Mapping[str, CAVSet],
     targets: Mapping[str, Target | int],
     *,
@@ -353,21 +315,27 @@ def tcav_scores(
     ci: float = 0.95,
     seed: int = 0,
     pooling: str = "auto",
+    input_ids: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None,
 ) -> TCAVResult:
     """TCAV scores and significance for every concept × layer × target.
 
     Parameters
     ----------
-    model : nn.Module
-    inputs : Tensor or mapping of str to Tensor
-        The inputs scored (TCAV: images of the target class); one tensor for every target, or
+    model : nn.Module or LoadedModel
+        A plain module takes a prepared tensor batch; a loaded model (classifier or detector)
+        takes raw uint8 ``(H, W, 3)`` images and prepares them with its adapter.
+    inputs : Tensor, sequence of arrays, or mapping of str to either
+        The inputs scored (TCAV: images of the target class); one set for every target, or
         one per target name.
-    layer_modules : mapping of str to nn.Module
-        Layer name → module. Every layer of ``cav_sets`` must be here.
+    layer_modules : mapping of str to nn.Module, sequence of str, or None
+        Layer name → module, or layer names (None: the layers of ``cav_sets``). Every layer of
+        ``cav_sets`` must be here.
     cav_sets : mapping of str to CAVSet
         Layer name → CAVs (pooled or flattened; see :func:`sensitivities`).
     targets : mapping of str to callable or int
-        Target name → ``output -> (B,)`` (or a class index).
+        Target name → ``output -> TargetValues`` or ``(B,)`` tensor (or a class index). Inputs on
+        which a detector target finds no detection are left out of that target's scores and
+        reported in ``TCAVResult.missing``.
     batch_size : int
         Per target, one forward/backward pass per batch serves every layer and every CAV.
     statistic : {'sign_count', 'magnitude', 'mean_sensitivity'}
@@ -376,6 +344,8 @@ def tcav_scores(
         Which adjusted p decides ``significant`` (``p_adj < alpha``); both are reported.
     n_bootstrap, ci, seed : bootstrap over inputs (0 disables); percentile interval.
     pooling : see :func:`sensitivities`.
+    input_ids : sequence or mapping of str to sequence, optional
+        Names of the inputs (default: positions), used to report inputs without a target.
     """
     if statistic not in METRICS:
         raise TCAVError("statistic", f"is {statistic!r}", f"use one of {METRICS}")
@@ -383,38 +353,62 @@ def tcav_scores(
         raise TCAVError("correction", f"is {correction!r}", "use 'holm' or 'bonferroni'")
     if not 0 < alpha < 1 or not 0 < ci < 1:
         raise TCAVError("alpha/ci", f"are {alpha}, {ci}", "use values in (0, 1)")
-    missing = [layer for layer in cav_sets if layer not in layer_modules]
-    if missing:
-        raise TCAVError(", ".join(missing), "has CAVs but no module", "add it to layer_modules")
+    modules = layer_modules_of(model, list(cav_sets) if layer_modules is None else layer_modules)
+    missing_layers = [layer for layer in cav_sets if layer not in modules]
+    if missing_layers:
+        raise TCAVError(", ".join(missing_layers), "has CAVs but no module", "add it to layer_modules")
     if not targets:
         raise TCAVError("targets", "is empty", "give at least one target")
     layers = list(cav_sets)
-    modules = {layer: layer_modules[layer] for layer in layers}
+    modules = {layer: modules[layer] for layer in layers}
     all_cavs = {layer: torch.cat([cav_sets[layer].vectors.reshape(-1, cav_sets[layer].vectors.shape[-1]), cav_sets[layer].random_vectors]) for layer in layers}
 
     records: list[TCAVRecord] = []
     kept: dict[tuple[str, str], torch.Tensor] = {}
+    missing: dict[str, list[Any]] = {}
     for target_name, target in targets.items():
-        if isinstance(inputs, Mapping) and target_name not in inputs:
-            raise TCAVError(target_name, "has no inputs", "give inputs for every target")
-        x = inputs[target_name] if isinstance(inputs, Mapping) else inputs
-        n = x.shape[0]
-        if n == 0:
-            raise TCAVError(target_name, "has no inputs", "give at least one input")
-        sens = {layer: torch.empty(n, all_cavs[layer].shape[0], dtype=torch.float32) for layer in layers}
-        for rows, grads in layer_gradients(model, x, modules, target, batch_size):
-            for layer in layers:
-                sens[layer][rows] = sensitivities(grads[layer], all_cavs[layer], pooling).cpu()
+        x = _per_target(inputs, target_name, "inputs")
+        ids = _per_target(input_ids, target_name, "input_ids") if input_ids is not None else None
+        sens, valid = _target_sensitivities(model, x, modules, all_cavs, target, target_name, batch_size, pooling)
+        missing[target_name] = [int(i) if ids is None else ids[int(i)] for i in torch.nonzero(~valid).flatten()]
+        if not bool(valid.any()):
+            raise TCAVError(target_name, f"no input has a valid target ({len(valid)} inputs, none with a matching detection)",
+                            "choose inputs that show the target class, or lower the score threshold")
         for layer in layers:
-            kept[(layer, target_name)] = sens[layer]
-            records.extend(_layer_records(cav_sets[layer], layer, target_name, sens[layer], statistic, n_bootstrap, ci, seed))
+            kept[(layer, target_name)] = sens[layer][valid]
+            records.extend(_layer_records(cav_sets[layer], layer, target_name, kept[(layer, target_name)], statistic, n_bootstrap, ci, seed))
 
     p = np.array([r.p for r in records])
     for record, ph, pb in zip(records, holm(p), bonferroni(p)):
         record.p_holm, record.p_bonferroni = float(ph), float(pb)
         chosen = ph if correction == "holm" else pb
         record.significant = bool(not math.isnan(chosen) and chosen < alpha)
-    return TCAVResult(records, statistic, correction, alpha, n_bootstrap, seed, kept)
+    return TCAVResult(records, statistic, correction, alpha, n_bootstrap, seed, kept, missing)
+
+
+def _per_target(values: Any, target_name: str, what: str) -> Any:
+    if isinstance(values, Mapping):
+        if target_name not in values:
+            raise TCAVError(target_name, f"has no {what}", f"give {what} for every target")
+        return values[target_name]
+    return values
+
+
+def _target_sensitivities(
+    model: nn.Module | LoadedModel, x: Any, modules: dict[str, nn.Module], all_cavs: dict[str, torch.Tensor],
+    target: Target | int, target_name: str, batch_size: int, pooling: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Sensitivities ``(n, n_cavs)`` per layer and the ``(n,)`` valid mask of one target."""
+    n = x.shape[0] if isinstance(x, torch.Tensor) else len(x)
+    if n == 0:
+        raise TCAVError(target_name, "has no inputs", "give at least one input")
+    sens = {layer: torch.empty(n, cavs.shape[0], dtype=torch.float32) for layer, cavs in all_cavs.items()}
+    valid = torch.empty(n, dtype=torch.bool)
+    for batch in iter_layer_gradients(model, x, modules, target, batch_size):
+        valid[batch.rows] = batch.valid
+        for layer, cavs in all_cavs.items():
+            sens[layer][batch.rows] = sensitivities(batch.gradients[layer], cavs, pooling).cpu()
+    return sens, valid
 
 
 def _layer_records(cav_set: CAVSet, layer: str, target: str, sens: torch.Tensor, statistic: str, n_bootstrap: int, ci: float, seed: int) -> list[TCAVRecord]:

@@ -31,6 +31,7 @@ EXAMPLES = {
     "  conceptlens probe zoo:mobilenet_v2 ./image_sets --layers features.7 --method linear",
     "compare": "example: conceptlens compare synthetic:300 --model zoo:synthetic_vgg_centernet --layers backbone.block2 backbone.block3 "
     "--model zoo:synthetic_resnet_fpn --layers backbone.layer2 neck.p3 --method net2vec --out ./compare",
+    "tcav": "example: conceptlens tcav zoo:mobilenet_v2 ./image_sets --layers features.7 features.14 --target logit:285 --inputs cat --runs 10",
     "demo": "example: conceptlens demo --out ./conceptlens-demo",
     "train-zoo": "example: conceptlens train-zoo --seed 0 --out ./zoo-weights   (about 8-13 minutes on 2 CPU cores)",
 }
@@ -96,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     _probe_options(compare)
     _common(compare)
 
+    tcav = commands.add_parser("tcav", help="TCAV scores with random-CAV significance tests", epilog=EXAMPLES["tcav"], formatter_class=raw)
+    _model_arguments(tcav)
+    tcav.add_argument("data", help="a folder of image sets: <concept>/ folders and random_0/, random_1/, ... folders")
+    tcav.add_argument("--layers", nargs="+", required=True, help="layer names (see `conceptlens layers`)")
+    tcav.add_argument("--target", action="append", required=True, help="target scalar; repeat for several: " + _target_forms())
+    tcav.add_argument("--inputs", required=True, help="the scored images (of the target class): a set name in DATA or a folder")
+    tcav.add_argument("--concepts", nargs="+", help="concept sets to test (default: every non-random set except --inputs)")
+    tcav.add_argument("--runs", type=int, help="CAVs per concept, one per random set (default: every random set)")
+    tcav.add_argument("--max-inputs", type=int, help="score at most this many input images")
+    tcav.add_argument("--statistic", default="sign_count", choices=["sign_count", "magnitude", "mean_sensitivity"], help="score tested (default sign_count)")
+    tcav.add_argument("--correction", default="holm", choices=["holm", "bonferroni"], help="multiple-testing correction (default holm)")
+    tcav.add_argument("--alpha", type=float, default=0.05)
+    tcav.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals (0: none)")
+    tcav.add_argument("--store", default="conceptlens-store", help="activation store folder (default ./conceptlens-store)")
+    tcav.add_argument("--out", default="conceptlens-out", help="output folder (default ./conceptlens-out)")
+    tcav.add_argument("--batch-size", type=int, default=32)
+    tcav.add_argument("--seed", type=int, default=0)
+    _common(tcav)
+
     train = commands.add_parser("train-zoo", help="retrain the two synthetic-world detectors from a seed", epilog=EXAMPLES["train-zoo"], formatter_class=raw)
     train.add_argument("--out", help="folder for weights and model cards (default: the installed package's weights folder)")
     train.add_argument("--steps", type=int, help="training steps per model (default: the shipped recipe's)")
@@ -106,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="conceptlens-demo", help="output folder (default ./conceptlens-demo)")
     _common(demo)
     return parser
+
+
+def _target_forms() -> str:
+    from attribution.targets import SPEC_FORMS
+
+    return SPEC_FORMS
 
 
 def _probe_options(parser: argparse.ArgumentParser) -> None:
@@ -215,22 +241,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
-    from concepts.embed import embed
     from concepts.image_sets import ImageSets
     from concepts.store import ActivationStore
+    from conceptlens.tcav_step import fit_image_cavs, set_activations
     from conceptlens.workflow import bank_path, write_json
-    from probes.linear import pooled_activations, train_cavs
 
-    sets = ImageSets(args.data)
-    store = ActivationStore(args.store)
-    pooled: dict[str, dict] = {layer: {} for layer in args.layers}
-    for name in [*sets.concepts, *sets.random_sets]:
-        result = embed(model, sets.dataset(name), args.layers, store, reduce="mean", batch_size=args.batch_size, device=args.device, progress=_progress(args))
-        for layer in args.layers:
-            pooled[layer][name] = pooled_activations(result.entries[layer])
+    sets = ImageSets(args.data, concepts=args.concepts)
+    datasets = {name: sets.dataset(name) for name in [*sets.concepts, *sets.random_sets]}
+    pooled = set_activations(model, datasets, args.layers, ActivationStore(args.store), args.batch_size, args.device, _progress(args))
+    cav_sets = fit_image_cavs(pooled, sets.concepts, sets.random_sets, args.runs, args.seed, {"model_hash": model.hash})
     summary = {}
-    for layer in args.layers:
-        cavs = train_cavs({c: pooled[layer][c] for c in sets.concepts}, {r: pooled[layer][r] for r in sets.random_sets}, n_runs=args.runs, layer=layer, seed=args.seed)
+    for layer, cavs in cav_sets.items():
         cavs.save(bank_path(out / "banks", "model", layer, "cavs"))
         bank = cavs.to_bank(layer, provenance={"model_hash": model.hash})
         bank.save(bank_path(out / "banks", "model", layer, "linear"))
@@ -238,6 +259,46 @@ def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
         accuracy = ", ".join(f"{c} {m['accuracy_mean']:.2f}" for c, m in bank.metrics.items())
         print(f"{layer:<32} CAV accuracy (held-out, mean over {cavs.vectors.shape[1]} runs): {accuracy}")
     write_json(out / "probe_linear.json", {"model": args.model, "method": "linear", "metrics": summary})
+    return 0
+
+
+def cmd_tcav(args: argparse.Namespace) -> int:
+    from attribution.targets import target_from_spec
+    from attribution.tcav import tcav_scores
+    from concepts.image_sets import ImageFolderDataset, ImageSets
+    from concepts.imageio import list_image_files
+    from concepts.store import ActivationStore
+    from conceptlens.tcav_step import fit_image_cavs, set_activations, tcav_table, write_tcav
+
+    model = _load(args)
+    targets = {spec: target_from_spec(spec) for spec in args.target}
+    in_data = (Path(args.data) / args.inputs).is_dir()
+    folder = Path(args.data) / args.inputs if in_data else Path(args.inputs)
+    if not folder.is_dir():
+        raise ConceptLensError(f"--inputs {args.inputs}", f"is neither a set folder in {args.data} nor a folder", "name a set of DATA or a folder of images of the target class")
+    inputs = ImageFolderDataset(list_image_files(folder, f"--inputs {folder}"), name=folder.name)
+    concepts = args.concepts or [c for c in ImageSets(args.data).concepts if not (in_data and c == args.inputs)]
+    sets = ImageSets(args.data, concepts=concepts)
+    count = min(len(inputs), args.max_inputs) if args.max_inputs else len(inputs)
+    images = [inputs.image(i) for i in range(count)]
+
+    datasets = {name: sets.dataset(name) for name in [*sets.concepts, *sets.random_sets]}
+    pooled = set_activations(model, datasets, args.layers, ActivationStore(args.store), args.batch_size, args.device, _progress(args))
+    cav_sets = fit_image_cavs(pooled, sets.concepts, sets.random_sets, args.runs, args.seed, {"model_hash": model.hash})
+    result = tcav_scores(
+        model, images, None, cav_sets, targets, batch_size=args.batch_size, statistic=args.statistic, correction=args.correction,
+        alpha=args.alpha, n_bootstrap=args.bootstrap, seed=args.seed, input_ids=inputs.ids[:count],
+    )
+    provenance = {
+        "model": args.model, "weights": args.weights, "model_hash": model.hash, "data": str(args.data), "inputs": args.inputs,
+        "n_inputs": count, "concepts": sets.concepts, "random_sets": sets.random_sets[: args.runs] if args.runs else sets.random_sets,
+        "layers": list(args.layers), "targets": list(args.target), "seed": args.seed,
+    }
+    paths = write_tcav(result, Path(args.out), provenance)
+    print(tcav_table(result))
+    for line in result.missing_lines():
+        print(line)
+    print(f"results: {paths['json']}  table: {paths['csv']}")
     return 0
 
 
@@ -304,6 +365,7 @@ COMMANDS = {
     "probe": cmd_probe,
     "compare": cmd_compare,
     "synth": cmd_synth,
+    "tcav": cmd_tcav,
     "train-zoo": cmd_train_zoo,
     "demo": cmd_demo,
 }

@@ -120,3 +120,46 @@ def test_probe_writes_banks_and_metrics(tmp_path, capsys, method):
         assert bank.concepts == ["car", "house", "sky"]
     else:
         assert bank.n_concepts == 3 and "matched_concept" in bank.metrics["ncav_0"]
+
+
+def test_tcav_writes_json_csv_and_marks_significance(tmp_path, capsys, one_thread):
+    import csv
+    import json
+
+    from PIL import Image
+
+    sets = _image_sets(tmp_path / "sets", np.random.default_rng(0))
+    (sets / "zebra").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(sets / "zebra" / f"z{i}.png")
+    argv = ["tcav", "torchvision:resnet18", str(sets), "--layers", "layer1", "layer2", "--target", "logit:3", "--target", "prob:7",
+            "--inputs", "zebra", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--input-size", "64", "64",
+            "--bootstrap", "50", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "tcav.json").read_text())
+    assert result["n_hypotheses"] == 1 * 2 * 2  # concepts (zebra is the inputs, not a concept) × layers × targets
+    assert {r["concept"] for r in result["records"]} == {"stripes"}
+    record = result["records"][0]
+    assert record["n_inputs"] == 6 and len(record["scores"]["sign_count"]) == 3 and len(record["null_scores"]["sign_count"]) == 3
+    assert result["provenance"]["random_sets"] == ["random_0", "random_1", "random_2"]
+    with (tmp_path / "out" / "tcav.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {row["target"] for row in rows} == {"logit:3", "prob:7"}
+    assert "stripes" in out and "p_holm" in out
+
+    # a second run reuses the store: the same numbers
+    assert main(argv) == 0
+    again = json.loads((tmp_path / "out" / "tcav.json").read_text())
+    assert [r["scores"] for r in again["records"]] == [r["scores"] for r in result["records"]]
+
+
+def test_tcav_bad_inputs_exit_2(tmp_path, capsys):
+    sets = _image_sets(tmp_path / "sets", np.random.default_rng(0))
+    code = main(["tcav", "torchvision:resnet18", str(sets), "--layers", "layer1", "--target", "logit:3", "--inputs", "nowhere", "--quiet"])
+    assert code == 2
+    assert "--inputs nowhere" in capsys.readouterr().err
+    code = main(["tcav", "torchvision:resnet18", str(sets), "--layers", "layer1", "--target", "top3", "--inputs", "stripes", "--quiet"])
+    assert code == 2
+    assert "top3" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def _images(n: int = 2, size: int = 96) -> list[torch.Tensor]:
     return [torch.rand(3, size, size + 16 * i, generator=g).requires_grad_() for i in range(n)]
 
 
-@pytest.fixture(scope="module", params=["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+@pytest.fixture(scope="module", params=["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large", "ssd300_vgg16"])
 def torchvision_detector(request):
     model = load_model(f"torchvision:{request.param}", "none").module.eval()
     if hasattr(model, "roi_heads"):
