@@ -27,6 +27,7 @@ mean would differ by the positive factor ``h·w``: same sign counts and magnitud
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,6 +54,7 @@ __all__ = [
     "bonferroni",
     "holm",
     "layer_gradients",
+    "merge_results",
     "run_scores",
     "sensitivities",
     "tcav_scores",
@@ -378,12 +380,36 @@ def tcav_scores(
             kept[(layer, target_name)] = sens[layer][valid]
             records.extend(_layer_records(cav_sets[layer], layer, target_name, kept[(layer, target_name)], statistic, n_bootstrap, ci, seed))
 
+    _correct(records, correction, alpha)
+    return TCAVResult(records, statistic, correction, alpha, n_bootstrap, seed, kept, missing)
+
+
+def _correct(records: list[TCAVRecord], correction: str, alpha: float) -> None:
+    """Holm and Bonferroni adjustment over every record; ``significant`` from the chosen one."""
     p = np.array([r.p for r in records])
     for record, ph, pb in zip(records, holm(p), bonferroni(p)):
         record.p_holm, record.p_bonferroni = float(ph), float(pb)
         chosen = ph if correction == "holm" else pb
         record.significant = bool(not math.isnan(chosen) and chosen < alpha)
-    return TCAVResult(records, statistic, correction, alpha, n_bootstrap, seed, kept, missing)
+
+
+def merge_results(results: Sequence[TCAVResult]) -> TCAVResult:
+    """One result from several :func:`tcav_scores` calls (e.g. one per model), with the multiple-
+    testing correction redone over all their hypotheses together. Target names must be unique."""
+    if not results:
+        raise TCAVError("results", "is empty", "merge at least one result")
+    first = results[0]
+    settings = {(r.statistic, r.correction, r.alpha, r.n_bootstrap, r.seed) for r in results}
+    if len(settings) > 1:
+        raise TCAVError("results", f"were computed with different settings {sorted(settings)}", "merge results of one configuration")
+    targets = [t for r in results for t in r.missing]
+    if len(set(targets)) != len(targets):
+        raise TCAVError("results", "share target names", "name targets uniquely (e.g. prefix the model name)")
+    records = [dataclasses.replace(record) for r in results for record in r.records]  # inputs stay as they were
+    _correct(records, first.correction, first.alpha)
+    sensitivities = {key: value for r in results for key, value in r.sensitivities.items()}
+    missing = {target: ids for r in results for target, ids in r.missing.items()}
+    return TCAVResult(records, first.statistic, first.correction, first.alpha, first.n_bootstrap, first.seed, sensitivities, missing)
 
 
 def _per_target(values: Any, target_name: str, what: str) -> Any:

@@ -30,15 +30,18 @@ EXAMPLES = {
     "probe": "examples:\n  conceptlens probe zoo:synthetic_vgg_centernet synthetic:300 --layers backbone.block3 --method net2vec\n"
     "  conceptlens probe zoo:mobilenet_v2 ./image_sets --layers features.7 --method linear",
     "compare": "example: conceptlens compare synthetic:300 --model zoo:synthetic_vgg_centernet --layers backbone.block2 backbone.block3 "
-    "--model zoo:synthetic_resnet_fpn --layers backbone.layer2 neck.p3 --method net2vec --out ./compare",
+    "--model zoo:synthetic_resnet_fpn --layers backbone.block2 neck.p3 --method net2vec --out ./compare",
     "tcav": "example: conceptlens tcav zoo:mobilenet_v2 ./image_sets --layers features.7 features.14 --target logit:285 --inputs cat --runs 10",
-    "demo": "example: conceptlens demo --out ./conceptlens-demo",
+    "demo": "example: conceptlens demo --out ./conceptlens-demo   (about 2 minutes on 2 CPU cores; a second run reuses everything)",
+    "run": "example: conceptlens run configs/imagenet_backbones.yaml --out ./backbones",
+    "report": "example: conceptlens report ./conceptlens-demo",
     "train-zoo": "example: conceptlens train-zoo --seed 0 --out ./zoo-weights   (about 8-13 minutes on 2 CPU cores)",
 }
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+def _common(parser: argparse.ArgumentParser, device_default: str | None = "auto") -> None:
+    where = "the config's device" if device_default is None else device_default
+    parser.add_argument("--device", default=device_default, help=f"auto (CUDA when present), cpu or cuda (default: {where})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -122,9 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     _common(train)
 
-    demo = commands.add_parser("demo", help="run the demo on the embedded default data and models", epilog=EXAMPLES["demo"], formatter_class=raw)
+    run = commands.add_parser("run", help="run every step of a YAML config (reusing the store, skipping finished steps)", epilog=EXAMPLES["run"], formatter_class=raw)
+    run.add_argument("config", help="a YAML config (see configs/)")
+    run.add_argument("--out", help="output folder (default: the config's out, else ./conceptlens-<name>)")
+    _common(run, device_default=None)
+
+    report = commands.add_parser("report", help="write report.html again from a results folder (no model runs)", epilog=EXAMPLES["report"], formatter_class=raw)
+    report.add_argument("results", help="a results folder written by `conceptlens run`")
+    _common(report)
+
+    demo = commands.add_parser("demo", help="run configs/demo.yaml: the synthetic concept world and the two shipped detectors", epilog=EXAMPLES["demo"], formatter_class=raw)
     demo.add_argument("--out", default="conceptlens-demo", help="output folder (default ./conceptlens-demo)")
-    _common(demo)
+    _common(demo, device_default=None)
     return parser
 
 
@@ -352,11 +364,51 @@ def cmd_train_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from conceptlens.demo import run_demo
+def cmd_run(args: argparse.Namespace) -> int:
+    from conceptlens.config import load_config
 
-    run_demo(Path(args.out), device=args.device, progress=_progress(args))
+    config = load_config(args.config)
+    return _run_config(config, args.config, args.out, args)
+
+
+def _run_config(config, source: str, out: str | None, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from conceptlens.pipeline import run_pipeline
+
+    if args.device is not None:
+        config = dataclasses.replace(config, device=args.device)
+    started = time.perf_counter()
+    result = run_pipeline(config, out, progress=_progress(args), verbose=not args.quiet, source=str(source))
+    skipped = sum(step["skipped"] for step in result.steps)
+    print(f"{config.name}: {len(result.steps)} steps ({skipped} up to date, skipped) in {time.perf_counter() - started:.1f} s")
+    print(f"results in {result.out}/")
+    if result.report is not None:
+        print(f"report: {result.report}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from conceptlens.report import write_report
+
+    path = write_report(Path(args.results))
+    print(f"report: {path}")
+    return 0
+
+
+def demo_config_path() -> Path:
+    """The shipped ``configs/demo.yaml`` (next to the installed package, in a source checkout)."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    if not path.is_file():
+        raise ConceptLensError(str(path), "the demo config is missing", "install conceptlens from its source checkout (pip install -e .)")
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from conceptlens.config import load_config
+
+    path = demo_config_path()
+    return _run_config(load_config(path), str(path), args.out, args)
 
 
 COMMANDS = {
@@ -367,5 +419,7 @@ COMMANDS = {
     "synth": cmd_synth,
     "tcav": cmd_tcav,
     "train-zoo": cmd_train_zoo,
+    "run": cmd_run,
+    "report": cmd_report,
     "demo": cmd_demo,
 }

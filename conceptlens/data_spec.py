@@ -15,7 +15,9 @@ from concepts.errors import DataError
 __all__ = ["open_dataset"]
 
 
-def open_dataset(spec: str, coco_images: str | None = None, seed: int = 0, progress: bool = False) -> ConceptDataset:
+def open_dataset(
+    spec: str, coco_images: str | None = None, seed: int = 0, progress: bool = False, area_range: tuple[float, float] | None = None
+) -> ConceptDataset:
     """Open the dataset a spec names.
 
     Parameters
@@ -28,6 +30,8 @@ def open_dataset(spec: str, coco_images: str | None = None, seed: int = 0, progr
         Split seed (and world seed for ``synthetic`` without one).
     progress : bool
         Show a progress bar while validating files.
+    area_range : (float, float), optional
+        COCO only: keep an (image, category) mask when it covers this fraction of the image.
     """
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from concepts.synthetic import SyntheticWorld
@@ -45,7 +49,7 @@ def open_dataset(spec: str, coco_images: str | None = None, seed: int = 0, progr
             raise DataError(spec, "a COCO annotation file needs its image folder", "pass --coco-images DIR")
         from concepts.coco import CocoDataset
 
-        return CocoDataset(path, coco_images, seed=seed)
+        return CocoDataset(path, coco_images, area_range=area_range, seed=seed)
     if path.is_dir():
         from concepts.folder import FolderDataset
 

@@ -56,10 +56,13 @@ def fit_image_cavs(
     return train_layer_cavs(problems, n_runs, provenance=provenance, seed=seed)
 
 
-def write_tcav(result: TCAVResult, out: Path, provenance: dict[str, Any], stem: str = "tcav") -> dict[str, Path]:
-    """Write ``<stem>.json`` (every record with per-run scores, the null, provenance) and ``<stem>.csv``."""
+def write_tcav(result: TCAVResult, out: Path, provenance: dict[str, Any], stem: str = "tcav", step_key: str | None = None) -> dict[str, Path]:
+    """Write ``<stem>.json`` (every record with per-run scores, the null, provenance) and ``<stem>.csv``.
+
+    ``step_key`` (the pipeline's hash of everything the result depends on) is recorded at the top.
+    """
     out = Path(out)
-    data = {**result.to_dict(), "provenance": provenance, "missing_lines": result.missing_lines()}
+    data = {**result.to_dict(), "provenance": provenance, "missing_lines": result.missing_lines(), "step_key": step_key}
     return {"json": write_json(out / f"{stem}.json", data), "csv": result.write_csv(out / f"{stem}.csv")}
 
 

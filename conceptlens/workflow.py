@@ -28,7 +28,7 @@ from concepts.store import ActivationStore, StoreEntry
 from concepts.vectors import BankError, ConceptBank
 from probes.data import split_indices
 
-__all__ = ["ProbedModel", "probe_model", "compare_models", "bank_path", "write_json"]
+__all__ = ["ProbedModel", "bank_path", "compare_models", "layer_order", "probe_model", "write_json"]
 
 PIXEL_METHODS = ("net2vec", "nmf")
 
@@ -105,8 +105,24 @@ def probe_model(
             bank = _fit_bank(method, layer, result.entries[layer], masks, params or {}, device, progress)
             bank.save(path)
         banks[layer], metrics[layer] = bank, bank.metrics
-    order = [info.name for info in list_layers(model, input_size)]
+    order = layer_order(model, input_size, store)
     return ProbedModel(label, model, list(layers), result.entries, banks, relative_depths(layers), relative_depths(layers, order), metrics)
+
+
+def layer_order(model: LoadedModel, input_size: tuple[int, int], store: ActivationStore) -> list[str]:
+    """Every module of ``model`` in execution order (one traced forward pass, then cached in the store)."""
+    path = Path(store.root) / "layer_orders" / f"{model.hash[:24]}_{input_size[0]}x{input_size[1]}.json"
+    if path.is_file():
+        try:
+            order = json.loads(path.read_text())
+            if isinstance(order, list) and all(isinstance(name, str) for name in order):
+                return order
+        except (OSError, ValueError):
+            pass  # unreadable cache: trace again and rewrite it
+    order = [info.name for info in list_layers(model, input_size)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(order))
+    return order
 
 
 def _reusable_bank(path: Path, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any]) -> ConceptBank | None:

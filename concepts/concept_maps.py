@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from concepts.geometry import Geometry
+from concepts.geometry import GRID_SAMPLING, Geometry
 from concepts.store import FORMAT_VERSION, ActivationStore, EntryReader, StoreEntry
 from concepts.vectors import ConceptBank
 
@@ -55,6 +55,7 @@ def concept_map_entry(
         "activations": activations.key,
         "indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
         "grid": list(grid),
+        "grid_sampling": GRID_SAMPLING,
     }
     entry = store.entry(request)
     done = {(s.start, s.end) for s in entry.valid_shards()}

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from concepts.errors import LayerError, StoreError
 from concepts.dataset import ConceptDataset
-from concepts.geometry import Geometry, features_to_grid, image_cells
+from concepts.geometry import GRID_SAMPLING, Geometry, features_to_grid, image_cells
 from concepts.hooks import LayerCapture, LayerRef, resolve_layers
 from concepts.models import LoadedModel
 from concepts.store import FORMAT_VERSION, ActivationStore, StoreEntry
@@ -61,6 +61,7 @@ def embed_request(
         "adapter": model.adapter.settings(),
         "reduce": reduce,
         "grid": list(grid) if reduce == "grid" else None,
+        "grid_sampling": GRID_SAMPLING if reduce == "grid" else None,
         "dtype": dtype,
         "dataset_fingerprint": dataset.image_fingerprint(),
         "n_items": len(dataset),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "GRID_SAMPLING",
     "Geometry",
     "resize_like_image",
     "mask_to_feature_cells",
@@ -29,6 +30,10 @@ __all__ = [
     "features_to_grid",
     "masks_to_grid",
 ]
+
+
+#: Version of the grid sampling rule; it enters the store keys of everything sampled on a grid.
+GRID_SAMPLING = "clamped-to-image-cells"
 
 
 @dataclass(frozen=True)
@@ -122,17 +127,36 @@ def image_cells(geometry: Geometry, feature_size: tuple[int, int]) -> torch.Tens
     return inside_rows[:, None] & inside_cols[None, :]
 
 
+def _image_cell_range(offset: int, resized: int, canvas: int, cells: int) -> tuple[float, float]:
+    """First and last feature cell index (along one axis) whose centre lies on the image."""
+    centres = (np.arange(cells) + 0.5) * canvas / cells
+    inside = np.nonzero((centres >= offset) & (centres < offset + resized))[0]
+    if len(inside) == 0:  # an image thinner than one cell: use the cell it lies in
+        nearest = int(np.clip((offset + resized / 2) * cells / canvas, 0, cells - 1))
+        return float(nearest), float(nearest)
+    return float(inside[0]), float(inside[-1])
+
+
+def _axis_coordinates(size: int, offset: int, resized: int, canvas: int, cells: int) -> torch.Tensor:
+    """Normalised sampling positions of ``size`` grid cells along one axis, clamped to the image's cells."""
+    fraction = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    position = (offset + fraction * resized) * cells / canvas - 0.5  # in feature-cell index units
+    first, last = _image_cell_range(offset, resized, canvas, cells)
+    position = position.clamp(first, last)
+    return (position + 0.5) * 2 / cells - 1
+
+
 @lru_cache(maxsize=1024)
-def _grid_coordinates(geometry: Geometry, grid: tuple[int, int]) -> torch.Tensor:
-    """Sampling grid (Gh, Gw, 2) in ``grid_sample``'s normalised canvas coordinates (x, y)."""
-    grid_height, grid_width = grid
-    fraction_y = (torch.arange(grid_height, dtype=torch.float64) + 0.5) / grid_height
-    fraction_x = (torch.arange(grid_width, dtype=torch.float64) + 0.5) / grid_width
-    canvas_y = geometry.offset[0] + fraction_y * geometry.resized_size[0]
-    canvas_x = geometry.offset[1] + fraction_x * geometry.resized_size[1]
-    normalised_y = 2 * canvas_y / geometry.canvas_size[0] - 1
-    normalised_x = 2 * canvas_x / geometry.canvas_size[1] - 1
-    yy, xx = torch.meshgrid(normalised_y, normalised_x, indexing="ij")
+def _grid_coordinates(geometry: Geometry, grid: tuple[int, int], feature_size: tuple[int, int]) -> torch.Tensor:
+    """Sampling grid (Gh, Gw, 2) in ``grid_sample``'s normalised coordinates (x, y).
+
+    Positions are clamped to the centres of the outermost feature cells that lie on the image, so
+    bilinear sampling near the image's bottom/right edge never mixes in a padding cell (edge values
+    are replicated instead, as at the canvas border).
+    """
+    y = _axis_coordinates(grid[0], geometry.offset[0], geometry.resized_size[0], geometry.canvas_size[0], feature_size[0])
+    x = _axis_coordinates(grid[1], geometry.offset[1], geometry.resized_size[1], geometry.canvas_size[1], feature_size[1])
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
     return torch.stack([xx, yy], dim=-1).float()
 
 
@@ -142,8 +166,8 @@ def features_to_grid(
     """Bilinearly sample feature maps on a concept grid laid over each original image.
 
     Grid cell centres are mapped from the original image to the canvas and then to feature
-    coordinates (``align_corners=False`` convention, edge values replicated), so padding never
-    leaks into the grid. For an adapter that resizes the whole image onto the whole canvas this
+    coordinates (``align_corners=False`` convention) and clamped to the outermost cells that lie
+    on the image (edge values replicated), so padding never leaks into the grid. For an adapter that resizes the whole image onto the whole canvas this
     equals ``F.interpolate(features, grid, mode="bilinear", align_corners=False)``.
 
     Parameters
@@ -160,7 +184,8 @@ def features_to_grid(
     Tensor
         ``(B, C, Gh, Gw)``, same dtype as ``features``.
     """
-    coordinates = torch.stack([_grid_coordinates(g, tuple(grid)) for g in geometries]).to(features.device)
+    feature_size = (int(features.shape[-2]), int(features.shape[-1]))
+    coordinates = torch.stack([_grid_coordinates(g, tuple(grid), feature_size) for g in geometries]).to(features.device)
     sampled = F.grid_sample(
         features.float(), coordinates, mode="bilinear", padding_mode="border", align_corners=False
     )

@@ -76,14 +76,14 @@ def test_synth_writes_folder_layout_that_loads_back_exactly(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_and_tells_depth_apart(tmp_path, capsys, one_thread):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "best layer" in out and (tmp_path / "demo" / "demo.json").is_file()
     import json
 
-    table = json.loads((tmp_path / "demo" / "demo.json").read_text())["set_iou"]
-    assert table["sky"]["backbone.block2"] > 0.8  # background: already at the shallowest layer
-    assert table["car"]["backbone.block4"] > table["car"]["backbone.block2"] + 0.2  # objects: deeper
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'demo' / 'report.html'}" in out
+    table = json.loads((tmp_path / "demo" / "probe_vgg_net2vec.json").read_text())["metrics"]
+    assert table["backbone.block2"]["sky"]["set_iou"] > 0.8  # background: already at the shallowest layer
+    assert table["backbone.block4"]["car"]["set_iou"] > table["backbone.block2"]["car"]["set_iou"] + 0.2  # objects: deeper
 
 
 def _image_sets(root, rng):

@@ -96,3 +96,19 @@ def test_masks_to_grid_is_area_fraction():
 @pytest.mark.parametrize("values", [[3, 4, 20, 30, 0, 0, 20, 32], [5, 6, 5, 6, -1, 2, 8, 8]])
 def test_geometry_round_trip(values):
     assert Geometry.from_list(values).to_list() == values
+
+
+def test_grid_sampling_never_reads_padding_cells():
+    # an image of 40×70 on a 64×96 canvas (padded bottom and right); features at stride 8
+    geometry = Geometry((40, 70), (40, 70), (0, 0), (64, 96))
+    features = torch.zeros(1, 1, 8, 12)
+    cells = image_cells(geometry, (8, 12))
+    features[0, 0][cells] = 1.0
+    features[0, 0][~cells] = 1000.0  # padding: must never be mixed in
+    sampled = features_to_grid(features, [geometry], (40, 70))
+    torch.testing.assert_close(sampled, torch.ones_like(sampled))  # a leak would add up to 1000
+    # a ramp along the image's columns is kept inside the image, and replicated at its edge
+    ramp = torch.arange(12, dtype=torch.float32).expand(8, 12).clone()[None, None]
+    row = features_to_grid(ramp, [geometry], (1, 70))[0, 0, 0]
+    last_image_column = int(cells[0].nonzero().max())
+    assert row.max().item() == pytest.approx(last_image_column) and row.min().item() == pytest.approx(0)

@@ -284,3 +284,24 @@ def test_degenerate_t_tests() -> None:
     assert _t_test(np.ones(3), np.ones(3)) == (0.0, 1.0)
     t, p = _t_test(np.ones(4), np.array([0.2, 0.5, 0.4, 0.9]))
     assert t > 0 and 0 < p < 0.05
+
+
+def test_merge_results_corrects_over_all_hypotheses() -> None:
+    from attribution.tcav import merge_results
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    inputs = torch.randn(12, 3, 8, 8)
+    gen = torch.Generator().manual_seed(5)
+    cav_set = _cav_set("conv2", ["a", "b"], ["r0", "r1", "r2", "r3"], _unit(torch.randn(2, 4, 5, generator=gen)), _unit(torch.randn(4, 5, generator=gen)), [5])
+    args = (model, inputs, {"conv2": model.conv2}, {"conv2": cav_set})
+    together = tcav_scores(*args, {"t0": 0, "t1": 1}, n_bootstrap=0, statistic="mean_sensitivity")
+    apart = [tcav_scores(*args, {name: k}, n_bootstrap=0, statistic="mean_sensitivity") for name, k in (("t0", 0), ("t1", 1))]
+    merged = merge_results(apart)
+    for key in ("p_holm", "p_bonferroni", "significant"):
+        assert [getattr(r, key) for r in merged.records] == pytest.approx([getattr(r, key) for r in together.records])
+    # apart, each call corrected over its own two hypotheses only
+    assert [2 * r.p for r in apart[0].records] == pytest.approx([r.p_bonferroni for r in apart[0].records])
+    assert [min(1.0, 4 * r.p) for r in merged.records] == pytest.approx([r.p_bonferroni for r in merged.records])
+    with pytest.raises(TCAVError, match="share target names"):
+        merge_results([apart[0], apart[0]])

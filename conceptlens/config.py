@@ -1,0 +1,491 @@
+"""The pipeline configuration: a YAML file parsed into typed, frozen dataclasses.
+
+One generic walker (:func:`_parse`) validates a YAML mapping against the dataclass fields and
+type hints; range, uniqueness and path rules sit in each field's ``metadata``. Checks that span
+several keys (unique model names, TCAV targets naming existing models …) run after the walk.
+Every error is a :class:`ConfigError` whose culprit is ``"<file>: <key.path[0].sub>"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import types
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from attribution.targets import SPEC_FORMS, TargetError, target_from_spec
+from concepts.errors import ConceptLensError
+
+__all__ = [
+    "CompareConfig",
+    "ConfigError",
+    "DataConfig",
+    "EmbedConfig",
+    "ModelConfig",
+    "NMFConfig",
+    "Net2VecConfig",
+    "PipelineConfig",
+    "ProbesConfig",
+    "ReportConfig",
+    "TcavConfig",
+    "TcavTargetConfig",
+    "check_paths",
+    "config_hash",
+    "config_to_dict",
+    "load_config",
+    "missing_paths",
+    "parse_config",
+]
+
+
+class ConfigError(ConceptLensError):
+    """A pipeline config file is missing, malformed or inconsistent."""
+
+
+_NAME = (r"[A-Za-z0-9_-]+", "letters, digits, _ and - only")
+_DEVICE = (r"auto|cpu|cuda(:\d+)?", "one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """``data:`` — the concept dataset."""
+
+    spec: str = field(metadata={"path": True})
+    coco_images: str | None = field(default=None, metadata={"path": True})
+    concepts: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
+    area_range: tuple[float, float] = field(default=(0.025, 0.8), metadata={"ge": 0.0, "le": 1.0})
+    image_sets: str | None = field(default=None, metadata={"path": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One entry of ``models:`` — a model spec and the layers to embed, shallow → deep."""
+
+    name: str = field(metadata={"pattern": _NAME})
+    spec: str = field(metadata={"path": True})
+    weights: str = field(default="none", metadata={"path": True})
+    input_size: tuple[int, int] | None = field(default=None, metadata={"ge": 1})
+    layers: list[str] = field(metadata={"unique": True, "nonempty": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """``embed:`` — how activations are stored."""
+
+    grid: tuple[int, int] = field(default=(100, 100), metadata={"ge": 1})
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = field(default=32, metadata={"ge": 1})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Net2VecConfig:
+    """``probes.net2vec:`` — Net2Vec pixel probes."""
+
+    enabled: bool = True
+    max_epochs: int = field(default=30, metadata={"ge": 1})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0})
+    batch_size: int = field(default=64, metadata={"ge": 1})
+
+
+@dataclass(frozen=True, kw_only=True)
+class NMFConfig:
+    """``probes.nmf:`` — NMF concept vectors (NCAVs)."""
+
+    enabled: bool = True
+    k: int = field(default=10, metadata={"ge": 1})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbesConfig:
+    """``probes:`` — the concept learners."""
+
+    net2vec: Net2VecConfig = field(default_factory=Net2VecConfig)
+    nmf: NMFConfig = field(default_factory=NMFConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    """``compare:`` — layer × layer concept similarity."""
+
+    enabled: bool = True
+    methods: list[Literal["net2vec", "nmf", "cka"]] = field(default_factory=lambda: ["net2vec", "nmf", "cka"], metadata={"unique": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TcavTargetConfig:
+    """One entry of ``tcav.targets:`` — an attribution target and its inputs."""
+
+    spec: str
+    inputs: str | None = None
+    max_inputs: int = field(default=32, metadata={"ge": 1})
+    models: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TcavConfig:
+    """``tcav:`` — TCAV scores with random-CAV significance tests."""
+
+    enabled: bool = False
+    concepts: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
+    min_fraction: float = field(default=0.02, metadata={"gt": 0.0, "lt": 1.0})
+    images_per_set: int = field(default=40, metadata={"ge": 2})
+    random_sets: int = field(default=10, metadata={"ge": 2})
+    layers: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
+    targets: list[TcavTargetConfig] = field(default_factory=list)
+    statistic: Literal["sign_count", "magnitude", "mean_sensitivity"] = "sign_count"
+    correction: Literal["holm", "bonferroni"] = "holm"
+    alpha: float = field(default=0.05, metadata={"gt": 0.0, "lt": 1.0})
+    n_bootstrap: int = field(default=1000, metadata={"ge": 0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """``report:`` — the HTML report."""
+
+    enabled: bool = True
+    examples: int = field(default=4, metadata={"ge": 0})
+    prototypes: int = field(default=5, metadata={"ge": 0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """A whole pipeline run: data, models, and the settings of each stage."""
+
+    name: str
+    seed: int = 0
+    device: str = field(default="auto", metadata={"pattern": _DEVICE})
+    out: str | None = field(default=None, metadata={"path": True})
+    store: str | None = field(default=None, metadata={"path": True})
+    data: DataConfig
+    models: list[ModelConfig] = field(metadata={"nonempty": True})
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    tcav: TcavConfig = field(default_factory=TcavConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read a YAML config file (``yaml.safe_load`` only) and validate it.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.yaml`` file.
+
+    Returns
+    -------
+    PipelineConfig
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, a folder, not valid YAML, empty, or fails validation.
+    """
+    source = str(path)
+    file = Path(path)
+    if file.is_dir():
+        inside = sorted(str(p) for p in file.glob("*.y*ml"))
+        raise ConfigError(source, "is a folder, not a config file", f"give a .yaml file, e.g. {inside[0] if inside else 'configs/demo.yaml'}")
+    if not file.is_file():
+        raise ConfigError(source, "no such config file", "check the path; shipped configs are in configs/ (demo.yaml …)")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        tagged = isinstance(error, yaml.constructor.ConstructorError)
+        fix = "remove the tag: configs are plain YAML, Python objects are never constructed" if tagged else "fix the YAML syntax there"
+        raise ConfigError(source, f"not valid YAML ({where}{problem})", fix) from None
+    if data is None:
+        raise ConfigError(source, "the file is empty", "start from configs/demo.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"the top level must be a mapping of keys, got {_describe(data)}", "write 'name: …', 'data: …', 'models: …' at the top level")
+    return parse_config(data, source)
+
+
+def parse_config(data: dict, source: str = "<config>") -> PipelineConfig:
+    """Validate a mapping (as read from YAML) and build the :class:`PipelineConfig`.
+
+    Parameters
+    ----------
+    data : dict
+        The parsed YAML document.
+    source : str
+        Name of the file it came from, used in error messages.
+    """
+    config = _parse(data, PipelineConfig, "", {}, source)
+    _check_consistency(config, source)
+    return config
+
+
+def config_to_dict(config: Any) -> Any:
+    """The config as plain JSON-able data, for provenance records.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        Any config dataclass (sections recurse).
+
+    Returns
+    -------
+    dict
+        Nested dicts and lists (tuples become lists); ``parse_config`` reads it back to an equal config.
+    """
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(item) for item in config]
+    return config
+
+
+def config_hash(config: PipelineConfig) -> str:
+    """A stable short hash of the config.
+
+    Returns
+    -------
+    str
+        The first 16 hex digits of the sha256 of :func:`config_to_dict` as canonical JSON
+        (sorted keys, no spaces); equal configs hash equal whatever the key order in the file.
+    """
+    text = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def missing_paths(config: PipelineConfig) -> list[str]:
+    """The local files and folders the config needs that do not exist.
+
+    Returns
+    -------
+    list of str
+        In config order: a data spec that is a path (not ``synthetic…``/``real-textures…``),
+        ``coco_images``, ``image_sets``, model files (``.onnx``, TorchScript, ``file.py:callable``)
+        and weight files (not ``none``/``default``).
+    """
+    return [path for _, path, _ in _needed_paths(config) if not Path(path).exists()]
+
+
+def check_paths(config: PipelineConfig, source: str = "<config>") -> None:
+    """Check that every file and folder the config needs exists.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+    source : str
+        The config file's name, the culprit of the error.
+
+    Raises
+    ------
+    ConfigError
+        One error listing every missing path with the key it came from and how to get it.
+    """
+    missing = [(key, path, advice) for key, path, advice in _needed_paths(config) if not Path(path).exists()]
+    if not missing:
+        return
+    problem = "; ".join(f"{key} = {path} does not exist" for key, path, _ in missing)
+    fixes = list(dict.fromkeys(advice for _, _, advice in missing))
+    raise ConfigError(source, f"missing files or folders: {problem}", "; ".join(fixes))
+
+
+# --- the walker -------------------------------------------------------------------------------
+
+
+def _error(source: str, path: str, problem: str, fix: str | None = None) -> ConfigError:
+    return ConfigError(f"{source}: {path or '<top level>'}", problem, fix)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _closest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _parse(value: Any, hint: Any, path: str, rules: dict, source: str) -> Any:
+    """Check ``value`` against the type ``hint`` and the field ``rules``; return the typed value."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        return _parse(value, next(a for a in args if a is not type(None)), path, rules, source)
+    if dataclasses.is_dataclass(hint):
+        # an empty section (``tcav:`` with every key commented out) reads as null: use its defaults
+        return _parse_dataclass({} if value is None else value, hint, path, source)
+    if origin is Literal:
+        if not isinstance(value, str) or value not in args:
+            allowed = ", ".join(args)
+            raise _error(source, path, f"{value!r} is not an allowed value", f"{_closest(str(value), list(args))}use one of: {allowed}")
+        return value
+    if origin in (list, tuple):
+        return _parse_sequence(value, hint, path, rules, source)
+    return _parse_scalar(value, hint, path, rules, source)
+
+
+def _parse_dataclass(value: Any, cls: type, path: str, source: str) -> Any:
+    if not isinstance(value, dict):
+        raise _error(source, path, f"expected a mapping of keys, got {_describe(value)}", f"write the keys of {path or 'the config'} indented below it")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields:
+            raise _error(source, _join(path, str(key)), f"unknown key {key!r}", f"{_closest(str(key), list(fields))}allowed keys: {', '.join(fields)}")
+    hints = get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in value:
+            values[name] = _parse(value[name], hints[name], _join(path, name), dict(f.metadata), source)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise _error(source, _join(path, name), f"required key {name!r} is missing", f"add '{name}:' to {path or 'the top level'}")
+    return cls(**values)
+
+
+def _parse_sequence(value: Any, hint: Any, path: str, rules: dict, source: str) -> Any:
+    args = get_args(hint)
+    is_tuple = get_origin(hint) is tuple
+    if not isinstance(value, list) or (is_tuple and len(value) != len(args)):
+        expected = f"a list of {len(args)} numbers" if is_tuple else "a list"
+        raise _error(source, path, f"expected {expected}, got {_describe(value)}", f"write [{', '.join('…' for _ in args)}]" if is_tuple else "write [a, b, …] or one '- item' per line")
+    if rules.get("nonempty") and not value:
+        raise _error(source, path, "the list is empty", "list at least one item, or remove the key to use the default")
+    items = [_parse(item, args[i] if is_tuple else args[0], f"{path}[{i}]", rules, source) for i, item in enumerate(value)]
+    if rules.get("unique"):
+        for i, item in enumerate(items):
+            if item in items[:i]:
+                raise _error(source, f"{path}[{i}]", f"{item!r} appears twice (also at index {items.index(item)})", "remove the duplicate")
+    return tuple(items) if is_tuple else items
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _parse_scalar(value: Any, hint: type, path: str, rules: dict, source: str) -> Any:
+    ok = {
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }[hint]
+    if not ok or (hint is float and not math.isfinite(value)):
+        raise _error(source, path, f"expected {_TYPE_WORDS[hint]}, got {_describe(value)}", f"write {_TYPE_WORDS[hint]}")
+    if hint is float:
+        value = float(value)
+    if hint in (int, float):
+        _check_range(value, path, rules, source)
+    if hint is str and "pattern" in rules and not re.fullmatch(rules["pattern"][0], value):
+        raise _error(source, path, f"{value!r} is not allowed", f"use {rules['pattern'][1]}")
+    if hint is str and rules.get("path"):
+        value = _expand(value, path, source)
+    return value
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_range(value: float, path: str, rules: dict, source: str) -> None:
+    for rule, (sign, holds) in _BOUNDS.items():
+        if rule in rules and not holds(value, rules[rule]):
+            raise _error(source, path, f"must be {sign} {rules[rule]}, got {value}", f"use a value {sign} {rules[rule]}")
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: str, path: str, source: str) -> str:
+    """Expand ``${VAR}`` and a leading ``~``; an unset variable is an error."""
+    for name in _ENV_VAR.findall(value):
+        if name not in os.environ:
+            raise _error(source, path, f"environment variable {name} is not set (in {value!r})", f"export {name}=... or edit the file")
+    return os.path.expanduser(_ENV_VAR.sub(lambda m: os.environ[m.group(1)], value))
+
+
+# --- checks across keys and paths ----------------------------------------------------------------
+
+
+def _check_consistency(config: PipelineConfig, source: str) -> None:
+    low, high = config.data.area_range
+    if not low < high:
+        raise _error(source, "data.area_range", f"lower bound {low} is not below upper bound {high}", "write [lo, hi] with 0 <= lo < hi <= 1")
+    names = [model.name for model in config.models]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise _error(source, f"models[{i}].name", f"model name {name!r} is used twice", "give every model its own name")
+    all_layers = list(dict.fromkeys(layer for model in config.models for layer in model.layers))
+    for i, layer in enumerate(config.tcav.layers or []):
+        if layer not in all_layers:
+            raise _error(source, f"tcav.layers[{i}]", f"{layer!r} is not a layer of any model", f"{_closest(layer, all_layers)}use one of: {', '.join(all_layers)}")
+    _check_tcav_concepts(config, source)
+    for i, target in enumerate(config.tcav.targets):
+        _check_target(target, f"tcav.targets[{i}]", names, source)
+
+
+def _check_tcav_concepts(config: PipelineConfig, source: str) -> None:
+    """TCAV concepts and target inputs must be among ``data.concepts`` when that list is given."""
+    known = config.data.concepts
+    if known is None:
+        return
+    named = [(f"tcav.concepts[{i}]", concept) for i, concept in enumerate(config.tcav.concepts or [])]
+    named += [(f"tcav.targets[{i}].inputs", target.inputs) for i, target in enumerate(config.tcav.targets) if target.inputs]
+    for key, concept in named:
+        if concept not in known:
+            raise _error(source, key, f"concept {concept!r} is not in data.concepts", f"{_closest(concept, known)}add it to data.concepts or use one of: {', '.join(known)}")
+
+
+def _check_target(target: TcavTargetConfig, path: str, model_names: list[str], source: str) -> None:
+    try:
+        target_from_spec(target.spec)
+    except TargetError as error:
+        raise _error(source, f"{path}.spec", error.problem, error.fix or f"use {SPEC_FORMS}") from None
+    for j, name in enumerate(target.models or []):
+        if name not in model_names:
+            raise _error(source, f"{path}.models[{j}]", f"no model is named {name!r}", f"{_closest(name, model_names)}use one of: {', '.join(model_names)}")
+
+
+_GENERATED = ("synthetic", "real-textures")
+
+
+def _model_file(spec: str) -> str | None:
+    """The local file a model spec refers to, or None for zoo:, torchvision: and module:callable specs."""
+    if spec.startswith(("zoo:", "torchvision:")):
+        return None
+    target, colon, _ = spec.rpartition(":")
+    if not colon:
+        return spec
+    return target if target.endswith(".py") else None
+
+
+def _needed_paths(config: PipelineConfig) -> list[tuple[str, str, str]]:
+    """(key, path, advice) for every local file or folder the config refers to."""
+    coco = "download COCO 2017 val (annotations/instances_val2017.json and val2017/) from cocodataset.org and set COCO_ROOT"
+    needed = []
+    data = config.data
+    if data.spec.split(":")[0] not in _GENERATED:
+        advice = coco if data.spec.lower().endswith(".json") else "give a folder with images/ and masks/<concept>/ as data.spec"
+        needed.append(("data.spec", data.spec, advice))
+    if data.coco_images:
+        needed.append(("data.coco_images", data.coco_images, coco))
+    if data.image_sets:
+        needed.append(("data.image_sets", data.image_sets, "create the folder of image-level concept sets or remove data.image_sets"))
+    for i, model in enumerate(config.models):
+        file = _model_file(model.spec)
+        if file is not None:
+            needed.append((f"models[{i}].spec", file, "put the model file there or fix the spec"))
+        if model.weights not in ("none", "default"):
+            name = Path(model.weights).name
+            advice = f"download https://download.pytorch.org/models/{name} into WEIGHTS_DIR" if model.spec.startswith("torchvision:") else "put the state dict there"
+            needed.append((f"models[{i}].weights", model.weights, f"{advice} (or set weights: none)"))
+    return needed

@@ -1,0 +1,426 @@
+"""``conceptlens run CONFIG``: every step of a config, reusing the store and skipping finished steps.
+
+Steps, in order: open the data; per model, Net2Vec and NMF probes (embedding first; activations
+come from the store and banks from ``banks/`` when their provenance matches); layer comparison per
+method; TCAV; report inputs (example overlays and NCAV prototypes, computed from stored
+activations, without a forward pass); the HTML report. Steps that take gradients (TCAV) or write
+report inputs keep a key — a hash of everything they depend on — next to their results and are
+skipped when the key matches, so a second run of the same config runs no forward pass at all.
+
+Results (one JSON per step plus CSV tables, each with provenance) and ``report.html`` go to the
+output folder; ``run.json`` summarises the run (models, layers, data, seeds, versions, time per
+step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from concepts.artifacts import artifact_paths, write_artifact
+from concepts.dataset import ConceptDataset
+from concepts.errors import ConceptLensError
+from concepts.geometry import Geometry, features_to_grid
+from concepts.models import LoadedModel, load_model
+from concepts.store import ActivationStore, EntryReader
+from concepts.vectors import ConceptBank
+from conceptlens.compare_output import write_comparison
+from conceptlens.config import PipelineConfig, check_paths, config_hash, config_to_dict
+from conceptlens.data_spec import open_dataset
+from conceptlens.workflow import ProbedModel, probe_model, write_json
+
+__all__ = ["PipelineResult", "run_pipeline"]
+
+EXAMPLES_KIND = "report-examples"
+PROTOTYPES_KIND = "report-prototypes"
+PATCH_SIZE = 48  # pixels of a prototype patch in the report
+
+
+@dataclass
+class PipelineResult:
+    """What a run produced: the output folder, the run summary and the report path (if written)."""
+
+    out: Path
+    summary: dict[str, Any]
+    report: Path | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Run:
+    """State shared by the steps of one run: config, folders, timing log."""
+
+    def __init__(self, config: PipelineConfig, out: Path, progress: bool, verbose: bool) -> None:
+        self.config, self.out, self.progress, self.verbose = config, out, progress, verbose
+        self.store = ActivationStore(config.store or out / "store")
+        self.steps: list[dict[str, Any]] = []
+
+    def step(self, name: str, work: Callable[[], Any], skipped: Callable[[], bool] | None = None) -> Any:
+        """Run ``work`` (unless ``skipped()`` says its results are current) and log its time."""
+        started = time.perf_counter()
+        if skipped is not None and skipped():
+            self.steps.append({"name": name, "seconds": round(time.perf_counter() - started, 3), "skipped": True})
+            return None
+        value = work()
+        self.steps.append({"name": name, "seconds": round(time.perf_counter() - started, 3), "skipped": False})
+        if self.verbose:
+            print(f"  {name}: {self.steps[-1]['seconds']:.1f} s", flush=True)
+        return value
+
+
+def run_pipeline(
+    config: PipelineConfig, out: str | Path | None = None, *, progress: bool = False, verbose: bool = False, source: str = "<config>"
+) -> PipelineResult:
+    """Run every enabled step of ``config``; write results and the report under ``out``.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        A validated config (:func:`conceptlens.config.load_config`).
+    out : str or Path, optional
+        Output folder; default ``config.out``, else ``./conceptlens-<name>``.
+    progress : bool
+        Progress bars.
+    verbose : bool
+        Print a line per finished step.
+    source : str
+        The config's file name, for error messages.
+    """
+    check_paths(config, source)
+    out = Path(out or config.out or f"conceptlens-{config.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(config, out, progress, verbose)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+
+    dataset = run.step("open data", lambda: _open_data(config, progress))
+    models = run.step("load models", lambda: {m.name: load_model(m.spec, m.weights, tuple(m.input_size) if m.input_size else None) for m in config.models})
+    probed = _probe_all(run, dataset, models)
+    _compare_all(run, dataset, probed)
+    if config.tcav.enabled:
+        _tcav(run, dataset, models)
+    if config.report.enabled and "net2vec" in probed:
+        _report_inputs(run, dataset, probed)
+
+    summary = _summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock)
+    write_json(out / "run.json", summary)
+    report = None
+    if config.report.enabled:
+        from conceptlens.report import write_report
+
+        report = run.step("report", lambda: write_report(out))  # its own time lands in run.json only
+        summary = _summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock)
+        write_json(out / "run.json", summary)
+    return PipelineResult(out, summary, report, run.steps)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _open_data(config: PipelineConfig, progress: bool) -> ConceptDataset:
+    data = config.data
+    dataset = open_dataset(data.spec, data.coco_images, seed=config.seed, progress=progress, area_range=tuple(data.area_range))
+    return dataset.select_concepts(list(data.concepts)) if data.concepts else dataset
+
+
+def _input_size(config: PipelineConfig, name: str) -> tuple[int, int]:
+    model = next(m for m in config.models if m.name == name)
+    return tuple(model.input_size) if model.input_size else (224, 224)
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> dict[str, dict[str, ProbedModel]]:
+    """``{method: {model name: ProbedModel}}`` for the enabled pixel-level methods."""
+    config = run.config
+    params = {
+        "net2vec": {"max_epochs": config.probes.net2vec.max_epochs, "lr": config.probes.net2vec.lr, "batch_size": config.probes.net2vec.batch_size, "seed": config.seed},
+        "nmf": {"n_components": config.probes.nmf.k, "seed": config.seed},
+    }
+    enabled = [m for m in ("net2vec", "nmf") if getattr(config.probes, m).enabled]
+    probed: dict[str, dict[str, ProbedModel]] = {m: {} for m in enabled}
+    for method in enabled:
+        for spec in config.models:
+            probe = partial(_probe_one, run, dataset, models[spec.name], spec.name, spec.layers, method, params[method])
+            probed[method][spec.name] = run.step(f"probe {spec.name} {method}", probe)
+    return probed
+
+
+def _probe_one(run: _Run, dataset: ConceptDataset, model: LoadedModel, name: str, layers: list[str], method: str, params: dict[str, Any]) -> ProbedModel:
+    config = run.config
+    probed = probe_model(name, model, dataset, layers, method, run.store, run.out / "banks", tuple(config.embed.grid), params,
+                         config.embed.batch_size, config.device, run.progress, _input_size(config, name))
+    result: dict[str, Any] = {"model": name, "spec": model.spec, "method": method, "layers": list(layers), "depths": probed.depths,
+                              "module_depths": probed.module_depths, "metrics": probed.metrics,
+                              "provenance": {layer: bank.provenance for layer, bank in probed.banks.items()}}
+    if method == "net2vec":
+        result["best_layer"] = _best_layers(probed)
+    write_json(run.out / f"probe_{name}_{method}.json", result)
+    return probed
+
+
+def _best_layers(probed: ProbedModel) -> dict[str, dict[str, Any]]:
+    best = {}
+    concepts = probed.banks[probed.layers[0]].concepts
+    for concept in concepts:
+        scores = [(probed.metrics[layer].get(concept, {}).get("set_iou"), i) for i, layer in enumerate(probed.layers)]
+        scores = [(s, i) for s, i in scores if isinstance(s, float)]
+        if scores:
+            score, i = max(scores)
+            best[concept] = {"layer": probed.layers[i], "depth": probed.depths[i], "set_iou": score}
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _compare_all(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str, ProbedModel]]) -> None:
+    config = run.config
+    if not config.compare.enabled:
+        return
+    for method in ("net2vec", "nmf"):
+        if method in config.compare.methods and method in probed:
+            models = list(probed[method].values())
+            key = _step_key("compare", method, config.embed.grid, [(m.label, {layer: b.provenance for layer, b in m.banks.items()}) for m in models],
+                            dataset.image_fingerprint(), dataset.mask_fingerprint())
+            run.step(f"compare {method}", lambda models=models, method=method, key=key: write_comparison(
+                models, dataset, run.store, method, tuple(config.embed.grid), run.out / f"compare_{method}", run.progress, key),
+                skipped=lambda method=method, key=key: _current(run.out / f"compare_{method}" / "compare.json", key))
+
+
+# ---------------------------------------------------------------------------------------------- TCAV
+
+
+def _step_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _current(path: Path, key: str) -> bool:
+    """True when the JSON at ``path`` records ``key`` (its step is finished and up to date)."""
+    try:
+        return json.loads(path.read_text()).get("step_key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> None:
+    config = run.config
+    key = _step_key(config_to_dict(config.tcav), config_to_dict(config.data), config.seed, config.embed.batch_size,
+                    {name: (m.hash, next(c.layers for c in config.models if c.name == name)) for name, m in models.items()}, dataset.image_fingerprint())
+    path = run.out / "tcav.json"
+    run.step("tcav", lambda: _run_tcav(run, dataset, models, key), skipped=lambda: _current(path, key))
+
+
+def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel], key: str) -> None:
+    from attribution.targets import target_from_spec
+    from attribution.tcav import merge_results, tcav_scores
+    from conceptlens.tcav_step import fit_image_cavs, set_activations, write_tcav
+
+    settings = run.config.tcav
+    sets, inputs = _tcav_image_sets(run.config, dataset)
+    results, provenance = [], {"sets": {name: [dataset.ids[i] for i in idx] for name, idx in sets.items()}, "models": {}}
+    for spec in run.config.models:
+        targets = [t for t in settings.targets if t.models is None or spec.name in t.models]
+        layers = [layer for layer in (settings.layers or spec.layers) if layer in spec.layers]
+        if not targets or not layers:
+            continue
+        model = models[spec.name]
+        pooled = set_activations(model, {"all": dataset}, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
+        by_set = {layer: {name: pooled[layer]["all"][idx] for name, idx in sets.items()} for layer in layers}
+        concepts = [name for name in sets if not name.startswith("random_")]
+        randoms = [name for name in sets if name.startswith("random_")]
+        cav_sets = fit_image_cavs(by_set, concepts, randoms, seed=run.config.seed, provenance={"model_hash": model.hash})
+        named = {f"{spec.name}:{t.spec}": t for t in targets}
+        images = {name: [dataset.image(i) for i in inputs[t.inputs or "test"][: t.max_inputs]] for name, t in named.items()}
+        ids = {name: [dataset.ids[i] for i in inputs[t.inputs or "test"][: t.max_inputs]] for name, t in named.items()}
+        results.append(tcav_scores(
+            model, images, None, cav_sets, {name: target_from_spec(t.spec) for name, t in named.items()}, batch_size=run.config.embed.batch_size,
+            statistic=settings.statistic, correction=settings.correction, alpha=settings.alpha, n_bootstrap=settings.n_bootstrap,
+            seed=run.config.seed, input_ids=ids,
+        ))
+        provenance["models"][spec.name] = {"spec": spec.spec, "hash": model.hash, "layers": layers, "accuracy": {
+            layer: cavs.to_bank(layer).metrics for layer, cavs in cav_sets.items()}}
+    if not results:
+        raise ConceptLensError("tcav.targets", "no target applies to any model layer", "check tcav.targets[].models and tcav.layers")
+    write_tcav(merge_results(results), run.out, provenance, step_key=key)
+
+
+def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Concept and random image sets drawn from the concept dataset, and the scored inputs per concept.
+
+    A concept's set: images where it covers at least ``min_fraction`` (train and val splits), up to
+    ``images_per_set``, drawn with the config's seed. Random sets: ``random_sets`` draws of
+    ``images_per_set`` from the same splits. Inputs: test images showing the named concept (``test``:
+    all test images).
+    """
+    settings = config.tcav
+    rng = np.random.default_rng(config.seed)
+    pool = np.sort(np.concatenate([dataset.split_indices("train"), dataset.split_indices("val")]))
+    test = dataset.split_indices("test")
+    coverage = np.stack([dataset.masks(i).reshape(len(dataset.concepts), -1).mean(1) for i in range(len(dataset))])
+    wanted = list(settings.concepts or dataset.concepts)
+    sets: dict[str, np.ndarray] = {}
+    for concept in wanted:
+        showing = pool[coverage[pool, dataset.concepts.index(concept)] >= settings.min_fraction]
+        if len(showing) < 2:
+            raise ConceptLensError(f"tcav.concepts: {concept}", f"only {len(showing)} training images show it (≥ {settings.min_fraction:g} of the image)",
+                                   "lower tcav.min_fraction or drop the concept")
+        sets[concept] = np.sort(rng.choice(showing, min(len(showing), settings.images_per_set), replace=False))
+    for r in range(settings.random_sets):
+        sets[f"random_{r}"] = np.sort(rng.choice(pool, min(len(pool), settings.images_per_set), replace=False))
+    inputs = {"test": test}
+    for target in settings.targets:
+        if target.inputs:
+            inputs[target.inputs] = test[coverage[test, dataset.concepts.index(target.inputs)] >= settings.min_fraction]
+            if len(inputs[target.inputs]) == 0:
+                raise ConceptLensError(f"tcav.targets inputs: {target.inputs}", "no test image shows it", "use more images or lower tcav.min_fraction")
+    return sets, inputs
+
+
+# ---------------------------------------------------------------------------------------------- report inputs
+
+
+def _report_inputs(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str, ProbedModel]]) -> None:
+    settings = run.config.report
+    for name, model in probed["net2vec"].items():
+        key = _step_key("examples", settings.examples, {layer: bank.provenance for layer, bank in model.banks.items()}, dataset.image_fingerprint())
+        path = artifact_paths(run.out / "examples" / name)[0]
+        run.step(f"examples {name}", lambda model=model, key=key: _write_examples(run, dataset, model, key), skipped=lambda: _current(path, key))
+    for name, model in probed.get("nmf", {}).items():
+        key = _step_key("prototypes", settings.prototypes, {layer: bank.provenance for layer, bank in model.banks.items()}, dataset.image_fingerprint())
+        path = artifact_paths(run.out / "prototypes" / name)[0]
+        run.step(f"prototypes {name}", lambda model=model, key=key: _write_prototypes(run, dataset, model, key), skipped=lambda: _current(path, key))
+
+
+def _stored_maps(model: ProbedModel, layer: str, index: int) -> tuple[torch.Tensor, Geometry]:
+    rows = EntryReader(model.activations[layer]).rows([index])
+    return rows["activations"].float(), Geometry.from_list(rows["geometry"][0].tolist())
+
+
+def _example_indices(dataset: ConceptDataset, count: int) -> list[int]:
+    """Test images showing the most concepts (ties: dataset order), ``count`` of them."""
+    test = dataset.split_indices("test")
+    shown = [(-(dataset.masks(i).reshape(len(dataset.concepts), -1).mean(1) > 0.005).sum(), i) for i in test]
+    return [int(i) for _, i in sorted(shown)[:count]]
+
+
+def _write_examples(run: _Run, dataset: ConceptDataset, model: ProbedModel, key: str) -> None:
+    best = _best_layers(model)
+    concepts = [c for c in dataset.concepts if c in best]
+    tensors: dict[str, torch.Tensor] = {}
+    indices = _example_indices(dataset, run.config.report.examples)
+    for n, index in enumerate(indices):
+        image = dataset.image(index)
+        size = image.shape[:2]
+        predicted = []
+        for concept in concepts:
+            layer = best[concept]["layer"]
+            activations, geometry = _stored_maps(model, layer, index)
+            bank = model.banks[layer]
+            logits = bank.logits(activations)[:, [bank.concepts.index(concept)]]
+            predicted.append(torch.sigmoid(features_to_grid(logits, [geometry], size))[0, 0])
+        tensors[f"image_{n}"] = torch.from_numpy(np.ascontiguousarray(image))
+        masks = dataset.masks(index)[[dataset.concepts.index(c) for c in concepts]]
+        tensors[f"truth_{n}"] = torch.from_numpy(masks.astype(np.uint8))
+        tensors[f"pred_{n}"] = torch.stack(predicted).half() if predicted else torch.zeros((0, *size), dtype=torch.float16)
+    metadata = {"model": model.label, "ids": [dataset.ids[i] for i in indices], "concepts": concepts,
+                "best_layers": {c: best[c]["layer"] for c in concepts}, "n_examples": len(indices), "step_key": key}
+    write_artifact(run.out / "examples" / model.label, EXAMPLES_KIND, 1, tensors, metadata)
+
+
+def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, key: str) -> None:
+    count = run.config.report.prototypes
+    test = [int(i) for i in dataset.split_indices("test")]
+    tensors, ncavs, fidelity = {}, {}, {}
+    for number, layer in enumerate(model.layers):
+        bank: ConceptBank = model.banks[layer]
+        peaks = _ncav_peaks(model, layer, bank, test)  # (k, n_test) best value and its cell per image
+        patches = np.zeros((bank.n_concepts, count, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+        for j in range(bank.n_concepts):
+            order = np.argsort(-peaks["value"][j], kind="stable")[:count]
+            for p, t in enumerate(order):
+                patches[j, p] = _patch(dataset.image(test[t]), peaks["cell"][j][t], peaks["geometry"][t], peaks["shape"])
+        tensors[f"patches_{number}"] = torch.from_numpy(patches)
+        ncavs[layer] = [{"name": c, "label": bank.metrics.get(c, {}).get("matched_concept"), "set_iou": bank.metrics.get(c, {}).get("set_iou")}
+                        for c in bank.concepts]
+        fidelity[layer] = next((m.get("fidelity") for m in bank.metrics.values() if "fidelity" in m), None)
+    metadata = {"model": model.label, "layers": model.layers, "ncavs": ncavs, "fidelity": fidelity, "step_key": key}
+    write_artifact(run.out / "prototypes" / model.label, PROTOTYPES_KIND, 1, tensors, metadata)
+
+
+def _ncav_peaks(model: ProbedModel, layer: str, bank: ConceptBank, indices: list[int]) -> dict[str, Any]:
+    """Per NCAV and image: the largest NCAV map value over the image's cells and where it is."""
+    from concepts.geometry import image_cells
+
+    reader = EntryReader(model.activations[layer])
+    values = np.zeros((bank.n_concepts, len(indices)))
+    cells = [[(0, 0)] * len(indices) for _ in range(bank.n_concepts)]
+    geometries, shape = [], (1, 1)
+    for t, index in enumerate(indices):
+        rows = reader.rows([index])
+        geometry = Geometry.from_list(rows["geometry"][0].tolist())
+        maps = bank.nmf_maps(rows["activations"].float())[0]  # (k, h, w)
+        shape = tuple(maps.shape[-2:])
+        maps = maps * image_cells(geometry, shape)
+        flat = maps.flatten(1)
+        best = flat.argmax(1)
+        for j in range(bank.n_concepts):
+            values[j, t] = float(flat[j, best[j]])
+            cells[j][t] = divmod(int(best[j]), shape[1])
+        geometries.append(geometry)
+    return {"value": values, "cell": cells, "geometry": geometries, "shape": shape}
+
+
+def _patch(image: np.ndarray, cell: tuple[int, int], geometry: Geometry, shape: tuple[int, int]) -> np.ndarray:
+    """A square crop of the original image around a feature cell (a quarter of the image's longer side)."""
+    from PIL import Image
+
+    canvas_y = (cell[0] + 0.5) * geometry.canvas_size[0] / shape[0]
+    canvas_x = (cell[1] + 0.5) * geometry.canvas_size[1] / shape[1]
+    y = (canvas_y - geometry.offset[0]) * geometry.image_size[0] / geometry.resized_size[0]
+    x = (canvas_x - geometry.offset[1]) * geometry.image_size[1] / geometry.resized_size[1]
+    half = max(image.shape[:2]) / 8
+    top, left = int(np.clip(y - half, 0, max(0, image.shape[0] - 2 * half))), int(np.clip(x - half, 0, max(0, image.shape[1] - 2 * half)))
+    crop = image[top: top + int(2 * half), left: left + int(2 * half)]
+    return np.asarray(Image.fromarray(crop).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR))
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("conceptlens", "torch", "torchvision", "numpy", "captum", "scikit-learn"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _summary(config: PipelineConfig, dataset: ConceptDataset, models: dict[str, LoadedModel], probed: dict[str, dict[str, ProbedModel]],
+             steps: list[dict[str, Any]], started: datetime, seconds: float) -> dict[str, Any]:
+    depths = next(iter(probed.values()), {})
+    return {
+        "name": config.name, "config": config_to_dict(config), "config_hash": config_hash(config), "seed": config.seed, "device": config.device,
+        "versions": _versions(),
+        "data": {"spec": config.data.spec, "name": dataset.name, "n_images": len(dataset), "concepts": list(dataset.concepts),
+                 "splits": {split: len(ids) for split, ids in dataset.splits.items()}},
+        "models": [{"name": m.name, "spec": m.spec, "weights": m.weights, "hash": models[m.name].hash, "layers": list(m.layers),
+                    "depths": depths[m.name].depths if m.name in depths else None,
+                    "module_depths": depths[m.name].module_depths if m.name in depths else None} for m in config.models],
+        "steps": steps, "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "total_seconds": round(seconds, 3),
+    }
