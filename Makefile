@@ -21,5 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --markdown
+
 clean:
 	rm -rf $(VENV) conceptlens-demo conceptlens-store
