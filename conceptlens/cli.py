@@ -177,6 +177,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the environment (a full disk, a read-only or missing folder), not a bug
+        if args.debug:
+            raise
+        print(f"error: {_os_error(error)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(error: OSError) -> ConceptLensError:
+    """The one-line error for an OSError that escaped a command, naming its file and a fix."""
+    import errno
+
+    from concepts.atomic import write_error
+
+    path = error.filename or "a file"
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM):
+        return write_error(Path(path), error)
+    if error.errno == errno.ENOENT:
+        return ConceptLensError(str(path), "no such file or folder", "check the path")
+    if error.errno == errno.EISDIR:
+        return ConceptLensError(str(path), "is a folder where a file is expected", "give the path of the file")
+    reason = " ".join((error.strerror or str(error)).split())
+    return ConceptLensError(str(path), f"operating-system error ({reason})", "check the path, its permissions and free disk space; --debug shows where it happened")
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -54,6 +54,8 @@ def open_dataset(
         from concepts.folder import FolderDataset
 
         return FolderDataset(path, seed=seed, progress=progress)
+    if path.is_file():
+        raise DataError(spec, "is a file but not a COCO annotation .json", "give the dataset's folder (images/ and masks/), or a COCO .json with --coco-images")
     raise DataError(spec, "no such folder or file", "give a folder with images/ and masks/, a COCO .json, synthetic:N or real-textures:N")
 
 

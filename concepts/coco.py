@@ -178,6 +178,8 @@ def _check_area_range(area_range: tuple[float, float] | None) -> tuple[float, fl
 
 def _load_coco(path: Path) -> COCO:
     """Read and check the annotation JSON, then index it with pycocotools (silenced)."""
+    if path.is_dir():
+        raise DataError(str(path), "is a folder, not a COCO annotation file", "give the instances_*.json file inside it (e.g. annotations/instances_val2017.json)")
     if not path.is_file():
         raise DataError(str(path), "annotation file does not exist", "check the path to the COCO JSON file")
     try:
@@ -189,11 +191,28 @@ def _load_coco(path: Path) -> COCO:
         raise DataError(
             str(path), f"not a COCO instances file: missing {', '.join(missing)}", "use an instances_*.json file"
         )
+    _check_entries(data, path)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+_ENTRY_KEYS = {"images": ("id",), "annotations": ("image_id", "category_id"), "categories": ("id", "name")}
+
+
+def _check_entries(data: dict[str, Any], path: Path) -> None:
+    """Each of images/annotations/categories must be a list of objects with the keys pycocotools indexes by."""
+    for section, keys in _ENTRY_KEYS.items():
+        entries = data[section]
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: {section}", f"must be a list, got {type(entries).__name__}", "use an instances_*.json file as written by COCO tools")
+        for position, entry in enumerate(entries):
+            lacking = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+            if lacking:
+                name = f"{path}: {section}[{position}]" + (f" (id {entry['id']})" if isinstance(entry, dict) and "id" in entry else "")
+                raise DataError(name, f"lacks {', '.join(lacking)}", f"{_DROP_FIX.replace('annotation', 'entry')}")
 
 
 def _select_categories(coco: COCO, names: Sequence[str] | None, path: Path) -> list[int]:
@@ -210,7 +229,8 @@ def _select_categories(coco: COCO, names: Sequence[str] | None, path: Path) -> l
         if name not in by_name:
             close = difflib.get_close_matches(name, list(by_name), n=3)
             hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(list(by_name)[:20])}"
-            raise DataError(f"category {name!r}", f"not in {path.name}; {hint}", "use a category name of the file")
+            fix = f"use {' or '.join(repr(c) for c in close)}" if close else "use a category name of the file"
+            raise DataError(f"category {name!r}", f"not in {path.name}; {hint}", fix)
     if len(set(names)) != len(names):
         raise DataError(", ".join(names), "a category is requested twice", "list each category once")
     return [by_name[name] for name in names]

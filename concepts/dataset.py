@@ -149,7 +149,8 @@ class ConceptSelection(ConceptDataset):
             if name not in parent.concepts:
                 close = difflib.get_close_matches(name, parent.concepts, n=3)
                 hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(parent.concepts)}"
-                raise DataError(f"concept {name!r}", f"not in dataset {parent.name!r}", hint)
+                fix = f"use {' or '.join(repr(c) for c in close)}" if close else f"use one of {', '.join(parent.concepts)}"
+                raise DataError(f"concept {name!r}", f"not in dataset {parent.name!r}; {hint}", fix)
         if len(set(names)) != len(names):
             raise DataError(f"concepts {list(names)}", "a concept is listed twice", "list each concept once")
         self.parent = parent

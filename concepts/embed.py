@@ -47,7 +47,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise StoreError(f"--device {device}", "CUDA is not available on this machine", "use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise StoreError(f"--device {device}", "not a device", "use auto, cpu, cuda or cuda:N") from error
 
 
 def embed_request(

@@ -12,6 +12,7 @@ __all__ = [
     "ModelSpecError",
     "LayerError",
     "StoreError",
+    "WriteError",
 ]
 
 
@@ -29,13 +30,21 @@ class ConceptLensError(Exception):
     """
 
     def __init__(self, culprit: str, problem: str, fix: str | None = None) -> None:
-        self.culprit = culprit
-        self.problem = problem
-        self.fix = fix
+        self.culprit = _one_line(culprit)
+        self.problem = _one_line(problem)
+        self.fix = _one_line(fix) if fix else fix
+        culprit, problem, fix = self.culprit, self.problem, self.fix
         message = f"{culprit}: {problem}"
         if fix:
             message += f" — fix: {fix}"
         super().__init__(message)
+
+
+def _one_line(text: str) -> str:
+    """Join the lines of ``text`` (an embedded exception message, say) so that the error stays one line."""
+    if not isinstance(text, str) or not ("\n" in text or "\r" in text):
+        return text
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 class DataError(ConceptLensError):
@@ -52,3 +61,7 @@ class LayerError(ConceptLensError):
 
 class StoreError(ConceptLensError):
     """The activation store cannot be read or written."""
+
+
+class WriteError(ConceptLensError):
+    """A file cannot be written: the disk is full or the folder is read-only."""

@@ -222,13 +222,15 @@ def _read_concepts_file(path: Path, folders: list[str]) -> list[str] | None:
         raise DataError(str(path), f"not valid JSON ({error})", "fix it or delete it") from error
     if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
         raise DataError(str(path), "must be a JSON list of concept names", "fix it or delete it")
-    if len(set(listed)) != len(listed) or set(listed) != set(folders):
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    if twice:
+        raise DataError(str(path), f"lists {', '.join(repr(n) for n in twice)} more than once", "list each concept once, or delete concepts.json to use the sorted folder names")
+    if set(listed) != set(folders):
         missing = sorted(set(listed) - set(folders))
         extra = sorted(set(folders) - set(listed))
         raise DataError(
             str(path),
-            f"does not match the folders in masks/ (listed without folder: {missing}, "
-            f"folders not listed: {extra}, or a name listed twice)",
+            f"does not match the folders in masks/ (listed without folder: {missing}, folders not listed: {extra})",
             "update concepts.json or delete it to use the sorted folder names",
         )
     return listed

@@ -16,7 +16,7 @@ from torch import nn
 
 from concepts.errors import LayerError
 
-__all__ = ["StopForward", "LayerRef", "parse_layer", "resolve_layers", "select_output", "LayerCapture"]
+__all__ = ["StopForward", "LayerRef", "closest_layers", "parse_layer", "resolve_layers", "select_output", "LayerCapture"]
 
 
 class StopForward(Exception):
@@ -53,7 +53,7 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> list[LayerRef]:
     for name in names:
         ref = parse_layer(name)
         if ref.module_path not in modules or ref.module_path == "":
-            close = difflib.get_close_matches(ref.module_path, [m for m in modules if m], n=5, cutoff=0.5)
+            close = closest_layers(ref.module_path, [m for m in modules if m])
             hint = f"closest names: {', '.join(close)}" if close else "run `conceptlens layers MODEL` to list them"
             raise LayerError(f"layer {name!r}", f"no such module in {type(model).__name__}", hint)
         refs.append(ref)
@@ -61,6 +61,21 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> list[LayerRef]:
     if duplicates:
         raise LayerError(f"layers {duplicates}", "requested more than once", "list each layer once")
     return refs
+
+
+def closest_layers(name: str, modules: Sequence[str], n: int = 5) -> list[str]:
+    """Module paths close to ``name``: the same path under another prefix first, then similar spellings.
+
+    A name from another model (``backbone.body.layer3`` asked of a plain ResNet, or ``layer3`` of
+    a Faster R-CNN) differs by a prefix, which edit similarity alone misses.
+    """
+    if not name:
+        return []
+    same_tail = [m for m in modules if m.endswith(f".{name}") or name.endswith(f".{m}")]
+    last = name.rsplit(".", 1)[-1]
+    same_last = [m for m in modules if m.rsplit(".", 1)[-1] == last and len(last) > 2]
+    similar = difflib.get_close_matches(name, list(modules), n=n, cutoff=0.5)
+    return list(dict.fromkeys([*sorted(same_tail, key=len), *similar, *sorted(same_last, key=len)]))[:n]
 
 
 def select_output(ref: LayerRef, output: Any) -> torch.Tensor:

@@ -97,6 +97,8 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
         When the spec cannot be resolved or the weights are missing; the message says what to
         install or where to put the file.
     """
+    if input_size is not None:
+        _check_input_size(input_size)
     if spec.startswith("torchvision:"):
         module = _torchvision_model(spec.split(":", 1)[1], weights)
         adapter = default_adapter(module, input_size)
@@ -112,13 +114,47 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
         if weights not in ("none", "default"):
             _load_weights_into(module, weights, spec)
     else:
-        raise ModelSpecError(
-            f"model {spec!r}",
-            "not a model spec",
-            "use torchvision:<builder>, <module>:<callable>, <file.py>:<callable>, a .onnx file or a TorchScript file",
-        )
+        raise ModelSpecError(f"model {spec!r}", _not_a_spec(spec), f"{_spec_hint(spec)}use {SPEC_FORMS}")
     module.eval()
     return LoadedModel(module=module, adapter=adapter, spec=spec, weights=weights)
+
+
+def _check_input_size(input_size: Any) -> None:
+    try:
+        valid = len(input_size) == 2 and all(int(v) == v and v >= 1 for v in input_size)
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ModelSpecError(f"input size {input_size!r}", "must be two positive integers (height, width)", "pass e.g. --input-size 224 224")
+
+
+SPEC_FORMS = "torchvision:<builder>, zoo:<name>, <module>:<callable>, <file.py>:<callable>, a .onnx file or a TorchScript file"
+
+
+def _not_a_spec(spec: str) -> str:
+    path = Path(spec)
+    if path.is_dir():
+        return "is a folder, not a model spec or model file"
+    if path.is_file():
+        return "is a file but neither ONNX (.onnx) nor TorchScript"
+    if path.suffix:
+        return "no such model file, and not a model spec"
+    return "not a model spec"
+
+
+def _spec_hint(spec: str) -> str:
+    """``did you mean torchvision:resnet18? `` for a bare builder or zoo name, else ''."""
+    import torchvision
+
+    from concepts.zoo import ZOO
+
+    if spec in ZOO:
+        return f"did you mean zoo:{spec}? "
+    builders = torchvision.models.list_models()
+    if spec in builders:
+        return f"did you mean torchvision:{spec}? "
+    close = difflib.get_close_matches(spec, builders, n=1)
+    return f"did you mean torchvision:{close[0]}? " if close and not Path(spec).suffix else ""
 
 
 def _torchvision_model(builder_name: str, weights: str) -> nn.Module:
@@ -176,6 +212,8 @@ def _torchvision_default_weights_path(builder_name: str) -> Path:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``, never pickle code)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelSpecError(str(path), "is a folder, not a weights file", "give the path of a state dict file (.pt, .pth or .safetensors), or use weights=none")
     if not path.is_file():
         raise ModelSpecError(str(path), "weights file not found", "check the path, or use weights=none")
     try:
@@ -185,12 +223,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
-        raise ModelSpecError(str(path), f"cannot read weights ({type(error).__name__}: {error})", "give a state dict saved with torch.save or safetensors") from error
+        raise ModelSpecError(str(path), f"cannot read weights ({_weights_reason(error)})", "give a state dict saved with torch.save or safetensors") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelSpecError(str(path), f"holds a {type(state).__name__}, not a state dict", "save model.state_dict()")
     return state
+
+
+def _weights_reason(error: Exception) -> str:
+    """One line for a failed weights load; torch's weights_only refusal is a page of advice."""
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((after for before, after in zip(lines, lines[1:]) if before.startswith("Please file an issue") or before.endswith("WeightsUnpickler error:")), "")
+        return f"UnpicklingError: torch.load(weights_only=True) refused it, it is not a plain tensor state dict ({detail or 'unsupported content'}); nothing in it was executed"
+    return _one_line(error)
 
 
 def _load_weights_into(module: nn.Module, weights: str, spec: str) -> None:
@@ -208,24 +257,35 @@ def _callable_model(spec: str, input_size: tuple[int, int] | None) -> tuple[nn.M
     target, _, attribute = spec.rpartition(":")
     if target.endswith(".py"):
         path = Path(target)
+        if path.is_dir():
+            raise ModelSpecError(f"model {spec!r}", f"{target} is a folder, not a Python file", "name the .py file that defines the callable")
         if not path.is_file():
             raise ModelSpecError(f"model {spec!r}", f"file {target} not found", "check the path")
         module_name = f"conceptlens_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         python_module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = python_module
-        loader_spec.loader.exec_module(python_module)
+        try:
+            loader_spec.loader.exec_module(python_module)
+        except Exception as error:  # noqa: BLE001 - any failure in the user's file is reported as such
+            sys.modules.pop(module_name, None)
+            raise ModelSpecError(f"model {spec!r}", f"running {target} failed ({_one_line(error)})", f"fix {target} (--debug shows the traceback)") from error
     else:
         try:
             python_module = importlib.import_module(target)
         except ImportError as error:
             raise ModelSpecError(f"model {spec!r}", f"cannot import {target} ({error})", "install the package or fix the module path") from error
+        except Exception as error:  # noqa: BLE001 - the module itself fails while importing
+            raise ModelSpecError(f"model {spec!r}", f"importing {target} failed ({_one_line(error)})", f"fix {target} (--debug shows the traceback)") from error
     factory = getattr(python_module, attribute, None)
     if not callable(factory):
         names = [n for n in dir(python_module) if not n.startswith("_")]
         close = difflib.get_close_matches(attribute, names, n=5)
         raise ModelSpecError(f"model {spec!r}", f"{target} has no callable {attribute!r}", f"closest: {', '.join(close)}" if close else "check the name")
-    built = factory()
+    try:
+        built = factory()
+    except Exception as error:  # noqa: BLE001 - the user's callable fails
+        raise ModelSpecError(f"model {spec!r}", f"{attribute}() failed ({_one_line(error)})", f"fix {attribute} in {target} (--debug shows the traceback)") from error
     module, adapter_spec = built if isinstance(built, tuple) else (built, None)
     if not isinstance(module, nn.Module):
         raise ModelSpecError(f"model {spec!r}", f"returned a {type(module).__name__}, not an nn.Module", "return an nn.Module (or module, adapter)")
@@ -234,6 +294,14 @@ def _callable_model(spec: str, input_size: tuple[int, int] | None) -> tuple[nn.M
     if isinstance(adapter_spec, dict):
         return module, ClassifierAdapter(**adapter_spec)
     return module, default_adapter(module, input_size)
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (a SyntaxError with its file and line)."""
+    if isinstance(error, SyntaxError):
+        return f"SyntaxError: {error.msg} at {Path(error.filename or '?').name} line {error.lineno}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _is_torchscript(spec: str) -> bool:
@@ -251,18 +319,30 @@ def _converted_model(spec: str, input_size: tuple[int, int]) -> nn.Module:
     except ImportError as error:
         raise ModelSpecError(f"model {spec!r}", "ONNX and TorchScript models need onnx and onnx2torch", "pip install 'conceptlens[onnx]'") from error
     path = Path(spec)
+    if path.is_dir():
+        raise ModelSpecError(str(path), "is a folder, not a model file", "give the path of the .onnx or TorchScript file")
     if not path.is_file():
         raise ModelSpecError(str(path), "model file not found", "check the path")
     if path.suffix.lower() == ".onnx":
-        graph = onnx.load(str(path))
+        try:
+            graph = onnx.load(str(path))
+        except Exception as error:  # noqa: BLE001 - protobuf decode errors mean "not an ONNX file"
+            raise ModelSpecError(str(path), f"not a valid ONNX model ({_one_line(error)})", "export the model again (torch.onnx.export) or give the right file") from error
     else:
-        scripted = torch.jit.load(str(path), map_location="cpu")
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - a damaged archive fails in many ways
+            raise ModelSpecError(str(path), f"not a loadable TorchScript file ({_one_line(error)})", "save the model again with torch.jit.save") from error
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(scripted, (torch.zeros(1, 3, *input_size),), buffer, dynamo=False)
         graph = onnx.load_from_string(buffer.getvalue())
-    return convert(graph)
+    try:
+        return convert(graph)
+    except Exception as error:  # noqa: BLE001 - onnx2torch raises bare errors for unsupported graphs
+        fix = "export with a supported opset (opset_version=17) or load the model from Python (module:callable)"
+        raise ModelSpecError(str(path), f"onnx2torch cannot convert it ({_one_line(error)})", fix) from error
 
 
 @dataclass(frozen=True)
@@ -311,6 +391,12 @@ def list_layers(model: LoadedModel, input_size: tuple[int, int] = (224, 224)) ->
         inputs = model.adapter.prepare([image], device)
         with torch.no_grad():
             model.adapter.forward(model.module, inputs, [tuple(input_size)])
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ModelSpecError(
+            f"model {model.spec!r}",
+            f"the forward pass on one {input_size[0]}x{input_size[1]} image failed ({_one_line(error)})",
+            "pass the input size the model expects (--input-size H W); --debug shows the traceback",
+        ) from error
     finally:
         for handle in handles:
             handle.remove()
