@@ -33,6 +33,8 @@ EXAMPLES = {
     "--model zoo:synthetic_resnet_fpn --layers backbone.block2 neck.p3 --method net2vec --out ./compare",
     "tcav": "example: conceptlens tcav zoo:mobilenet_v2 ./image_sets --layers features.7 features.14 --target logit:285 --inputs cat --runs 10",
     "demo": "example: conceptlens demo --out ./conceptlens-demo   (about 2 minutes on 2 CPU cores; a second run reuses everything)",
+    "maps": "examples:\n  conceptlens maps zoo:synthetic_vgg_centernet scene.png --bank conceptlens-demo/banks/vgg__backbone.block3.net2vec\n"
+    "  conceptlens maps zoo:synthetic_vgg_centernet scene.png --bank conceptlens-demo/banks/vgg__backbone.block3.net2vec --target top:1",
     "run": "example: conceptlens run configs/imagenet_backbones.yaml --out ./backbones",
     "report": "example: conceptlens report ./conceptlens-demo",
     "train-zoo": "example: conceptlens train-zoo --seed 0 --out ./zoo-weights   (about 8-13 minutes on 2 CPU cores)",
@@ -118,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     tcav.add_argument("--batch-size", type=int, default=32)
     tcav.add_argument("--seed", type=int, default=0)
     _common(tcav)
+
+    maps = commands.add_parser("maps", help="concept maps of one image (probabilities, NCAV maps, or gradient × CAV with --target)", epilog=EXAMPLES["maps"], formatter_class=raw)
+    _model_arguments(maps)
+    maps.add_argument("image", help="an image file")
+    maps.add_argument("--bank", required=True, help="a concept bank written by probe/run (banks/<model>__<layer>.<method>)")
+    maps.add_argument("--target", help="attribute this target instead (" + _target_forms() + "): per-cell ∂target/∂A · concept vector")
+    maps.add_argument("--top", type=int, default=8, help="show the N concepts with the largest maps (default 8)")
+    maps.add_argument("--out", default="concept_maps.png", help="output PNG (default ./concept_maps.png)")
+    _common(maps)
 
     train = commands.add_parser("train-zoo", help="retrain the two synthetic-world detectors from a seed", epilog=EXAMPLES["train-zoo"], formatter_class=raw)
     train.add_argument("--out", help="folder for weights and model cards (default: the installed package's weights folder)")
@@ -367,6 +378,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_maps(args: argparse.Namespace) -> int:
+    from attribution.maps import concept_maps, gradient_cav_maps
+    from attribution.targets import target_from_spec
+    from concepts.imageio import read_image
+    from concepts.vectors import ConceptBank
+    from conceptlens.plots import overlay_concept_maps
+
+    model = _load(args)
+    bank = ConceptBank.load(args.bank, model_hash=model.hash)
+    image = read_image(Path(args.image))
+    if args.target:
+        maps = gradient_cav_maps(model, image, bank.layer, bank, target_from_spec(args.target), device=args.device)
+        title = f"{args.target}: gradient × concept vector at {bank.layer}"
+    else:
+        maps = concept_maps(model, image, bank, device=args.device)
+        title = f"{bank.method} concept maps at {bank.layer}"
+    path = overlay_concept_maps(image, maps, args.out, top=args.top, title=title)
+    ranked = sorted(zip(maps.concepts, maps.scores.tolist()), key=lambda item: -abs(item[1]))[: args.top]
+    print("  ".join(f"{name} {score:.3g}" for name, score in ranked))
+    print(f"maps: {path}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from concepts.folder import write_folder_dataset
     from concepts.synthetic import SyntheticWorld
@@ -440,6 +474,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "synth": cmd_synth,
     "tcav": cmd_tcav,
+    "maps": cmd_maps,
     "train-zoo": cmd_train_zoo,
     "run": cmd_run,
     "report": cmd_report,

@@ -163,3 +163,27 @@ def test_tcav_bad_inputs_exit_2(tmp_path, capsys):
     code = main(["tcav", "torchvision:resnet18", str(sets), "--layers", "layer1", "--target", "top3", "--inputs", "stripes", "--quiet"])
     assert code == 2
     assert "top3" in capsys.readouterr().err
+
+
+def test_maps_writes_overlays_for_probabilities_and_attributions(tmp_path, capsys, one_thread):
+    import torch
+    from PIL import Image
+
+    from concepts.models import load_model
+    from concepts.vectors import ConceptBank
+
+    model = load_model("torchvision:resnet18", input_size=(64, 64))
+    bank = ConceptBank("net2vec", "layer1", ["stripes", "dots"], torch.randn(2, 64), torch.zeros(2), provenance={"model_hash": model.hash})
+    bank.save(tmp_path / "bank")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    base = ["maps", "torchvision:resnet18", str(tmp_path / "image.png"), "--bank", str(tmp_path / "bank"), "--input-size", "64", "64", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "p.png")]) == 0
+    assert main([*base, "--target", "logit:3", "--out", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "stripes" in out and "dots" in out
+    for name in ("p.png", "g.png"):
+        assert Image.open(tmp_path / name).size[0] > 200
+    other = ConceptBank("net2vec", "layer1", ["x"], torch.randn(1, 64), torch.zeros(1), provenance={"model_hash": "0" * 64})
+    other.save(tmp_path / "other")
+    assert main([*base[:3], "--bank", str(tmp_path / "other"), "--input-size", "64", "64", "--quiet"]) == 2
+    assert "trained on model" in capsys.readouterr().err
