@@ -255,7 +255,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def _print_entries(result, seconds: float) -> None:
     for layer, entry in result.entries.items():
         manifest = entry.manifest()
-        size = sum(p.stat().st_size for p in entry.path.iterdir()) / 1e6
+        size = sum((entry.path / name).stat().st_size for name in manifest["shards"]) / 1e6  # not other writers' temp files
         status = "reused" if layer in result.reused else "computed"
         shape = "×".join(str(s) for s in manifest["item_shape"])
         print(f"{layer:<32} {status:<9} {manifest['n_items']:>6} items × {shape:<16} {size:8.1f} MB  {entry.path}")

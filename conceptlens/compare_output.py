@@ -29,14 +29,10 @@ __all__ = ["write_comparison"]
 
 def write_comparison(
     probed: Sequence[ProbedModel], dataset: ConceptDataset, store: ActivationStore, method: str, grid: tuple[int, int], out: Path,
-    progress: bool = False, step_key: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Path]:
-    """Compare every probed layer and write JSON, CSV and heatmaps under ``out``; return the paths.
-
-    ``step_key`` (the pipeline's hash of everything the comparison depends on) is recorded in the JSON.
-    """
+    """Compare every probed layer and write JSON, CSV and heatmaps under ``out``; return the paths."""
     result = compare_models(probed, dataset, store, method, grid, progress=progress)
-    result["step_key"] = step_key
     result["provenance"] = {
         "dataset": dataset.name,
         "models": [{"label": m.label, "spec": m.model.spec, "weights": m.model.weights, "hash": m.model.hash, "layers": m.layers} for m in probed],

@@ -194,9 +194,10 @@ def _compare_all(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str,
             models = list(probed[method].values())
             key = _step_key("compare", method, config.embed.grid, [(m.label, {layer: b.provenance for layer, b in m.banks.items()}) for m in models],
                             dataset.image_fingerprint(), dataset.mask_fingerprint())
-            run.step(f"compare {method}", lambda models=models, method=method, key=key: write_comparison(
-                models, dataset, run.store, method, tuple(config.embed.grid), run.out / f"compare_{method}", run.progress, key),
-                skipped=lambda method=method, key=key: _current(run.out / f"compare_{method}" / "compare.json", key))
+            folder = run.out / f"compare_{method}"
+            run.step(f"compare {method}", lambda models=models, method=method, key=key, folder=folder: _mark_current(
+                write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress)["json"], key),
+                skipped=lambda key=key, folder=folder: _current(folder / "compare.json", key))
 
 
 # ---------------------------------------------------------------------------------------------- TCAV
@@ -212,6 +213,17 @@ def _current(path: Path, key: str) -> bool:
         return json.loads(path.read_text()).get("step_key") == key
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _mark_current(path: Path, key: str) -> None:
+    """Record ``key`` in the step's JSON once every output of the step is written.
+
+    The key is the step's completion mark, so it goes in last: a step killed after its JSON but
+    before its tables or figures (written without a key) runs again on the next run.
+    """
+    data = json.loads(path.read_text())
+    data["step_key"] = key
+    write_json(path, data)
 
 
 def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> None:
@@ -253,7 +265,8 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
             layer: cavs.to_bank(layer).metrics for layer, cavs in cav_sets.items()}}
     if not results:
         raise ConceptLensError("tcav.targets", "no target applies to any model layer", "check tcav.targets[].models and tcav.layers")
-    write_tcav(merge_results(results), run.out, provenance, step_key=key)
+    paths = write_tcav(merge_results(results), run.out, provenance)  # tcav.json first, without its key; then tcav.csv
+    _mark_current(paths["json"], key)
 
 
 def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -416,6 +429,7 @@ def _summary(config: PipelineConfig, dataset: ConceptDataset, models: dict[str, 
     depths = next(iter(probed.values()), {})
     return {
         "name": config.name, "config": config_to_dict(config), "config_hash": config_hash(config), "seed": config.seed, "device": config.device,
+        "threads": torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count only
         "versions": _versions(),
         "data": {"spec": config.data.spec, "name": dataset.name, "n_images": len(dataset), "concepts": list(dataset.concepts),
                  "splits": {split: len(ids) for split, ids in dataset.splits.items()}},

@@ -106,7 +106,11 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
         from concepts.zoo import load_zoo_model
 
         module, adapter = load_zoo_model(spec.split(":", 1)[1])
+        if weights not in ("none", "default"):  # e.g. detectors retrained by `conceptlens train-zoo --out DIR`
+            _load_weights_into(module, weights, spec)
     elif Path(spec).suffix.lower() == ".onnx" or _is_torchscript(spec):
+        if weights not in ("none", "default"):
+            raise ModelSpecError(f"{weights} (for {spec})", "an ONNX or TorchScript file carries its own weights", "drop --weights (weights=none)")
         module = _converted_model(spec, input_size or (224, 224))
         adapter = ClassifierAdapter(input_size or (224, 224))
     elif ":" in spec:
@@ -233,9 +237,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _weights_reason(error: Exception) -> str:
     """One line for a failed weights load; torch's weights_only refusal is a page of advice."""
-    import pickle
-
-    if isinstance(error, pickle.UnpicklingError):
+    if any(cls.__name__ == "UnpicklingError" for cls in type(error).__mro__):  # by name: this package never imports pickle
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = next((after for before, after in zip(lines, lines[1:]) if before.startswith("Please file an issue") or before.endswith("WeightsUnpickler error:")), "")
         return f"UnpicklingError: torch.load(weights_only=True) refused it, it is not a plain tensor state dict ({detail or 'unsupported content'}); nothing in it was executed"

@@ -36,8 +36,8 @@ from concepts.errors import StoreError
 __all__ = ["ActivationStore", "EntryReader", "StoreEntry", "Shard", "request_key", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-SHARD_PATTERN = re.compile(r"^shard-(\d{8})-(\d{8})-([0-9a-f]{16})\.safetensors$")
-KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+SHARD_PATTERN = re.compile(r"^shard-(\d{8})-(\d{8})-([0-9a-f]{16})\.safetensors\Z")  # \Z: no trailing newline
+KEY_PATTERN = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards verified in this process
 
@@ -90,7 +90,8 @@ class Shard:
         The checksum is verified on the first read in a process (and again if the file changes).
         """
         if verify and not self._verified_before() and not self.verify():
-            raise StoreError(str(self.path), "shard is corrupt (checksum mismatch)", "run the embedding again; it recomputes bad shards")
+            problem = "shard is corrupt (checksum mismatch)" if self.path.is_file() else "shard is missing"
+            raise StoreError(str(self.path), problem, "run the embedding again; it recomputes bad shards")
         try:
             with safe_open(str(self.path), framework="pt") as file:
                 return {name: file.get_tensor(name) for name in file.keys()}
@@ -143,7 +144,11 @@ class StoreEntry:
         return sorted((s for s in found if s is not None), key=lambda s: (s.start, s.end))
 
     def valid_shards(self) -> list[Shard]:
-        """Verify every shard; delete corrupt ones (and the manifest, which no longer holds)."""
+        """Verify every shard; delete corrupt ones, and the manifest when it no longer holds.
+
+        A manifest no longer holds when it cannot be read or checked, or when a shard it lists is
+        missing or corrupt: the entry is then incomplete and the next embedding recomputes it.
+        """
         valid = []
         for shard in self.shards():
             if shard.verify():
@@ -151,7 +156,24 @@ class StoreEntry:
             else:
                 shard.path.unlink(missing_ok=True)
                 self.manifest_path.unlink(missing_ok=True)
+        if self.is_complete and not self._manifest_holds(valid):
+            self.manifest_path.unlink(missing_ok=True)
         return valid
+
+    def _manifest_holds(self, valid: list[Shard]) -> bool:
+        """True when the manifest reads, and its shards are among ``valid`` and tile its items."""
+        try:
+            manifest = self.manifest()
+        except StoreError:
+            return False
+        n_items, names = manifest.get("n_items"), manifest.get("shards")
+        if not isinstance(n_items, int) or not isinstance(names, list):
+            return False
+        present = {shard.path.name: shard for shard in valid}
+        if not all(name in present for name in names):
+            return False
+        listed = [present[name] for name in names]
+        return self.covering_shards(n_items, listed) == listed
 
     def write_shard(self, start: int, end: int, tensors: dict[str, torch.Tensor]) -> Shard:
         """Write items ``start:end`` atomically; the file name carries the checksum."""
@@ -182,18 +204,24 @@ class StoreEntry:
             raise StoreError(str(self.path), f"cannot write manifest ({error.strerror or error})", "free disk space or choose a writable --store") from error
 
     def covering_shards(self, n_items: int, shards: list[Shard] | None = None) -> list[Shard] | None:
-        """Pick shards that tile 0..n_items without gaps or overlaps, or None."""
-        by_start = {}
-        for shard in shards if shards is not None else self.shards():
-            by_start.setdefault(shard.start, shard)
+        """Pick shards that tile 0..n_items without gaps or overlaps, or None.
+
+        Shards of different sizes may lie side by side (two runs with different batch sizes wrote
+        the same entry at once): any tiling is found, preferring the shortest shard at each start.
+        """
+        candidates = sorted(shards if shards is not None else self.shards(), key=lambda s: (s.start, s.end))
+        tiling_from: dict[int, Shard | None] = {n_items: None}  # start → first shard of a tiling up to n_items
+        for shard in reversed(candidates):  # later starts first, so every shard's end is settled
+            if 0 <= shard.start < shard.end <= n_items and shard.end in tiling_from:
+                tiling_from[shard.start] = shard  # the reversed order leaves the shortest one
+        if 0 not in tiling_from:
+            return None
         chosen, position = [], 0
         while position < n_items:
-            shard = by_start.get(position)
-            if shard is None or shard.end <= position:
-                return None
+            shard = tiling_from[position]
             chosen.append(shard)
             position = shard.end
-        return chosen if position == n_items else None
+        return chosen
 
     def iter_shards(self, verify: bool = True) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """Yield ``(start, end, tensors)`` for each shard of a complete entry, in item order."""
