@@ -61,11 +61,13 @@ def iter_batches(
     shards), so it holds at most ``min(batch_size, shard size)`` items. With ``shuffle``, shard
     order and rows within a shard are permuted by ``seed``.
     """
-    reader = EntryReader(activations)
+    # Batches walk the activation shards one at a time, so one cached shard suffices (memory stays
+    # flat as the dataset grows); a batch's mask rows span at most two mask shards.
+    reader = EntryReader(activations, cached_shards=1)
     mask_reader = None
     if masks is not None:
         check_aligned(activations, masks)
-        mask_reader = EntryReader(masks)
+        mask_reader = EntryReader(masks, cached_shards=2)
     wanted = np.arange(reader.bounds[-1][1]) if indices is None else np.asarray(indices, dtype=np.int64)
     by_shard: dict[int, list[int]] = {}
     for index in wanted:

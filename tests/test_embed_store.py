@@ -178,6 +178,16 @@ def test_nan_layer_is_reported_with_image_ids(tmp_path):
         embed(model, dataset(), ["2"], ActivationStore(tmp_path))
 
 
+def test_activations_beyond_float16_are_refused_not_stored_as_inf(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.module[2].bias[0] = 1e6  # finite in float32, inf in float16
+    with pytest.raises(LayerError, match=r"layer '2'.*beyond float16.*--dtype float32"):
+        embed(model, dataset(), ["2"], ActivationStore(tmp_path / "half"))
+    stored = embed(model, dataset(), ["2"], ActivationStore(tmp_path / "full"), dtype="float32").entries["2"].read_all()
+    assert torch.isfinite(stored).all() and stored.max() >= 1e6
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(StoreError, match="reduce='avg'"):
         embed(tiny_model(), dataset(), ["2"], ActivationStore(tmp_path), reduce="avg")
