@@ -170,14 +170,17 @@ def supervised_similarity(
 
 
 def _accumulate(stats: dict[str, np.ndarray], c: int, values: torch.Tensor, threshold: float) -> None:
+    # Sums accumulate in float64 without float64 copies of the maps (``sum(dtype=...)``); binary
+    # counts are exact in float32 up to 2^24 cells per batch.
     binary = (values > threshold).float()
     stats["intersection"][c] += (binary @ binary.T).double().numpy()
-    stats["binary"][c] += binary.sum(dim=1).double().numpy()
-    stats["cross"][c] += (values.double() @ values.double().T).numpy()
-    stats["total"][c] += values.double().sum(dim=1).numpy()
-    stats["squares"][c] += (values.double() ** 2).sum(dim=1).numpy()
+    stats["binary"][c] += binary.sum(dim=1, dtype=torch.float64).numpy()
+    wide = values.double()
+    stats["cross"][c] += (wide @ wide.T).numpy()
+    stats["total"][c] += values.sum(dim=1, dtype=torch.float64).numpy()
+    stats["squares"][c] += (wide * wide).sum(dim=1).numpy()
     for i in range(values.shape[0]):  # Σ min(p_i, p_j) for j ≥ i, mirrored
-        minimum = torch.minimum(values[i : i + 1], values[i:]).double().sum(dim=1).numpy()
+        minimum = torch.minimum(values[i : i + 1], values[i:]).sum(dim=1, dtype=torch.float64).numpy()
         stats["minimum"][c, i, i:] += minimum
         stats["minimum"][c, i + 1 :, i] += minimum[1:]
 
