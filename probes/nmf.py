@@ -33,6 +33,7 @@ import math
 import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,8 @@ __all__ = ["NMFConcepts", "NMFError", "SOLVERS"]
 SOLVERS = ("hals", "mu", "sklearn")
 CHECK_EVERY = 10  # iterations (full batch) between convergence checks, as scikit-learn's MU
 IMAGE_BATCH = 64  # images per read from the store
-ROW_CHUNK = 65536  # pixel rows per block when computing exact errors
+ROW_CHUNK = 65536  # pixel rows per block streamed from a matrix
+ERROR_CHUNK = 16384  # pixel rows per block of the exact final error
 ONLINE_SWEEPS = 3  # HALS sweeps (or MU steps) on P per minibatch
 ONLINE_NNLS_TOLERANCE = 1e-5  # NNLS codes inside the online fit (1e-7 is below float32 resolution)
 INIT_SAMPLE = 20000  # pixels from the start of the stream that initialise the online variant
@@ -592,14 +594,19 @@ class _Clamp:
         self.negative, self.total, self.counting = 0, 0, True
 
     def __call__(self, block: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(block).all():
+        # one reduction, no block-sized temporaries: min/max propagate NaN and show ±inf
+        low, high = (float(v) for v in torch.aminmax(block)) if block.numel() else (0.0, 0.0)
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise NMFError(self.name, "contains NaN or inf", "check the model and the stored activations")
-        negative = int((block < 0).sum())
+        negative = int((block < 0).sum()) if low < 0 else 0
         if self.counting:
             self.negative += negative
             self.total += block.numel()
         if negative and not self.clamp:
-            raise NMFError(self.name, f"has negative activations ({negative} of {block.numel()} entries in a batch) and NMF needs non-negative input", "set clamp=True to clamp them at zero (recorded in the bank), or pick a layer after a ReLU")
+            raise NMFError(
+                self.name, f"has negative activations ({negative} of {block.numel()} entries in a batch) and NMF needs non-negative input",
+                "set clamp=True to clamp them at zero (recorded in the bank), or pick a layer after a ReLU",
+            )
         return block.clamp(min=0) if negative else block
 
     @property
@@ -608,7 +615,7 @@ class _Clamp:
 
 
 def _check_fittable(pixels: torch.Tensor, name: str) -> None:
-    if not bool((pixels > 0).any()):
+    if not bool(pixels.amax() > 0):  # pixels ≥ 0 here (clamped, checked finite)
         raise NMFError(name, "all pixel vectors are zero (after clamping)", "choose a layer or images with positive activations")
 
 
@@ -629,7 +636,10 @@ def _fit_torch(pixels: torch.Tensor, k: int, solver: str, max_iter: int, tol: fl
     codes, components = _initialize(pixels, k, seed)  # codes kept transposed (k, N): rows contiguous
     norm_squared = _squared_norm(pixels)
     relative = lambda squared: squared.clamp(min=0).sqrt() / math.sqrt(norm_squared)  # noqa: E731
-    initial = previous = float(relative(_squared_error(norm_squared, components, codes @ pixels, codes @ codes.T)))
+    initial = previous = 0.0
+    if tol > 0:  # the stopping rule is relative to the initial error
+        with _serial(pixels):
+            initial = previous = float(relative(_squared_error(norm_squared, components, codes @ pixels, codes @ codes.T)))
     errors: list[torch.Tensor] = []
     n_iter = 0
     for n_iter in tqdm(range(1, max_iter + 1), desc=f"NMF ({solver})", unit="it", disable=not show):
@@ -648,30 +658,56 @@ def _fit_torch(pixels: torch.Tensor, k: int, solver: str, max_iter: int, tol: fl
 def _iteration(pixels: torch.Tensor, codes: torch.Tensor, components: torch.Tensor, norm_squared: float, solver: str) -> torch.Tensor:
     """Update codes (k, N) then components (k, C) in place; return ‖V − SP‖² after it (a tensor)."""
     cross = (pixels @ components.T).T.contiguous()  # (k, N) = (V Pᵀ)ᵀ; this order is faster with MKL
-    gram = components @ components.T
-    if solver == "hals":
-        _hals_update(codes, cross, gram, 1)
-    else:
-        _mu_step(codes, cross, gram)
-    del cross
-    cross = codes @ pixels  # (k, C) = Sᵀ V
-    gram = codes @ codes.T  # (k, k) = Sᵀ S
-    if solver == "hals":
-        _hals_update(components, cross, gram, 1)
-    else:
-        _mu_step(components, cross, gram)
-    return _squared_error(norm_squared, components, cross, gram)
+    with _serial(pixels):
+        gram = components @ components.T
+        if solver == "hals":
+            _hals_update(codes, cross, gram, 1, in_place=True)
+        else:
+            _mu_step(codes, cross, gram)
+        del cross
+        cross = codes @ pixels  # (k, C) = Sᵀ V
+        gram = codes @ codes.T  # (k, k) = Sᵀ S
+        if solver == "hals":
+            _hals_update(components, cross, gram, 1)
+        else:
+            _mu_step(components, cross, gram)
+        return _squared_error(norm_squared, components, cross, gram)
 
 
-def _hals_update(factor: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, max_sweeps: int) -> None:
+@contextmanager
+def _serial(reference: torch.Tensor) -> Iterator[None]:
+    """Run the enclosed CPU work on one intra-op thread (no-op on CUDA).
+
+    A HALS iteration is some forty element-wise operations and small products besides the one
+    large ``V·Pᵀ`` product. On a CPU each is an OpenMP region whose threads must all be scheduled
+    before it ends; on a busy machine that synchronisation costs milliseconds per operation
+    (measured: a codes sweep of 200k pixels 2 ms on one thread, 300+ ms on two), and MKL's
+    ``Sᵀ·V`` (k × N by N × C, a long reduction) was also faster on one thread than on two.
+    """
+    if reference.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hals_update(factor: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, max_sweeps: int, in_place: bool = False) -> None:
     """Decrease ``½ tr(F G Fᵀ) − tr(F Xᵀ)`` over ``F ≥ 0`` by HALS sweeps, in place.
 
     ``factor`` F is (k, M), ``cross`` X (k, M), ``gram`` G (k, k). Up to ``max_sweeps`` sweeps,
     stopping once one moves F by less than ``INNER_SHRINK`` times the first sweep's move (as in
     Gillis & Glineur's accelerated HALS; the full-batch solver uses one sweep, like
-    scikit-learn, the online one repeats sweeps on the cheap k×C statistics).
+    scikit-learn, the online one repeats sweeps on the cheap k×C statistics). ``in_place``: divide
+    ``cross`` itself (a temporary of the caller) rather than a copy.
     """
-    target, coupling = _sweep_terms(cross, gram)
+    target, coupling = _sweep_terms(cross, gram, in_place)
     first = None
     for _ in range(max_sweeps):
         before = factor.clone() if max_sweeps > 1 else None
@@ -685,7 +721,7 @@ def _hals_update(factor: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, 
             break
 
 
-def _sweep_terms(cross: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sweep_terms(cross: torch.Tensor, gram: torch.Tensor, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``X_j / G_jj`` and ``G_ji / G_jj`` with a zero diagonal: the terms of a HALS row update.
 
     A dead component (zero row of the other factor) has zero rows in ``G`` and ``X``; flooring
@@ -694,7 +730,7 @@ def _sweep_terms(cross: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor,
     diagonal = gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny)[:, None]
     coupling = gram / diagonal
     coupling.fill_diagonal_(0)
-    return cross / diagonal, coupling
+    return (cross.div_(diagonal) if in_place else cross / diagonal), coupling
 
 
 def _hals_sweep(factor: torch.Tensor, target: torch.Tensor, coupling: torch.Tensor) -> None:
@@ -704,8 +740,10 @@ def _hals_sweep(factor: torch.Tensor, target: torch.Tensor, coupling: torch.Tens
     The columns of F are independent problems, so a sweep equals scikit-learn's element-wise
     ``_update_cdnmf_fast`` (three tensor operations per row, whatever M).
     """
+    row = torch.empty_like(factor[0])
     for j in range(factor.shape[0]):
-        factor[j] = torch.addmv(target[j], factor.T, coupling[j], alpha=-1).clamp_(min=0)
+        torch.addmv(target[j], factor.T, coupling[j], alpha=-1, out=row)
+        torch.clamp(row, min=0, out=factor[j])
 
 
 def _mu_step(factor: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> None:
@@ -723,15 +761,19 @@ def _squared_error(norm_squared: float, components: torch.Tensor, cross: torch.T
 
 
 def _squared_norm(pixels: torch.Tensor) -> float:
-    return float(sum(block.double().square().sum() for block in pixels.split(ROW_CHUNK)))
+    """``‖V‖²``: float32 row norms (C terms each), their squares summed in float64 (no copy of V)."""
+    if pixels.dim() != 2:
+        return float(pixels.double().square().sum())
+    return float(torch.linalg.vector_norm(pixels, dim=1).double().square().sum())
 
 
 def _exact_squared_error(pixels: torch.Tensor, codes: torch.Tensor, components: torch.Tensor) -> float:
-    """``‖V − SᵀP‖²`` computed blockwise (codes transposed, (k, N))."""
+    """``‖V − SᵀP‖²`` computed blockwise (codes transposed, (k, N)), summed as :func:`_squared_norm`."""
     total = 0.0
-    for start in range(0, pixels.shape[0], ROW_CHUNK):
-        rows = slice(start, start + ROW_CHUNK)
-        total += float((pixels[rows] - codes[:, rows].T @ components).double().square().sum())
+    with _serial(pixels):
+        for start in range(0, pixels.shape[0], ERROR_CHUNK):
+            rows = slice(start, start + ERROR_CHUNK)
+            total += _squared_norm(torch.addmm(pixels[rows], codes[:, rows].T, components.to(pixels.dtype), alpha=-1))
     return total
 
 
@@ -761,9 +803,8 @@ def _initialize(pixels: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, 
         return (torch.from_numpy(codes.T.copy()).to(pixels), torch.from_numpy(components).to(pixels))
     left, singular, right = _randomized_svd(pixels, k, seed)
     codes, components = _nndsvd_factors(left.T, singular, right)
-    for factor in (codes, components):
-        factor[factor < 1e-6] = 0
-        factor[factor == 0] = average
+    # scikit-learn: entries < 1e-6 → 0, then zeros → mean(V)
+    codes, components = (torch.where(factor < 1e-6, average, factor) for factor in (codes, components))
     return codes.contiguous(), components.contiguous()
 
 
@@ -771,18 +812,32 @@ def _randomized_svd(matrix: torch.Tensor, k: int, seed: int, oversamples: int = 
     """Top-k SVD by a randomized range finder (Halko et al. 2011) as scikit-learn's ``randomized_svd``.
 
     Same probe, power-iteration count and transposition rule; power steps are normalised by QR
-    (scikit-learn: LU), which spans the same subspace.
+    (scikit-learn: LU), which spans the same subspace. When the short side of the matrix is small
+    next to the work of the power steps (``min(N, C) ≤ (2q + 2)(k + oversamples)``, e.g. a few
+    hundred channels), the power steps run on the Gram matrix ``TᵀT`` of the tall side ``T``
+    (min(N, C)² entries, one pass over the data): ``T(TᵀT)^q Ω`` spans the same subspace as
+    scikit-learn's alternating steps, at one large product instead of 2q + 1.
     """
     transpose = matrix.shape[0] < matrix.shape[1]
     target = matrix.T if transpose else matrix
     power_iterations = 7 if k < 0.1 * min(matrix.shape) else 4
     probe = np.random.RandomState(seed).normal(size=(target.shape[1], k + oversamples))
     basis = torch.from_numpy(probe).to(target)
-    for _ in range(power_iterations):
-        basis = torch.linalg.qr(target @ basis).Q
-        basis = torch.linalg.qr(target.T @ basis).Q
-    basis = torch.linalg.qr(target @ basis).Q
-    small_left, singular, right = torch.linalg.svd(basis.T @ target, full_matrices=False)
+    if target.shape[1] <= (2 * power_iterations + 2) * (k + oversamples):
+        gram = (target.T @ target).double()
+        small = basis.double()
+        for _ in range(power_iterations):
+            small = torch.linalg.qr(gram @ small).Q
+        with _serial(target):
+            basis = torch.linalg.qr(target @ small.to(target.dtype)).Q
+            small_left, singular, right = torch.linalg.svd(basis.T @ target, full_matrices=False)
+    else:
+        with _serial(target):
+            for _ in range(power_iterations):
+                basis = torch.linalg.qr(target @ basis).Q
+                basis = torch.linalg.qr((basis.T @ target).T).Q  # Tᵀ·Q; (Qᵀ·T)ᵀ is several times faster with MKL
+            basis = torch.linalg.qr(target @ basis).Q
+            small_left, singular, right = torch.linalg.svd(basis.T @ target, full_matrices=False)
     left = basis @ small_left
     if transpose:
         return right[:k].T, singular[:k], left[:, :k].T
