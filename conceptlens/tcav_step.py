@@ -33,13 +33,21 @@ def set_activations(
     batch_size: int = 32,
     device: str = "auto",
     progress: bool = False,
+    *,
+    flatten: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Pooled activations ``(n, C)`` of every image set at every layer: ``{layer: {set: tensor}}``."""
+    """Image-level activations of every image set at every layer: ``{layer: {set: tensor}}``.
+
+    Pooled ``(n, C)`` by default (embedded with ``reduce='mean'``); with ``flatten``, the native
+    maps flattened to ``(n, C·h·w)`` (embedded with ``reduce='native'``), the features TCAV and
+    captum train their CAVs on (METHODS §3: pooled for speed, flattened for fidelity).
+    """
     pooled: dict[str, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    reduce = "native" if flatten else "mean"
     for name, dataset in sets.items():
-        result = embed(model, dataset, list(layers), store, reduce="mean", batch_size=batch_size, device=device, progress=progress)
+        result = embed(model, dataset, list(layers), store, reduce=reduce, batch_size=batch_size, device=device, progress=progress)
         for layer in layers:
-            pooled[layer][name] = pooled_activations(result.entries[layer])
+            pooled[layer][name] = pooled_activations(result.entries[layer], flatten=flatten)
     return pooled
 
 
@@ -56,13 +64,10 @@ def fit_image_cavs(
     return train_layer_cavs(problems, n_runs, provenance=provenance, seed=seed)
 
 
-def write_tcav(result: TCAVResult, out: Path, provenance: dict[str, Any], stem: str = "tcav", step_key: str | None = None) -> dict[str, Path]:
-    """Write ``<stem>.json`` (every record with per-run scores, the null, provenance) and ``<stem>.csv``.
-
-    ``step_key`` (the pipeline's hash of everything the result depends on) is recorded at the top.
-    """
+def write_tcav(result: TCAVResult, out: Path, provenance: dict[str, Any], stem: str = "tcav") -> dict[str, Path]:
+    """Write ``<stem>.json`` (every record with per-run scores, the null, provenance) and ``<stem>.csv``."""
     out = Path(out)
-    data = {**result.to_dict(), "provenance": provenance, "missing_lines": result.missing_lines(), "step_key": step_key}
+    data = {**result.to_dict(), "provenance": provenance, "missing_lines": result.missing_lines()}
     return {"json": write_json(out / f"{stem}.json", data), "csv": result.write_csv(out / f"{stem}.csv")}
 
 

@@ -54,9 +54,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def embed_request(
-    model: LoadedModel, dataset: ConceptDataset, layer: str, reduce: str, grid: tuple[int, int], dtype: str
+    model: LoadedModel, dataset: ConceptDataset, layer: str, reduce: str, grid: tuple[int, int], dtype: str, fingerprint: str | None = None
 ) -> dict[str, Any]:
-    """The request that determines one layer's activations (its hash is the store key)."""
+    """The request that determines one layer's activations (its hash is the store key).
+
+    ``fingerprint`` is ``dataset.image_fingerprint()`` when the caller already has it (it hashes
+    every image file of a folder dataset).
+    """
     return {
         "format_version": FORMAT_VERSION,
         "model_hash": model.hash,
@@ -66,7 +70,7 @@ def embed_request(
         "grid": list(grid) if reduce == "grid" else None,
         "grid_sampling": GRID_SAMPLING if reduce == "grid" else None,
         "dtype": dtype,
-        "dataset_fingerprint": dataset.image_fingerprint(),
+        "dataset_fingerprint": fingerprint or dataset.image_fingerprint(),
         "n_items": len(dataset),
     }
 
@@ -135,7 +139,8 @@ def embed(
     refs = resolve_layers(model.module, layers)
     torch_device = resolve_device(device)
     model.to(torch_device)
-    requests = {ref.name: embed_request(model, dataset, ref.name, reduce, grid, dtype) for ref in refs}
+    fingerprint = dataset.image_fingerprint()
+    requests = {ref.name: embed_request(model, dataset, ref.name, reduce, grid, dtype, fingerprint) for ref in refs}
     entries = {name: store.entry(request) for name, request in requests.items()}
     result = EmbedResult(entries=entries)
     pending: dict[int, list[LayerRef]] = {}

@@ -531,7 +531,7 @@ def _loss_derivatives(scores: torch.Tensor, labels: torch.Tensor, weights: torch
 
 
 class _PrimalSpace:
-    """Newton steps from the (D+1)-dimensional feature-space system (for D < n)."""
+    """Newton steps from the (D+1)-dimensional feature-space system (for D < n); parameters ``w``."""
 
     def __init__(self, features: torch.Tensor, strength: float) -> None:
         self.features = features
@@ -541,23 +541,45 @@ class _PrimalSpace:
         diagonal = torch.full((features.shape[2] + 1,), strength, dtype=features.dtype, device=features.device)
         diagonal[-1] = BIAS_DAMPING
         self.regulariser = torch.diag(diagonal)
+        self.w = torch.zeros(features.shape[0], features.shape[2], dtype=features.dtype, device=features.device)
 
-    def step(self, first: torch.Tensor, second: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradient(self, first: torch.Tensor, tol: float, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight gradient ``Xᵀr + λw`` (P, D) and its largest absolute entry per problem."""
+        grad_w = (first[:, None] @ self.features).squeeze(1) + self.strength * self.w
+        return grad_w, grad_w.abs().amax(1)
+
+    def step(self, first: torch.Tensor, second: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Newton direction ``Δw`` (P, D), ``Δb`` (P,) and the change of the scores ``XΔw`` (P, n)."""
         hessian = self.augmented.transpose(1, 2) @ (second[..., None] * self.augmented) + self.regulariser
         gradient = torch.cat([grad_w, grad_b[:, None]], dim=1)
         direction = -torch.linalg.solve(hessian, gradient)
-        return direction[:, :-1], direction[:, -1]
+        step_w = direction[:, :-1]
+        return step_w, direction[:, -1], (self.features @ step_w[..., None]).squeeze(2)
 
-    def advance(self, step: torch.Tensor) -> None:
-        """Nothing to track: weights are kept in feature space by the caller."""
+    def slope(self, grad_w: torch.Tensor, step_w: torch.Tensor) -> torch.Tensor:
+        return (grad_w * step_w).sum(1)
+
+    def norms(self, step_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``‖w‖²``, ``w·Δw`` and ``‖Δw‖²`` per problem."""
+        return (self.w * self.w).sum(1), (self.w * step_w).sum(1), (step_w * step_w).sum(1)
+
+    def advance(self, step: torch.Tensor, step_w: torch.Tensor) -> None:
+        self.w = self.w + step[:, None] * step_w
+
+    def weights(self) -> torch.Tensor:
+        return self.w
 
 
 class _KernelSpace:
-    """Newton steps from the (n+1)-dimensional system in the span of the training rows (D > n).
+    """Newton steps in the span of the training rows (D > n); parameters ``α`` with ``w = Xᵀα``.
 
-    With ``w = Xᵀα`` (true of every iterate from ``w = 0``: the gradient and the Newton step lie
-    in the row span), the Newton equations reduce to
-    ``[[diag(h)K + λI, h], [hᵀK, Σh]] [β; Δb] = −[r + λα; Σr]`` with ``K = XXᵀ``, ``Δw = Xᵀβ``.
+    Every iterate from ``w = 0`` lies in the row span (the gradient and the Newton step do), so
+    the whole solve runs on the Gram matrix ``K = XXᵀ``: scores ``Kα``, ``‖w‖² = αᵀKα``, gradient
+    ``Xᵀ(r + λα)``, and the Newton equations reduce to
+    ``[[diag(h)K + λI, h], [hᵀK, Σh]] [β; Δb] = −[r + λα; Σr]`` with ``Δw = Xᵀβ``. The
+    ``(P, n, D)`` features are read once for ``K``, once for ``w`` at the end, and for the exact
+    largest gradient entry only while ``‖g‖₂ ≤ 2√D·tol`` (elsewhere ``‖g‖₂/√D ≤ max|g|`` already
+    exceeds ``tol``): flattened maps cost about as much as pooled ones.
     """
 
     def __init__(self, features: torch.Tensor, strength: float) -> None:
@@ -565,20 +587,50 @@ class _KernelSpace:
         self.strength = strength
         self.gram = features @ features.transpose(1, 2)
         self.alpha = torch.zeros(features.shape[:2], dtype=features.dtype, device=features.device)
-        self.beta = torch.zeros_like(self.alpha)
         self.identity = torch.eye(features.shape[1], dtype=features.dtype, device=features.device)
+        self.root = math.sqrt(features.shape[2])
+        self.largest = torch.full(features.shape[:1], math.inf, dtype=features.dtype, device=features.device)
 
-    def step(self, first: torch.Tensor, second: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inner(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``(Xᵀa)·(Xᵀc) = aᵀKc`` per problem."""
+        return ((a[:, None] @ self.gram).squeeze(1) * c).sum(1)
+
+    def gradient(self, first: torch.Tensor, tol: float, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight gradient as row coefficients ``r + λα`` (P, n) and its largest absolute entry.
+
+        The entry is exact where it may be at most ``tol``; elsewhere the lower bound ``‖g‖₂/√D``.
+        Problems already ``done`` no longer move: their previous value is kept.
+        """
+        coefficients = first + self.strength * self.alpha
+        norm = self._inner(coefficients, coefficients).clamp(min=0).sqrt()
+        largest = torch.where(done, self.largest, norm / self.root)
+        for index in torch.nonzero((norm <= 2 * self.root * tol) & ~done).flatten().tolist():
+            largest[index] = (coefficients[index] @ self.features[index]).abs().amax()
+        self.largest = largest
+        return coefficients, largest
+
+    def step(self, first: torch.Tensor, second: torch.Tensor, coefficients: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Newton direction ``β`` (P, n) with ``Δw = Xᵀβ``, ``Δb`` (P,) and the score change ``Kβ``."""
         top = torch.cat([second[..., None] * self.gram + self.strength * self.identity, second[..., None]], dim=2)
         bottom = torch.cat([(second[:, None] @ self.gram), (second.sum(1) + BIAS_DAMPING)[:, None, None]], dim=2)
         system = torch.cat([top, bottom], dim=1)
-        rhs = -torch.cat([first + self.strength * self.alpha, grad_b[:, None]], dim=1)
+        rhs = -torch.cat([coefficients, grad_b[:, None]], dim=1)
         solution = torch.linalg.solve(system, rhs)
-        self.beta = solution[:, :-1]
-        return (self.beta[:, None] @ self.features).squeeze(1), solution[:, -1]
+        beta = solution[:, :-1]
+        return beta, solution[:, -1], (self.gram @ beta[..., None]).squeeze(2)
 
-    def advance(self, step: torch.Tensor) -> None:
-        self.alpha = self.alpha + step[:, None] * self.beta
+    def slope(self, coefficients: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return self._inner(coefficients, beta)
+
+    def norms(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``‖w‖²``, ``w·Δw`` and ``‖Δw‖²`` per problem, from the Gram matrix."""
+        return self._inner(self.alpha, self.alpha), self._inner(self.alpha, beta), self._inner(beta, beta)
+
+    def advance(self, step: torch.Tensor, beta: torch.Tensor) -> None:
+        self.alpha = self.alpha + step[:, None] * beta
+
+    def weights(self) -> torch.Tensor:
+        return (self.alpha[:, None] @ self.features).squeeze(1)
 
 
 def _newton(
@@ -599,32 +651,30 @@ def _newton(
     n_problems, n_rows, dimension = features.shape
     use_kernel = space == "kernel" or (space == "auto" and dimension > n_rows)
     system = _KernelSpace(features, strength) if use_kernel else _PrimalSpace(features, strength)
-    w = torch.zeros(n_problems, dimension, dtype=features.dtype, device=features.device)
     b = torch.zeros(n_problems, dtype=features.dtype, device=features.device)
-    scores = torch.zeros(n_problems, n_rows, dtype=features.dtype, device=features.device)
+    scores = torch.zeros(n_problems, n_rows, dtype=features.dtype, device=features.device)  # X w, without b
     done = torch.zeros(n_problems, dtype=torch.bool, device=features.device)
     converged = torch.zeros_like(done)
     n_iter = torch.zeros(n_problems, dtype=torch.int64, device=features.device)
     for iteration in range(max_iter + 1):
         first, second = _loss_derivatives(scores + b[:, None], labels, weights, loss)
-        grad_w = (first[:, None] @ features).squeeze(1) + strength * w
+        gradient, largest = system.gradient(first, tol, done)
         grad_b = first.sum(1)
-        converged = torch.maximum(grad_w.abs().amax(1), grad_b.abs()) <= tol
+        converged = torch.maximum(largest, grad_b.abs()) <= tol
         done = done | converged
         if bool(done.all()) or iteration == max_iter:
             break
-        step_w, step_b = system.step(first, second, grad_w, grad_b)
-        step_scores = (features @ step_w[..., None]).squeeze(2)
-        slope = (grad_w * step_w).sum(1) + grad_b * step_b
-        objective = _loss_value(scores + b[:, None], labels, weights, loss) + strength / 2 * (w * w).sum(1)
-        step = _line_search(scores + b[:, None], step_scores + step_b[:, None], labels, weights, loss, strength, w, step_w, objective, slope, done)
+        direction, step_b, step_scores = system.step(first, second, gradient, grad_b)
+        slope = system.slope(gradient, direction) + grad_b * step_b
+        squared, cross, quadratic = system.norms(direction)
+        objective = _loss_value(scores + b[:, None], labels, weights, loss) + strength / 2 * squared
+        step = _line_search(scores + b[:, None], step_scores + step_b[:, None], labels, weights, loss, strength, (squared, cross, quadratic), objective, slope, done)
         done = done | (step == 0)
-        w = w + step[:, None] * step_w
         b = b + step * step_b
         scores = scores + step[:, None] * step_scores
-        system.advance(step)
+        system.advance(step, direction)
         n_iter = n_iter + (step > 0).long()
-    return _Solution(w, b, n_iter.cpu(), converged.cpu())
+    return _Solution(system.weights(), b, n_iter.cpu(), converged.cpu())
 
 
 def _line_search(
@@ -634,14 +684,16 @@ def _line_search(
     weights: torch.Tensor,
     loss: str,
     strength: float,
-    w: torch.Tensor,
-    step_w: torch.Tensor,
+    norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     objective: torch.Tensor,
     slope: torch.Tensor,
     done: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-problem Armijo backtracking from the full Newton step; 0 where done or no descent."""
-    squared, cross, quadratic = (w * w).sum(1), (w * step_w).sum(1), (step_w * step_w).sum(1)
+    """Per-problem Armijo backtracking from the full Newton step; 0 where done or no descent.
+
+    ``norms`` are ``‖w‖²``, ``w·Δw`` and ``‖Δw‖²`` per problem (the penalty along the step).
+    """
+    squared, cross, quadratic = norms
     # Below float64 resolution of the objective the full Newton step is taken (it is safe there).
     tiny = slope.abs() <= 1e-15 * objective.abs().clamp(min=1e-300)
     accepted = done | (slope >= 0) | tiny
