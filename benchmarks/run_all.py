@@ -31,8 +31,9 @@ def table(figures: list[Figure], markdown: bool = False) -> str:
         met = "—" if f.passed is None else ("yes" if f.passed else "NO")
         rows.append((f.benchmark, f.name, value, f.target or "—", met))
     if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+        cells = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells[1:]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
 
