@@ -38,7 +38,7 @@ from concepts.models import LoadedModel
 
 from attribution.targets import TargetValues
 
-__all__ = ["GradientError", "GradientBatch", "iter_layer_gradients", "layer_modules_of", "model_device"]
+__all__ = ["GradientBatch", "GradientError", "iter_layer_gradients", "layer_modules_of", "model_device", "place_model", "target_values"]
 
 TargetLike = Callable[[Any], Any] | int
 
@@ -82,6 +82,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def place_model(model: nn.Module | LoadedModel, device: str | torch.device | None) -> torch.device:
+    """Move the model to ``device`` when one is given (``auto`` = CUDA when present); return where it is."""
+    module = model.module if isinstance(model, LoadedModel) else model
+    if device is not None:
+        module.to(resolve_device(device))
+    return model_device(module)
+
+
 def layer_modules_of(model: nn.Module | LoadedModel, layers: Sequence[str] | Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     """Layer name → module; names are checked with closest-match errors. Mappings pass through."""
     if isinstance(layers, Mapping):
@@ -98,7 +106,8 @@ def layer_modules_of(model: nn.Module | LoadedModel, layers: Sequence[str] | Map
     return {ref.name: named[ref.module_path] for ref in refs}
 
 
-def _target_values(target: TargetLike, output: Any, batch: int) -> TargetValues:
+def target_values(target: TargetLike, output: Any, batch: int) -> TargetValues:
+    """Apply ``target`` to a model output: :class:`TargetValues` (all valid for a plain ``(B,)`` tensor or an int index)."""
     if not callable(target):
         index = int(target)
         target = lambda out: out[:, index]  # noqa: E731
@@ -129,7 +138,7 @@ class _Forward:
             output, self.geometries = self.model.adapter.forward(self.model.module, inputs, self.sizes)
         else:
             output = self.model(x)
-        self.values = _target_values(self.target, output, x.shape[0])
+        self.values = target_values(self.target, output, x.shape[0])
         return self.values.values
 
 
@@ -220,10 +229,7 @@ def iter_layer_gradients(
     modules = layer_modules_of(model, layers)
     if not modules:
         raise GradientError("layers", "is empty", "name at least one layer")
-    module = model.module if isinstance(model, LoadedModel) else model
-    if device is not None:
-        module.to(resolve_device(device))
-    where = model_device(module)
+    where = place_model(model, device)
     n_inputs = _check_inputs(model, inputs)
     names = list(modules)
     forward = _Forward(model, target)

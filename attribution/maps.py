@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution.gradients import TargetLike, iter_layer_gradients, model_device
-from concepts.embed import resolve_device
+from attribution.gradients import TargetLike, iter_layer_gradients, place_model
 from concepts.errors import ConceptLensError
 from concepts.geometry import features_to_grid
 from concepts.hooks import LayerCapture, resolve_layers
@@ -321,9 +320,7 @@ def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
 def _place(model: LoadedModel, device: str | torch.device | None) -> torch.device:
     if not isinstance(model, LoadedModel):
         raise MapError("model", f"is a {type(model).__name__}", "load it with concepts.models.load_model (maps need its adapter)")
-    if device is not None:
-        model.module.to(resolve_device(device))
-    return model_device(model.module)
+    return place_model(model, device)
 
 
 def _feature_maps(tensor: torch.Tensor, layer: str) -> torch.Tensor:

@@ -36,15 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribution.gradients import (
-    GradientBatch,
-    _target_values,
-    iter_layer_gradients,
-    layer_modules_of,
-    model_device,
-)
+from attribution.gradients import GradientBatch, iter_layer_gradients, layer_modules_of, place_model, target_values
 from concepts.atomic import atomic_write_text
-from concepts.embed import resolve_device
 from concepts.errors import ConceptLensError
 from concepts.geometry import Geometry, image_cells
 from concepts.models import LoadedModel
@@ -454,10 +447,7 @@ def ncav_importance_finite_difference(
     if batch_size < 1:
         raise NCAVError("batch_size", f"is {batch_size}", "use a positive batch size")
     layer_module = _single_module(model, layer)
-    module = model.module if isinstance(model, LoadedModel) else model
-    if device is not None:
-        module.to(resolve_device(device))
-    where = model_device(module)
+    where = place_model(model, device)
     n_inputs = _n_inputs(model, inputs)
     shift = _Shift(layer)
     handle = layer_module.register_forward_hook(shift)
@@ -478,7 +468,7 @@ def _batch_differences(run: Callable[[], tuple[Any, Any]], shift: _Shift, bank: 
     activations = shift.output
     _check_channels(activations, bank, shift.layer)
     n_batch = activations.shape[0]
-    valid = _target_values(target, output, n_batch).valid.cpu()
+    valid = target_values(target, output, n_batch).valid.cpu()
     cells = _cell_mask(activations, geometries).to(activations.device)
     differences = np.empty((n_batch, bank.n_concepts))
     for j, vector in enumerate(bank.vectors.to(activations.device)):
@@ -487,7 +477,7 @@ def _batch_differences(run: Callable[[], tuple[Any, Any]], shift: _Shift, bank: 
         for sign in (1.0, -1.0):
             shift.delta = sign * epsilon * direction
             output, _ = run()
-            shifted = _target_values(target, output, n_batch)
+            shifted = target_values(target, output, n_batch)
             values.append(shifted.values.double().cpu())
             valid_j &= shifted.valid.cpu()
         column = ((values[0] - values[1]) / (2 * epsilon)).numpy()

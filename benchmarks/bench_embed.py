@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Figure, check  # noqa: E402
+from common import Figure, check, print_figures  # noqa: E402
 
 MODEL = "torchvision:resnet18"
 INPUT_SIZE = (224, 224)
@@ -176,10 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
     args = parser.parse_args()
-    for figure in run(quick=args.quick):
-        met = "—" if figure.passed is None else ("yes" if figure.passed else "NO")
-        print(f"{figure.name}: {figure.value:.3f} {figure.unit} (target {figure.target}, met: {met})")
-        print(f"  {figure.details}")
+    print_figures(run(quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Figure, check, run_in_subprocess  # noqa: E402
+from common import Figure, check, print_figures, run_in_subprocess  # noqa: E402
 
 MODEL = "zoo:synthetic_resnet_fpn"
 LAYERS = ["backbone.block1", "backbone.block3", "neck.p2"]
@@ -124,11 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
     args = parser.parse_args()
-    for figure in run(quick=args.quick):
-        met = "—" if figure.passed is None else ("yes" if figure.passed else "NO")
-        print(f"{figure.name}: {figure.value:.3f} {figure.unit} (target {figure.target}, met: {met})")
-        for key, value in figure.details.items():
-            print(f"  {key}: {value}")
+    print_figures(run(quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ def check(value: float, target: str | None) -> bool | None:
     return value <= float(bound) if sign == "≤" else value >= float(bound)
 
 
+def print_figures(figures: list[Figure], details: bool = True) -> None:
+    """Print each figure on a line (value, target, met) and, with ``details``, its raw measurements."""
+    for figure in figures:
+        met = "—" if figure.passed is None else ("yes" if figure.passed else "NO")
+        print(f"{figure.name}: {figure.value:.4g} {figure.unit} (target {figure.target or '—'}, met: {met})")
+        if details:
+            for key, value in figure.details.items():
+                print(f"  {key}: {value}")
+
+
 def best_time(work: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> float:
     """Best wall time of ``repeats`` calls (after ``warmup`` untimed calls), in seconds."""
     for _ in range(warmup):
