@@ -112,16 +112,39 @@ def run_pipeline(
     if config.report.enabled and "net2vec" in probed:
         _report_inputs(run, dataset, probed)
 
-    summary = _summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock)
+    results_key = _results_key(out)
+    previous = _previous_summary(out)
+    if previous.get("results_key") == results_key and previous.get("config_hash") == config_hash(config) and (out / "report.html").is_file():
+        # nothing changed: run.json and the report keep describing the run that made these results
+        run.step("report", lambda: None, skipped=lambda: True)
+        return PipelineResult(out, previous, out / "report.html" if config.report.enabled else None, run.steps)
+    summary = {**_summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock), "results_key": results_key}
     write_json(out / "run.json", summary)
     report = None
     if config.report.enabled:
         from conceptlens.report import write_report
 
         report = run.step("report", lambda: write_report(out))  # its own time lands in run.json only
-        summary = _summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock)
+        summary = {**_summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock), "results_key": results_key}
         write_json(out / "run.json", summary)
     return PipelineResult(out, summary, report, run.steps)
+
+
+def _results_key(out: Path) -> str:
+    """Hash of every result file the report reads (not run.json itself, whose times change)."""
+    digest = hashlib.sha256()
+    patterns = ("probe_*.json", "tcav.json", "compare_*/compare.json", "examples/*.json", "prototypes/*.json")
+    for path in sorted(p for pattern in patterns for p in out.glob(pattern)):
+        digest.update(f"{path.relative_to(out)}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:24]
+
+
+def _previous_summary(out: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads((out / "run.json").read_text())
+        return previous if isinstance(previous, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -106,7 +106,7 @@ def test_second_run_does_no_forward_pass(small_run, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "__call__", counting)
     result = run_pipeline(load_config(config_path), out, source=str(config_path))
     assert calls == []
-    heavy = [s for s in result.steps if s["name"].startswith(("compare", "tcav", "examples", "prototypes"))]
+    heavy = [s for s in result.steps if s["name"].startswith(("compare", "tcav", "examples", "prototypes", "report"))]
     assert heavy and all(s["skipped"] for s in heavy)
 
 
