@@ -443,7 +443,8 @@ def _tcav_findings(tcav: dict[str, Any] | None) -> list[str]:
     value = _f3g if statistic == "mean_sensitivity" else _f2
     for r in significant[:MAX_TCAV_FINDINGS]:
         p = r.get(f"p_{correction}", r.get("p"))
-        out.append(f"for target {r['target']}, {r['concept']} at {r['layer']} is significant "
+        direction = "raises" if _num(r.get("mean")) > _num(r.get("null_mean")) else "lowers"
+        out.append(f"for target {r['target']}, {r['concept']} at {r['layer']} is significant and {direction} the target "
                    f"({STATISTIC_NAMES.get(statistic, statistic)} {value(r.get('mean'))} vs null {value(r.get('null_mean'))}, {_p_phrase(f'p_{correction}', p)})")
     if len(significant) > MAX_TCAV_FINDINGS:
         out.append(f"… and {len(significant) - MAX_TCAV_FINDINGS} more significant TCAV hypotheses (see the TCAV table)")

@@ -355,7 +355,7 @@ def test_findings_from_planted_numbers(results_dir):
         "within resnet, the most similar other layer is a neighbouring one for 2 of 3 layers (supervised, Net2Vec; "
         "mean similarity 0.60 between neighbours vs 0.60 otherwise)",
         "1 of 8 TCAV hypotheses are significant at α = 0.05 after holm correction",
-        "for target vgg:top:1, wheel at backbone.block3 is significant (TCAV 0.91 vs null 0.52, p_holm = 0.003)",
+        "for target vgg:top:1, wheel at backbone.block3 is significant and raises the target (TCAV 0.91 vs null 0.52, p_holm = 0.003)",
         "in resnet, layer3 has an NCAV matching car (IoU 0.55)",
         "in vgg, backbone.block2 has NCAVs matching sky (IoU 0.72) and wheel (IoU 0.41)",
     ]
