@@ -434,9 +434,12 @@ def _check_consistency(config: PipelineConfig, source: str) -> None:
 
 
 def _check_tcav_concepts(config: PipelineConfig, source: str) -> None:
-    """TCAV concepts and target inputs must be among ``data.concepts`` when that list is given."""
+    """TCAV concepts and target inputs must be among ``data.concepts`` when that list is given.
+
+    With ``data.image_sets`` they name set folders there instead (checked when the folder is read).
+    """
     known = config.data.concepts
-    if known is None:
+    if known is None or config.data.image_sets:
         return
     named = [(f"tcav.concepts[{i}]", concept) for i, concept in enumerate(config.tcav.concepts or [])]
     named += [(f"tcav.targets[{i}].inputs", target.inputs) for i, target in enumerate(config.tcav.targets) if target.inputs]

@@ -230,6 +230,14 @@ def _step_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _folder_fingerprint(root: Path) -> str:
+    """sha256 over every file below ``root`` (relative path and content): the image sets' identity."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)):
+        digest.update(f"{path.relative_to(root)}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _current(path: Path, key: str) -> bool:
     """True when the JSON at ``path`` records ``key`` (its step is finished and up to date)."""
     try:
@@ -252,7 +260,8 @@ def _mark_current(path: Path, key: str) -> None:
 def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> None:
     config = run.config
     key = _step_key(config_to_dict(config.tcav), config_to_dict(config.data), config.seed, config.embed.batch_size,
-                    {name: (m.hash, next(c.layers for c in config.models if c.name == name)) for name, m in models.items()}, dataset.image_fingerprint())
+                    {name: (m.hash, next(c.layers for c in config.models if c.name == name)) for name, m in models.items()}, dataset.image_fingerprint(),
+                    _folder_fingerprint(Path(config.data.image_sets)) if config.data.image_sets else None)
     path = run.out / "tcav.json"
     run.step("tcav", lambda: _run_tcav(run, dataset, models, key), skipped=lambda: _current(path, key))
 
@@ -260,25 +269,23 @@ def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) ->
 def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel], key: str) -> None:
     from attribution.targets import target_from_spec
     from attribution.tcav import merge_results, tcav_scores
-    from conceptlens.tcav_step import fit_image_cavs, set_activations, write_tcav
+    from conceptlens.tcav_step import fit_image_cavs, write_tcav
 
     settings = run.config.tcav
-    sets, inputs = _tcav_image_sets(run.config, dataset)
-    results, provenance = [], {"sets": {name: [dataset.ids[i] for i in idx] for name, idx in sets.items()}, "models": {}}
+    sources = _tcav_sources(run.config, dataset)
+    results, provenance = [], {"sets": sources.provenance, "models": {}}
     for spec in run.config.models:
         targets = [t for t in settings.targets if t.models is None or spec.name in t.models]
         layers = [layer for layer in (settings.layers or spec.layers) if layer in spec.layers]
         if not targets or not layers:
             continue
         model = models[spec.name]
-        pooled = set_activations(model, {"all": dataset}, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
-        by_set = {layer: {name: pooled[layer]["all"][idx] for name, idx in sets.items()} for layer in layers}
-        concepts = [name for name in sets if not name.startswith("random_")]
-        randoms = [name for name in sets if name.startswith("random_")]
-        cav_sets = fit_image_cavs(by_set, concepts, randoms, seed=run.config.seed, provenance={"model_hash": model.hash})
+        by_set = sources.activations(model, layers, run)
+        cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, provenance={"model_hash": model.hash})
         named = {f"{spec.name}:{t.spec}": t for t in targets}
-        images = {name: [dataset.image(i) for i in inputs[t.inputs or "test"][: t.max_inputs]] for name, t in named.items()}
-        ids = {name: [dataset.ids[i] for i in inputs[t.inputs or "test"][: t.max_inputs]] for name, t in named.items()}
+        scored = {name: sources.inputs(t.inputs, t.max_inputs) for name, t in named.items()}
+        images = {name: [source.image(i) for i in range(len(source))] for name, source in scored.items()}
+        ids = {name: list(source.ids) for name, source in scored.items()}
         results.append(tcav_scores(
             model, images, None, cav_sets, {name: target_from_spec(t.spec) for name, t in named.items()}, batch_size=run.config.embed.batch_size,
             statistic=settings.statistic, correction=settings.correction, alpha=settings.alpha, n_bootstrap=settings.n_bootstrap,
@@ -292,6 +299,68 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
     _mark_current(paths["json"], key)
 
 
+class _DatasetSets:
+    """TCAV sets drawn from the concept dataset (see :func:`_tcav_image_sets`); one pooled embedding serves them all."""
+
+    def __init__(self, config: PipelineConfig, dataset: ConceptDataset) -> None:
+        self.dataset = dataset
+        self.sets, self.scored = _tcav_image_sets(config, dataset)
+        self.concepts = [name for name in self.sets if not name.startswith("random_")]
+        self.randoms = [name for name in self.sets if name.startswith("random_")]
+        self.provenance = {name: [dataset.ids[i] for i in idx] for name, idx in self.sets.items()}
+
+    def activations(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]]:
+        from conceptlens.tcav_step import set_activations
+
+        pooled = set_activations(model, {"all": self.dataset}, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
+        return {layer: {name: pooled[layer]["all"][idx] for name, idx in self.sets.items()} for layer in layers}
+
+    def inputs(self, concept: str | None, limit: int) -> ConceptDataset:
+        return self.dataset.subset(self.scored[concept or "test"][:limit])
+
+
+class _FolderSets:
+    """TCAV sets from ``data.image_sets``: ``<concept>/`` and ``random_*/`` folders; target inputs are a set
+    folder there (or, when no folder has that name, the concept dataset's test images showing it)."""
+
+    def __init__(self, config: PipelineConfig, dataset: ConceptDataset) -> None:
+        from concepts.image_sets import ImageSets
+
+        root = Path(config.data.image_sets)
+        inputs = {t.inputs for t in config.tcav.targets if t.inputs and (root / t.inputs).is_dir()}
+        default = [name for name in ImageSets(root).concepts if name not in inputs]
+        self.folders = ImageSets(root, concepts=list(config.tcav.concepts or default), seed=config.seed)
+        self.concepts = list(self.folders.concepts)
+        self.randoms = list(self.folders.random_sets[: config.tcav.random_sets])
+        self.dataset, self.root, self.config = dataset, root, config
+        self.provenance = {name: self.folders.dataset(name).ids for name in [*self.concepts, *self.randoms]}
+
+    def activations(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]]:
+        from conceptlens.tcav_step import set_activations
+
+        sets = {name: self.folders.dataset(name) for name in [*self.concepts, *self.randoms]}
+        return set_activations(model, sets, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
+
+    def inputs(self, name: str | None, limit: int) -> ConceptDataset:
+        from concepts.image_sets import ImageFolderDataset
+        from concepts.imageio import list_image_files
+
+        if name and (self.root / name).is_dir():
+            files = list_image_files(self.root / name, f"the image set {name}/")
+            return ImageFolderDataset(files[:limit], name=name, seed=self.config.seed)
+        scored = _tcav_inputs(self.config, self.dataset, _coverage(self.dataset), [name] if name else [])
+        return self.dataset.subset(scored[name or "test"][:limit])
+
+
+def _tcav_sources(config: PipelineConfig, dataset: ConceptDataset) -> _DatasetSets | _FolderSets:
+    return _FolderSets(config, dataset) if config.data.image_sets else _DatasetSets(config, dataset)
+
+
+def _coverage(dataset: ConceptDataset) -> np.ndarray:
+    """``(N, K)``: the fraction of each image every concept covers."""
+    return np.stack([dataset.masks(i).reshape(len(dataset.concepts), -1).mean(1) for i in range(len(dataset))])
+
+
 def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Concept and random image sets drawn from the concept dataset, and the scored inputs per concept.
 
@@ -303,11 +372,9 @@ def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[d
     settings = config.tcav
     rng = np.random.default_rng(config.seed)
     pool = np.sort(np.concatenate([dataset.split_indices("train"), dataset.split_indices("val")]))
-    test = dataset.split_indices("test")
-    coverage = np.stack([dataset.masks(i).reshape(len(dataset.concepts), -1).mean(1) for i in range(len(dataset))])
-    wanted = list(settings.concepts or dataset.concepts)
+    coverage = _coverage(dataset)
     sets: dict[str, np.ndarray] = {}
-    for concept in wanted:
+    for concept in settings.concepts or dataset.concepts:
         showing = pool[coverage[pool, dataset.concepts.index(concept)] >= settings.min_fraction]
         if len(showing) < 2:
             raise ConceptLensError(f"tcav.concepts: {concept}", f"only {len(showing)} training images show it (≥ {settings.min_fraction:g} of the image)",
@@ -315,13 +382,21 @@ def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[d
         sets[concept] = np.sort(rng.choice(showing, min(len(showing), settings.images_per_set), replace=False))
     for r in range(settings.random_sets):
         sets[f"random_{r}"] = np.sort(rng.choice(pool, min(len(pool), settings.images_per_set), replace=False))
+    return sets, _tcav_inputs(config, dataset, coverage, [t.inputs for t in settings.targets if t.inputs])
+
+
+def _tcav_inputs(config: PipelineConfig, dataset: ConceptDataset, coverage: np.ndarray, concepts: list[str]) -> dict[str, np.ndarray]:
+    """Test images showing each named concept (≥ ``tcav.min_fraction``), and all test images as ``test``."""
+    test = dataset.split_indices("test")
     inputs = {"test": test}
-    for target in settings.targets:
-        if target.inputs:
-            inputs[target.inputs] = test[coverage[test, dataset.concepts.index(target.inputs)] >= settings.min_fraction]
-            if len(inputs[target.inputs]) == 0:
-                raise ConceptLensError(f"tcav.targets inputs: {target.inputs}", "no test image shows it", "use more images or lower tcav.min_fraction")
-    return sets, inputs
+    for concept in concepts:
+        if concept not in dataset.concepts:
+            raise ConceptLensError(f"tcav.targets inputs: {concept}", "is neither a set folder of data.image_sets nor a concept of the dataset",
+                                   f"use one of {', '.join(dataset.concepts)}")
+        inputs[concept] = test[coverage[test, dataset.concepts.index(concept)] >= config.tcav.min_fraction]
+        if len(inputs[concept]) == 0:
+            raise ConceptLensError(f"tcav.targets inputs: {concept}", "no test image shows it", "use more images or lower tcav.min_fraction")
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------- report inputs

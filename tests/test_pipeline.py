@@ -169,3 +169,24 @@ def test_missing_files_of_a_config_are_named(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "annotations.json" in error and "val2017" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_tcav_sets_from_an_image_sets_folder(tmp_path):
+    from concepts.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(24, seed=9)
+    sky = world.concepts.index("sky")
+    root = tmp_path / "sets"
+    for name, indices in {"skyish": [i for i in range(24) if world.masks(i)[sky].mean() > 0.3][:6],
+                          "random_0": range(0, 6), "random_1": range(6, 12), "random_2": range(12, 18)}.items():
+        (root / name).mkdir(parents=True)
+        for i in indices:
+            Image.fromarray(world.image(i)).save(root / name / f"{name}_{i}.png")
+    config = tmp_path / "sets.yaml"
+    config.write_text(SMALL_DEMO.replace("  spec: synthetic:48:0", f"  spec: synthetic:48:0\n  image_sets: {root}")
+                      .replace("  concepts: [wheel, sky]\n", "").replace("report: {examples: 2, prototypes: 2}", "report: {enabled: false}"))
+    run_pipeline(load_config(config), tmp_path / "out", source=str(config))
+    tcav = json.loads((tmp_path / "out" / "tcav.json").read_text())
+    assert {r["concept"] for r in tcav["records"]} == {"skyish"}
+    assert tcav["provenance"]["sets"]["random_2"] == [f"random_2_{i}" for i in range(12, 18)]
+    assert tcav["n_hypotheses"] == 1 * 2 * 2 and all(len(r["null_scores"]["sign_count"]) == 3 for r in tcav["records"])
