@@ -29,10 +29,13 @@ __all__ = ["write_comparison"]
 
 def write_comparison(
     probed: Sequence[ProbedModel], dataset: ConceptDataset, store: ActivationStore, method: str, grid: tuple[int, int], out: Path,
-    progress: bool = False,
+    progress: bool = False, cka: bool = True,
 ) -> dict[str, Path]:
-    """Compare every probed layer and write JSON, CSV and heatmaps under ``out``; return the paths."""
-    result = compare_models(probed, dataset, store, method, grid, progress=progress)
+    """Compare every probed layer and write JSON, CSV and heatmaps under ``out``; return the paths.
+
+    ``cka``: also the linear CKA baseline (matrices, CSV columns, heatmaps).
+    """
+    result = compare_models(probed, dataset, store, method, grid, progress=progress, cka=cka)
     result["provenance"] = {
         "dataset": dataset.name,
         "models": [{"label": m.label, "spec": m.model.spec, "weights": m.model.weights, "hash": m.model.hash, "layers": m.layers} for m in probed],
@@ -51,7 +54,8 @@ def _write_tables(result: dict[str, Any], pairs_path: Path, concepts_path: Path)
     rows = [["a", "b", "depth_a", "depth_b", "similarity", "cka_pooled", "cka_spatial"]]
     for i, a in enumerate(layers):
         for j, b in enumerate(layers):
-            rows.append([a["label"], b["label"], a["depth"], b["depth"], result["matrix"][i][j], result["cka"]["pooled"][i][j], result["cka"]["spatial"][i][j]])
+            cka = [result["cka"][mode][i][j] for mode in ("pooled", "spatial")] if result["cka"] else [None, None]
+            rows.append([a["label"], b["label"], a["depth"], b["depth"], result["matrix"][i][j], *cka])
     atomic_write_text(pairs_path, _csv(rows))
     per_concept = result["details"].get("per_concept")
     if per_concept:
@@ -82,7 +86,7 @@ def _write_heatmaps(result: dict[str, Any], folder: Path, method: str, specs: di
         title = f"within {a}" if block["a"] == block["b"] else f"rows {a}\ncolumns {b}"
         similarity_heatmap(_array(block["similarity"]), block["rows"], block["columns"], depths_a, depths_b, f"{kind}, {title}",
                            folder / f"{method}_{name}.png", block["ridge"]["pairs"])
-        for mode in ("pooled", "spatial"):
+        for mode in ("pooled", "spatial") if block["cka_pooled"] is not None else ():
             similarity_heatmap(_array(block[f"cka_{mode}"]), block["rows"], block["columns"], depths_a, depths_b,
                                f"linear CKA ({mode}), {title}", folder / f"cka_{mode}_{name}.png")
     return folder

@@ -428,6 +428,9 @@ def _check_consistency(config: PipelineConfig, source: str) -> None:
     for i, layer in enumerate(config.tcav.layers or []):
         if layer not in all_layers:
             raise _error(source, f"tcav.layers[{i}]", f"{layer!r} is not a layer of any model", f"{_closest(layer, all_layers)}use one of: {', '.join(all_layers)}")
+    if config.compare.enabled and "cka" in config.compare.methods and not {"net2vec", "nmf"} & set(config.compare.methods):
+        raise _error(source, "compare.methods", "cka alone compares nothing: the CKA baseline is drawn beside a concept comparison",
+                     "add net2vec and/or nmf to compare.methods")
     _check_tcav_concepts(config, source)
     for i, target in enumerate(config.tcav.targets):
         _check_target(target, f"tcav.targets[{i}]", names, source)

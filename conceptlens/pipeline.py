@@ -183,7 +183,7 @@ def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel
 def _probe_one(run: _Run, dataset: ConceptDataset, model: LoadedModel, name: str, layers: list[str], method: str, params: dict[str, Any]) -> ProbedModel:
     config = run.config
     probed = probe_model(name, model, dataset, layers, method, run.store, run.out / "banks", tuple(config.embed.grid), params,
-                         config.embed.batch_size, config.device, run.progress, _input_size(config, name))
+                         config.embed.batch_size, config.device, run.progress, _input_size(config, name), config.embed.dtype)
     result: dict[str, Any] = {"model": name, "spec": model.spec, "method": method, "layers": list(layers), "depths": probed.depths,
                               "module_depths": probed.module_depths, "metrics": probed.metrics,
                               "provenance": {layer: bank.provenance for layer, bank in probed.banks.items()}}
@@ -215,11 +215,12 @@ def _compare_all(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str,
     for method in ("net2vec", "nmf"):
         if method in config.compare.methods and method in probed:
             models = list(probed[method].values())
+            cka = "cka" in config.compare.methods
             key = _step_key("compare", method, config.embed.grid, [(m.label, {layer: b.provenance for layer, b in m.banks.items()}) for m in models],
-                            dataset.image_fingerprint(), dataset.mask_fingerprint())
+                            dataset.image_fingerprint(), dataset.mask_fingerprint(), cka)
             folder = run.out / f"compare_{method}"
-            run.step(f"compare {method}", lambda models=models, method=method, key=key, folder=folder: _mark_current(
-                write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress)["json"], key),
+            run.step(f"compare {method}", lambda models=models, method=method, key=key, folder=folder, cka=cka: _mark_current(
+                write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress, cka)["json"], key),
                 skipped=lambda key=key, folder=folder: _current(folder / "compare.json", key))
 
 

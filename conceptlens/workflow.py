@@ -87,6 +87,7 @@ def probe_model(
     device: str = "auto",
     progress: bool = False,
     input_size: tuple[int, int] = (224, 224),
+    dtype: str = "float16",
 ) -> ProbedModel:
     """Embed ``dataset`` at ``layers`` and fit one bank per layer (net2vec or nmf), reusing saved banks.
 
@@ -95,7 +96,7 @@ def probe_model(
     """
     if method not in PIXEL_METHODS:
         raise ConceptLensError(f"method {method!r}", "is not a pixel-level method", f"use one of {', '.join(PIXEL_METHODS)}")
-    result = embed(model, dataset, list(layers), store, batch_size=batch_size, device=device, progress=progress)
+    result = embed(model, dataset, list(layers), store, dtype=dtype, batch_size=batch_size, device=device, progress=progress)
     masks = embed_masks(dataset, store, grid=grid, progress=progress)
     banks, metrics = {}, {}
     for layer in layers:
@@ -166,11 +167,13 @@ def compare_models(
     grid: tuple[int, int] = (100, 100),
     cka_grid: tuple[int, int] = (8, 8),
     progress: bool = False,
+    cka: bool = True,
 ) -> dict[str, Any]:
     """Layer × layer similarity of every probed layer of every model on the test split.
 
     Returns a JSON-able dict: layer labels with both relative depths, the full matrix (and
-    per-concept matrices), per model pair the sub-matrix and its ridge, and CKA matrices.
+    per-concept matrices), per model pair the sub-matrix and its ridge, and (``cka``) the linear
+    CKA matrices beside it (``null`` without).
     """
     masks = embed_masks(dataset, store, grid=grid, progress=progress)
     test = split_indices(masks, "test")
@@ -191,7 +194,7 @@ def compare_models(
     else:
         similarity = supervised_similarity(layer_maps)
         matrix, details = similarity.matrix, similarity.to_dict()
-    cka = {mode: cka_matrix(entries, test, mode=mode, grid=cka_grid) for mode in ("pooled", "spatial")}
+    cka_matrices = {mode: cka_matrix(entries, test, mode=mode, grid=cka_grid) for mode in ("pooled", "spatial")} if cka else None
     return {
         "method": method,
         "grid": list(grid),
@@ -202,12 +205,12 @@ def compare_models(
         ],
         "matrix": details.get("matrix") or details.get("best_match"),
         "details": details,
-        "cka": {mode: np.round(values, 6).tolist() for mode, values in cka.items()},
-        "blocks": _blocks(probed, matrix, cka, depths),
+        "cka": {mode: np.round(values, 6).tolist() for mode, values in cka_matrices.items()} if cka_matrices else None,
+        "blocks": _blocks(probed, matrix, cka_matrices, depths),
     }
 
 
-def _blocks(probed: Sequence[ProbedModel], matrix: np.ndarray, cka: dict[str, np.ndarray], depths: list[float]) -> list[dict[str, Any]]:
+def _blocks(probed: Sequence[ProbedModel], matrix: np.ndarray, cka: dict[str, np.ndarray] | None, depths: list[float]) -> list[dict[str, Any]]:
     """Per (model A, model B) pair: the sub-matrices and the ridge of the concept similarity."""
     offsets = np.cumsum([0] + [len(m.layers) for m in probed])
     blocks = []
@@ -224,8 +227,8 @@ def _blocks(probed: Sequence[ProbedModel], matrix: np.ndarray, cka: dict[str, np
                 "rows": model_a.layers,
                 "columns": model_b.layers,
                 "similarity": sub.tolist(),
-                "cka_pooled": cka["pooled"][rows, cols].tolist(),
-                "cka_spatial": cka["spatial"][rows, cols].tolist(),
+                "cka_pooled": cka["pooled"][rows, cols].tolist() if cka else None,
+                "cka_spatial": cka["spatial"][rows, cols].tolist() if cka else None,
                 "ridge": ridge(_without_diagonal(sub) if a == b else sub, depths[rows], depths[cols]),
             })
     return blocks

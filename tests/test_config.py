@@ -396,3 +396,12 @@ def test_shipped_layer_names_exist(name, coco_env):
     for model in config.models:
         loaded = load_model(model.spec, "none", model.input_size)
         assert [ref.name for ref in resolve_layers(loaded.module, model.layers)] == model.layers
+
+
+def test_cka_alone_is_refused():
+    from conceptlens.config import ConfigError, parse_config
+
+    data = {"name": "x", "data": {"spec": "synthetic:10"}, "models": [{"name": "m", "spec": "zoo:synthetic_vgg_centernet", "layers": ["backbone.block2"]}],
+            "compare": {"methods": ["cka"]}}
+    with pytest.raises(ConfigError, match=r"compare.methods.*add net2vec"):
+        parse_config(data, "c.yaml")

@@ -190,3 +190,15 @@ def test_tcav_sets_from_an_image_sets_folder(tmp_path):
     assert {r["concept"] for r in tcav["records"]} == {"skyish"}
     assert tcav["provenance"]["sets"]["random_2"] == [f"random_2_{i}" for i in range(12, 18)]
     assert tcav["n_hypotheses"] == 1 * 2 * 2 and all(len(r["null_scores"]["sign_count"]) == 3 for r in tcav["records"])
+
+
+def test_comparison_without_cka(tmp_path):
+    config = tmp_path / "nocka.yaml"
+    config.write_text(SMALL_DEMO.replace("  nmf: {k: 3}", "  nmf: {enabled: false}").replace("tcav:\n  enabled: true", "compare: {methods: [net2vec]}\ntcav:\n  enabled: false"))
+    run_pipeline(load_config(config), tmp_path / "out", source=str(config))
+    compare = json.loads((tmp_path / "out" / "compare_net2vec" / "compare.json").read_text())
+    assert compare["cka"] is None and all(block["cka_pooled"] is None for block in compare["blocks"])
+    heatmaps = sorted(p.name for p in (tmp_path / "out" / "compare_net2vec" / "heatmaps").iterdir())
+    assert heatmaps and not any(name.startswith("cka") for name in heatmaps)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="similarity"' in html and "linear CKA (pooled)" not in html
