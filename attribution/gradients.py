@@ -38,7 +38,7 @@ from concepts.models import LoadedModel
 
 from attribution.targets import TargetValues
 
-__all__ = ["GradientBatch", "GradientError", "iter_layer_gradients", "layer_modules_of", "model_device", "place_model", "target_values"]
+__all__ = ["GradientBatch", "GradientError", "count_inputs", "iter_layer_gradients", "layer_modules_of", "model_device", "place_model", "target_values"]
 
 TargetLike = Callable[[Any], Any] | int
 
@@ -162,7 +162,8 @@ def _prepare(model: nn.Module | LoadedModel, inputs: Any, rows: slice, device: t
     return batch
 
 
-def _check_inputs(model: nn.Module | LoadedModel, inputs: Any) -> int:
+def count_inputs(model: nn.Module | LoadedModel, inputs: Any) -> int:
+    """Number of inputs, checking their kind: raw images for a loaded model, a tensor batch for a plain module."""
     if isinstance(model, LoadedModel):
         if isinstance(inputs, torch.Tensor):
             raise GradientError("inputs", "a LoadedModel takes raw images", "pass uint8 (H, W, 3) arrays; its adapter prepares them")
@@ -230,7 +231,7 @@ def iter_layer_gradients(
     if not modules:
         raise GradientError("layers", "is empty", "name at least one layer")
     where = place_model(model, device)
-    n_inputs = _check_inputs(model, inputs)
+    n_inputs = count_inputs(model, inputs)
     names = list(modules)
     forward = _Forward(model, target)
     method = LayerGradientXActivation(forward, [modules[name] for name in names], multiply_by_inputs=False)

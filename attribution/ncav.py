@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribution.gradients import GradientBatch, iter_layer_gradients, layer_modules_of, place_model, target_values
+from attribution.gradients import GradientBatch, count_inputs, iter_layer_gradients, layer_modules_of, place_model, target_values
 from concepts.atomic import atomic_write_text
 from concepts.errors import ConceptLensError
 from concepts.geometry import Geometry, image_cells
@@ -259,11 +259,7 @@ def _bank_name(bank: ConceptBank) -> str:
 
 
 def _n_inputs(model: nn.Module | LoadedModel, inputs: Any) -> int:
-    if isinstance(model, LoadedModel) and isinstance(inputs, torch.Tensor):
-        raise NCAVError("inputs", "a LoadedModel takes raw images", "pass uint8 (H, W, 3) arrays; its adapter prepares them")
-    if not isinstance(model, LoadedModel) and not isinstance(inputs, torch.Tensor):
-        raise NCAVError("inputs", f"is a {type(inputs).__name__}", "pass a tensor batch to a plain nn.Module, or load the model with load_model")
-    n_inputs = len(inputs) if isinstance(model, LoadedModel) else int(inputs.shape[0])
+    n_inputs = count_inputs(model, inputs)
     if n_inputs == 0:
         raise NCAVError("inputs", "is empty", "pass at least one input")
     return n_inputs

@@ -21,7 +21,6 @@ Each side is timed several times, interleaved with the other, and the best time 
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
@@ -34,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Figure, check, print_figures  # noqa: E402
+from common import Figure, check, standalone  # noqa: E402
 
 MODEL = "torchvision:resnet18"
 INPUT_SIZE = (224, 224)
@@ -172,12 +171,5 @@ def run(quick: bool = False) -> list[Figure]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
-    args = parser.parse_args()
-    print_figures(run(quick=args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

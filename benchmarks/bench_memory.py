@@ -15,8 +15,6 @@ uses two layers and one epoch, and its sizes lie below the batch sizes, so its r
 
 from __future__ import annotations
 
-import argparse
-import resource
 import shutil
 import sys
 import tempfile
@@ -27,23 +25,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Figure, check, print_figures, run_in_subprocess  # noqa: E402
+from common import Figure, check, current_rss_mib, peak_rss_mib, run_in_subprocess, standalone  # noqa: E402
 
 MODEL = "zoo:synthetic_resnet_fpn"
 LAYERS = ["backbone.block1", "backbone.block3", "neck.p2"]
 MAX_EPOCHS = 3
 GRID = (100, 100)
-
-
-def _rss_mib() -> float:
-    import os
-
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
@@ -65,25 +52,25 @@ def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
             try:
                 return function(*args, **kwargs)
             finally:
-                stages.append({"stage": name, "seconds": round(time.perf_counter() - start, 3), "peak_mib": round(_peak_mib(), 1), "rss_mib": round(_rss_mib(), 1)})
+                stages.append({"stage": name, "seconds": round(time.perf_counter() - start, 3), "peak_mib": round(peak_rss_mib(), 1), "rss_mib": round(current_rss_mib(), 1)})
         return wrapper
 
     for name in ("embed", "embed_masks", "_fit_bank", "layer_order", "concept_map_entry", "supervised_similarity", "cka_matrix"):
         setattr(workflow, name, traced(name, getattr(workflow, name)))
     model = load_model(MODEL)
     dataset = SyntheticWorld(n_images, seed=0)
-    floor = _rss_mib()
+    floor = current_rss_mib()
     start = time.perf_counter()
     store = ActivationStore(Path(folder) / "store")
     layers, epochs = (LAYERS[:2], 1) if quick else (LAYERS, MAX_EPOCHS)
     probed = workflow.probe_model("A", model, dataset, layers, "net2vec", store, Path(folder) / "banks", grid=GRID,
                                   params={"max_epochs": epochs}, device="cpu", input_size=(128, 128))
-    peak_probe = _peak_mib()
+    peak_probe = peak_rss_mib()
     result = workflow.compare_models([probed], dataset, store, "net2vec", grid=GRID)
     seconds = time.perf_counter() - start
     assert len(result["matrix"]) == len(layers)
     return {
-        "n_images": n_images, "peak_mib": _peak_mib(), "peak_after_probe_mib": peak_probe, "rss_after_imports_mib": floor,
+        "n_images": n_images, "peak_mib": peak_rss_mib(), "peak_after_probe_mib": peak_probe, "rss_after_imports_mib": floor,
         "seconds": seconds, "stages": stages, "n_test_images": result["n_test_images"],
         "stored_mib": round(sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 2**20, 1),
     }
@@ -120,12 +107,5 @@ def run(quick: bool = False) -> list[Figure]:
     return [Figure("memory", f"peak RSS at {4 * n} / {n} images (embed + net2vec + compare)", round(ratio, 4), "×", target, check(ratio, target), details)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
-    args = parser.parse_args()
-    print_figures(run(quick=args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

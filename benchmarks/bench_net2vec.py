@@ -17,7 +17,6 @@ Throughput = pixels × channels / second, pixels = training images × grid cells
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Figure  # noqa: E402
+from common import Figure, standalone  # noqa: E402
 
 FULL = {"n": 200, "channels": 256, "k": 10, "native": 32, "grid": 50, "epochs": 3, "repeats": 2}
 QUICK = {"n": 30, "channels": 64, "k": 3, "native": 16, "grid": 25, "epochs": 2, "repeats": 2}
@@ -130,14 +129,5 @@ def run(quick: bool, size: dict | None = None) -> list[Figure]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    for figure in run(args.quick):
-        print(f"{figure.name:55s} {figure.value:10.3f} {figure.unit}")
-    print({k: v for k, v in figure.details.items()})
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

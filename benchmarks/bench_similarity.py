@@ -27,9 +27,7 @@ the similarity stage.
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -40,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Figure, run_in_subprocess  # noqa: E402
+from common import Figure, current_rss_mib, peak_rss_mib, run_in_subprocess, standalone  # noqa: E402
 
 MODELS = {
     "A": ("zoo:synthetic_vgg_centernet", ["backbone.block1", "backbone.block2", "backbone.block3", "backbone.block4", "backbone.block5", "neck.up1", "neck.up2", "head.heatmap"]),
@@ -58,14 +56,6 @@ def _dataset(n_images: int):
     world = SyntheticWorld(n_images, seed=0)
     world.splits = {"train": [], "val": [], "test": list(world.ids)}
     return world
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def prepare(folder: str, n_images: int, quick: bool) -> dict[str, Any]:
@@ -148,11 +138,11 @@ def compare_worker(folder: str) -> dict[str, Any]:
     originals = {name: getattr(workflow, name) for name in ("embed_masks", "concept_map_entry", "supervised_similarity", "cka_matrix")}
     for name, function in originals.items():
         setattr(workflow, name, timed(name, function))
-    rss_before, peak_before = _rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before, peak_before = current_rss_mib(), peak_rss_mib()
     start = time.perf_counter()
     result = workflow.compare_models(probed, dataset, store, "net2vec", grid=GRID)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     for name, function in originals.items():
         setattr(workflow, name, function)
     n_layers = len(result["layers"])
@@ -182,13 +172,13 @@ def read_worker(folder: str) -> dict[str, Any]:
     described, store, probed = _setting(folder)
     readers = [EntryReader(model.activations[layer]) for model in probed for layer in model.layers]
     n = described["n_images"]
-    rss_before = _rss_mib()
+    rss_before = current_rss_mib()
     start = time.perf_counter()
     for rows in range(0, n, 32):
         for reader in readers:
             reader.rows(range(rows, min(rows + 32, n)))["activations"].float()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mib": rss_before}
+    return {"seconds": seconds, "peak_mib": peak_rss_mib(), "rss_before_mib": rss_before}
 
 
 def run(quick: bool = False) -> list[Figure]:
@@ -235,14 +225,5 @@ def run(quick: bool = False) -> list[Figure]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
-    args = parser.parse_args()
-    for figure in run(quick=args.quick):
-        print(f"{figure.name}: {figure.value:.4g} {figure.unit}")
-        print(f"  {figure.details}")
-
-
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

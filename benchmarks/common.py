@@ -73,6 +73,15 @@ def print_figures(figures: list[Figure], details: bool = True) -> None:
                 print(f"  {key}: {value}")
 
 
+def standalone(run: Callable[..., list[Figure]], doc: str | None) -> None:
+    """Command line of one benchmark file: ``python benchmarks/bench_<name>.py [--quick]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
+    print_figures(run(quick=parser.parse_args().quick))
+
+
 def best_time(work: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> float:
     """Best wall time of ``repeats`` calls (after ``warmup`` untimed calls), in seconds."""
     for _ in range(warmup):
@@ -88,6 +97,12 @@ def best_time(work: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> flo
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now, in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_in_subprocess(module: str, function: str, arguments: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
