@@ -311,10 +311,16 @@ class _DatasetSets:
         self.provenance = {name: [dataset.ids[i] for i in idx] for name, idx in self.sets.items()}
 
     def activations(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]]:
-        from conceptlens.tcav_step import set_activations
+        """Pooled over each image's cells from the native maps the probes embedded (the same store entries:
+        no second forward pass over the dataset)."""
+        from concepts.embed import embed
+        from probes.linear import pooled_activations
 
-        pooled = set_activations(model, {"all": self.dataset}, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
-        return {layer: {name: pooled[layer]["all"][idx] for name, idx in self.sets.items()} for layer in layers}
+        config = run.config
+        result = embed(model, self.dataset, layers, run.store, dtype=config.embed.dtype, batch_size=config.embed.batch_size,
+                       device=config.device, progress=run.progress)
+        pooled = {layer: pooled_activations(result.entries[layer]) for layer in layers}
+        return {layer: {name: pooled[layer][idx] for name, idx in self.sets.items()} for layer in layers}
 
     def inputs(self, concept: str | None, limit: int) -> ConceptDataset:
         return self.dataset.subset(self.scored[concept or "test"][:limit])
