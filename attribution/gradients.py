@@ -4,16 +4,16 @@ captum's layer attribution (``LayerGradientXActivation`` with ``multiply_by_inpu
 plain layer gradients) does the forward/backward work; this module feeds it the right inputs:
 
 * a plain ``nn.Module`` with a tensor batch — the model's output goes straight to the target;
-* a :class:`concepts.models.LoadedModel` with raw images (uint8 ``(H, W, 3)`` arrays) — its
+* a :class:`conceptlens.concepts.models.loading.LoadedModel` with raw images (uint8 ``(H, W, 3)`` arrays) — its
   adapter prepares each batch. captum needs one tensor, but a torchvision detector takes a list of
   differently sized images, so the list is zero-padded into one tensor and cut back into the list
   inside the forward function; the gradient reaches every image through its own slice. The adapter
-  reports where each image lies on the canvas (:class:`concepts.geometry.Geometry`), and gradients
+  reports where each image lies on the canvas (:class:`conceptlens.concepts.geometry.Geometry`), and gradients
   at feature cells outside the image (the detector's padding) are zeroed: pooled CAVs are trained
   on activations averaged over the image's cells only, so the matching directional derivative sums
   the gradient over those same cells.
 
-Targets may return :class:`attribution.targets.TargetValues` (detector targets: an image without a
+Targets may return :class:`conceptlens.attribution.targets.TargetValues` (detector targets: an image without a
 matching detection is marked invalid, and its zero value contributes a zero gradient) or a plain
 ``(B,)`` tensor; an int ``k`` means ``output[:, k]``.
 """
@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from captum.attr import LayerGradientXActivation
 from torch import nn
 
-from concepts.embed import resolve_device
-from concepts.errors import ConceptLensError
-from concepts.geometry import Geometry, image_cells
-from concepts.hooks import resolve_layers
-from concepts.models import LoadedModel
+from conceptlens.concepts.environment import resolve_device
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import Geometry, image_cells
+from conceptlens.concepts.models.hooks import resolve_layers
+from conceptlens.concepts.models.loading import LoadedModel
 
-from attribution.targets import TargetValues
+from conceptlens.attribution.targets import TargetValues
 
 __all__ = ["GradientBatch", "GradientError", "count_inputs", "iter_layer_gradients", "layer_modules_of", "model_device", "place_model", "target_values"]
 

@@ -2,18 +2,18 @@
 
 Two kinds of map, both laid over the *original* image (METHODS.md §2, §4, §6):
 
-* :func:`concept_maps` — a :class:`~concepts.vectors.ConceptBank` applied to one image's layer
+* :func:`concept_maps` — a :class:`~conceptlens.concepts.vectors.bank.ConceptBank` applied to one image's layer
   activations. Linear banks (Net2Vec, linear) give probabilities ``σ(w·a + b)``, their logits
   resampled onto the image first (as the probes were trained and evaluated); NMF banks give the
   non-negative NNLS coefficients of each cell (NCAV maps). No gradients, and the forward pass
   stops after the bank's layer.
 * :func:`gradient_cav_maps` — the gradient × CAV attribution map: per feature cell, the conceptual
   sensitivity ``S_k(hw) = ∂h/∂A_hw · v_k`` of a target scalar ``h``. Its sum over the image's
-  cells is TCAV's sensitivity for a pooled CAV (see :mod:`attribution.tcav`), so the map shows
+  cells is TCAV's sensitivity for a pooled CAV (see :mod:`conceptlens.attribution.tcav`), so the map shows
   where that sensitivity comes from. Stored in ``ImageConceptMaps.scores``.
 
 Geometry. Feature maps are sampled on a grid over the original image with
-:func:`concepts.geometry.features_to_grid`, using the geometry the model's adapter reports, so a
+:func:`conceptlens.concepts.geometry.features_to_grid`, using the geometry the model's adapter reports, so a
 detector's resize and padding are undone exactly; its sample positions stop at the outermost cells
 on the image, so nothing computed on padding reaches the map. The maps equal
 ``bank.concept_maps(activations, geometries, grid)``.
@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution.gradients import TargetLike, iter_layer_gradients, place_model
-from concepts.errors import ConceptLensError
-from concepts.geometry import features_to_grid
-from concepts.hooks import LayerCapture, resolve_layers
-from concepts.models import LoadedModel
-from concepts.vectors import ConceptBank
-from probes.linear import CAVSet
+from conceptlens.attribution.gradients import TargetLike, iter_layer_gradients, place_model
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import features_to_grid
+from conceptlens.concepts.models.hooks import LayerCapture, resolve_layers
+from conceptlens.concepts.models.loading import LoadedModel
+from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.probes.linear import CAVSet
 
 __all__ = [
     "KINDS",
@@ -204,7 +204,7 @@ def gradient_cav_maps(
         ``(K, C)`` concept directions, used as given (``(K, C, h, w)`` flattened CAVs are dotted
         cell by cell); a bank or CAV set goes through :func:`concept_directions` (unit vectors).
     target : callable or int
-        Anything :func:`attribution.gradients.iter_layer_gradients` accepts, e.g.
+        Anything :func:`conceptlens.attribution.gradients.iter_layer_gradients` accepts, e.g.
         ``ClassLogit(k)`` or ``TopDetection(k)``.
     names : sequence of str, optional
         Concept names for a tensor of vectors (default ``cav_0`` …).
@@ -259,8 +259,8 @@ def gradient_cav_maps(
 def concept_directions(source: ConceptBank | CAVSet) -> tuple[list[str], torch.Tensor]:
     """Concept names and unit concept directions in the layer's raw activation space.
 
-    A :class:`~probes.linear.CAVSet` gives the mean of each concept's R CAVs (one per random set),
-    normalised; flattened CAVs come back as ``(K, C, h, w)``. A :class:`~concepts.vectors.ConceptBank`
+    A :class:`~conceptlens.probes.linear.CAVSet` gives the mean of each concept's R CAVs (one per random set),
+    normalised; flattened CAVs come back as ``(K, C, h, w)``. A :class:`~conceptlens.concepts.vectors.bank.ConceptBank`
     gives its vectors normalised; a bank with per-channel standardisation applies ``w`` to
     ``(a − μ)/σ``, so its direction in raw activations is ``w/σ`` (the gradient of its logit).
     """
@@ -319,7 +319,7 @@ def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
 
 def _place(model: LoadedModel, device: str | torch.device | None) -> torch.device:
     if not isinstance(model, LoadedModel):
-        raise MapError("model", f"is a {type(model).__name__}", "load it with concepts.models.load_model (maps need its adapter)")
+        raise MapError("model", f"is a {type(model).__name__}", "load it with conceptlens.concepts.models.loading.load_model (maps need its adapter)")
     return place_model(model, device)
 
 

@@ -1,8 +1,8 @@
 """NCAV importance and local explanations (METHODS.md §4; ICE, Zhang et al. 2021, arXiv 2006.15417).
 
 Definitions. ``A`` (C×h×w) are a layer's activations for input ``x``, ``P`` (k×C) the NCAVs of an
-NMF :class:`~concepts.vectors.ConceptBank` (``bank.vectors``), ``y`` a target scalar
-(:mod:`attribution.targets`).
+NMF :class:`~conceptlens.concepts.vectors.bank.ConceptBank` (``bank.vectors``), ``y`` a target scalar
+(:mod:`conceptlens.attribution.targets`).
 
 * Concept maps ``S(x)`` (k×h×w): the NNLS codes of the pixel vectors (``bank.nmf_maps``).
 * Concept score ``s_j(x)``: the mean of ``S_j(x)`` over the image's cells (``image_cells`` of
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribution.gradients import GradientBatch, count_inputs, iter_layer_gradients, layer_modules_of, place_model, target_values
-from concepts.atomic import atomic_write_text
-from concepts.errors import ConceptLensError
-from concepts.geometry import Geometry, image_cells
-from concepts.models import LoadedModel
-from concepts.vectors import ConceptBank
+from conceptlens.attribution.gradients import GradientBatch, count_inputs, iter_layer_gradients, layer_modules_of, place_model, target_values
+from conceptlens.concepts.store.atomic import atomic_write_text
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import Geometry, image_cells
+from conceptlens.concepts.models.loading import LoadedModel
+from conceptlens.concepts.vectors.bank import ConceptBank
 
 __all__ = ["NCAVError", "NCAVImportance", "concept_scores", "ncav_importance", "ncav_importance_finite_difference"]
 
@@ -238,11 +238,11 @@ def _jsonable_id(value: Any) -> Any:
 
 def _check_bank(bank: Any, layer: str) -> None:
     if not isinstance(bank, ConceptBank):
-        raise NCAVError("bank", f"is a {type(bank).__name__}", "pass a concepts.vectors.ConceptBank (NMFConcepts.to_bank)")
+        raise NCAVError("bank", f"is a {type(bank).__name__}", "pass a conceptlens.concepts.vectors.bank.ConceptBank (NMFConcepts.to_bank)")
     if bank.method != "nmf":
         raise NCAVError(
             _bank_name(bank), f"is a {bank.method!r} bank, not NCAVs; NCAV importance needs an NMF bank for layer {layer!r}",
-            "fit probes.nmf.NMFConcepts and use its to_bank(); use attribution.tcav for linear CAVs",
+            "fit conceptlens.probes.nmf.NMFConcepts and use its to_bank(); use conceptlens.attribution.tcav for linear CAVs",
         )
 
 
@@ -296,7 +296,7 @@ def ncav_importance(
 ) -> NCAVImportance:
     """Importance ``I_j(x) = Σ_{image cells} ∂y/∂A_hw · P_j`` and concept scores of every NCAV.
 
-    Streams batches through :func:`attribution.gradients.iter_layer_gradients` (one forward and
+    Streams batches through :func:`conceptlens.attribution.gradients.iter_layer_gradients` (one forward and
     one backward pass per batch); only the ``(N, k)`` results are kept.
 
     Parameters
@@ -310,7 +310,7 @@ def ncav_importance(
     bank : ConceptBank
         NMF bank (``method='nmf'``) of that layer.
     target : callable or int
-        ``target(output)`` → :class:`~attribution.targets.TargetValues` or ``(B,)`` tensor; an int
+        ``target(output)`` → :class:`~conceptlens.attribution.targets.TargetValues` or ``(B,)`` tensor; an int
         ``k`` picks ``output[:, k]``.
     batch_size : int
     device : str or torch.device, optional

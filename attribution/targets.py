@@ -45,7 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torchvision.ops import box_iou
 
-from concepts.errors import ConceptLensError
+from conceptlens.concepts.errors import ConceptLensError
 
 __all__ = [
     "SPEC_FORMS",

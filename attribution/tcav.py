@@ -9,7 +9,7 @@ Conceptual sensitivity of input ``x`` to CAV ``v`` at layer ``L`` for target sca
   returns under the key ``"magnitude"`` (``torch.mean(tcav_score, dim=1)``), despite its docstring.
 
 Significance: the R scores of a concept's CAVs (one per random set) against the R scores of the
-random-vs-random CAVs of :class:`probes.linear.CAVSet` (the null), two-sided Student
+random-vs-random CAVs of :class:`conceptlens.probes.linear.CAVSet` (the null), two-sided Student
 t-test (``scipy.stats.ttest_ind``, equal variances, as the TCAV reference code does), then Holm
 and Bonferroni adjustment over every (concept, layer, target) hypothesis of one call. Bootstrap
 confidence intervals resample the inputs (seeded) and recompute the mean over runs of the score.
@@ -40,11 +40,11 @@ import torch
 from scipy import stats
 from torch import nn
 
-from concepts.errors import ConceptLensError
-from concepts.models import LoadedModel
-from probes.linear import CAVSet
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.models.loading import LoadedModel
+from conceptlens.probes.linear import CAVSet
 
-from attribution.gradients import iter_layer_gradients, layer_modules_of
+from conceptlens.attribution.gradients import iter_layer_gradients, layer_modules_of
 
 __all__ = [
     "METRICS",
@@ -88,7 +88,7 @@ def layer_gradients(
 ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
     """Stream per-batch gradients of a target scalar w.r.t. each layer's output.
 
-    The two-value form of :func:`attribution.gradients.iter_layer_gradients` (which also takes
+    The two-value form of :func:`conceptlens.attribution.gradients.iter_layer_gradients` (which also takes
     loaded models with raw images, and reports invalid detector targets).
 
     Yields

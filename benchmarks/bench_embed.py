@@ -1,4 +1,4 @@
-"""Embedding overhead: ``concepts.embed.embed`` against a bare ``torch.no_grad()`` forward loop.
+"""Embedding overhead: ``conceptlens.concepts.embedding.embed.embed`` against a bare ``torch.no_grad()`` forward loop.
 
 Usage: ``python benchmarks/bench_embed.py [--quick]``
 
@@ -46,7 +46,7 @@ def _images(n: int, seed: int = 0):
     """The synthetic world with its images rendered once and kept in memory."""
     import numpy as np
 
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     class RenderedWorld(SyntheticWorld):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -76,8 +76,8 @@ def _embed(model, dataset, layers: list[str], batch_size: int, written: list[int
 
     The bytes written (shards and manifests) are appended to ``written`` when given.
     """
-    from concepts.embed import embed
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.embedding.embed import embed
+    from conceptlens.concepts.store.activations import ActivationStore
 
     folder = tempfile.mkdtemp(prefix="bench-embed-")
     try:
@@ -110,7 +110,7 @@ def measure(n: int, repeats: int) -> dict[str, Any]:
     """Interleave bare / embed(all) / embed(shallow) ``repeats`` times; keep each side's best time."""
     import torch
 
-    from concepts.models import load_model
+    from conceptlens.concepts.models.loading import load_model
 
     torch.manual_seed(0)
     model = load_model(MODEL, weights="none", input_size=INPUT_SIZE)

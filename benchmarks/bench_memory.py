@@ -38,10 +38,10 @@ def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
     import torch
 
     import conceptlens.workflow as workflow
-    from concepts.models import load_model
-    from concepts.store import ActivationStore
-    from concepts.synthetic import SyntheticWorld
-    from probes.net2vec import Net2VecProbe  # noqa: F401  (imported before the floor is read)
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.store.activations import ActivationStore
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
+    from conceptlens.probes.net2vec import Net2VecProbe  # noqa: F401  (imported before the floor is read)
 
     torch.manual_seed(0)
     stages: list[dict[str, Any]] = []

@@ -3,11 +3,11 @@
 Usage: ``python benchmarks/bench_net2vec.py [--quick]``; in the suite (``run_all.py``)
 :func:`run` gives the figures.
 
-Inputs are synthetic and written to a temporary :class:`~concepts.store.ActivationStore` the way
+Inputs are synthetic and written to a temporary :class:`~conceptlens.concepts.store.activations.ActivationStore` the way
 the workflow's are (an activation entry of native maps and a grid-mask entry with a seeded
 60/20/20 split): ``N`` images of ``C × h × w`` ReLU activations in which each of ``K`` concepts
 adds its own direction inside a random rectangle of its grid mask. The joint side is one
-:class:`probes.net2vec.Net2VecProbe` on all K concepts; the loop side is K probes, each on a mask
+:class:`conceptlens.probes.net2vec.Net2VecProbe` on all K concepts; the loop side is K probes, each on a mask
 entry holding only its concept (same activations, same settings). Both run the same number of
 epochs (``patience = max_epochs``: no early stop). Only ``fit`` is timed; each side is timed
 ``repeats`` times, the sides interleaved, best time kept.
@@ -55,8 +55,8 @@ def write_entries(root: Path, activations, masks, concepts: list[str]):
     """One activation entry and K + 1 mask entries (all concepts; each concept alone)."""
     import torch
 
-    from concepts.dataset import assign_splits
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.data.dataset import assign_splits
+    from conceptlens.concepts.store.activations import ActivationStore
 
     store = ActivationStore(root)
     n, shard = activations.shape[0], 32
@@ -85,8 +85,8 @@ def write_entries(root: Path, activations, masks, concepts: list[str]):
 def run(quick: bool, size: dict | None = None) -> list[Figure]:
     import torch
 
-    from probes.data import split_indices
-    from probes.net2vec import Net2VecProbe
+    from conceptlens.probes.data import split_indices
+    from conceptlens.probes.net2vec import Net2VecProbe
 
     size = size or (QUICK if quick else FULL)
     concepts = [f"concept_{i}" for i in range(size["k"])]

@@ -67,7 +67,7 @@ def worker(job: dict) -> dict:
             seconds = time.perf_counter() - start
         error = float(np.linalg.norm(matrix - codes @ model.components_) / np.linalg.norm(matrix))
         return {"seconds": seconds, "error": error, "n_iter": int(model.n_iter_), "curve": []}
-    from probes.nmf import NMFConcepts
+    from conceptlens.probes.nmf import NMFConcepts
 
     start = time.perf_counter()
     model = NMFConcepts(n_components=job["k"], solver=job["solver"], tol=job["tol"], max_iter=job["max_iter"], seed=job["seed"], device="cpu", progress=False).fit(pixels)

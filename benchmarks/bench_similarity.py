@@ -51,7 +51,7 @@ GRID = (100, 100)
 
 def _dataset(n_images: int):
     """The synthetic world with every image in the test split."""
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_images, seed=0)
     world.splits = {"train": [], "val": [], "test": list(world.ids)}
@@ -62,11 +62,11 @@ def prepare(folder: str, n_images: int, quick: bool) -> dict[str, Any]:
     """Embed both models and the masks, write random banks; return the description (not timed)."""
     import torch
 
-    from concepts.embed import embed
-    from concepts.masks import embed_masks
-    from concepts.models import load_model
-    from concepts.store import ActivationStore
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.embedding.embed import embed
+    from conceptlens.concepts.embedding.masks import embed_masks
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.store.activations import ActivationStore
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     torch.manual_seed(0)
     store = ActivationStore(Path(folder) / "store")
@@ -97,9 +97,9 @@ def prepare(folder: str, n_images: int, quick: bool) -> dict[str, Any]:
 
 
 def _setting(folder: str):
-    from concepts.compare import relative_depths
-    from concepts.store import ActivationStore, StoreEntry
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.compare.similarity import relative_depths
+    from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
+    from conceptlens.concepts.vectors.bank import ConceptBank
     from conceptlens.workflow import ProbedModel
 
     described = json.loads((Path(folder) / "described.json").read_text())
@@ -120,7 +120,7 @@ def _setting(folder: str):
 def compare_worker(folder: str) -> dict[str, Any]:
     """In a fresh process: run ``compare_models`` once; its time, stage times and peak RSS."""
     import conceptlens.workflow as workflow
-    from concepts.compare import LayerMaps  # noqa: F401  (imported before the clock starts)
+    from conceptlens.concepts.compare.similarity import LayerMaps  # noqa: F401  (imported before the clock starts)
 
     described, store, probed = _setting(folder)
     dataset = _dataset(described["n_images"])
@@ -149,7 +149,7 @@ def compare_worker(folder: str) -> dict[str, Any]:
     assert len(result["matrix"]) == n_layers and len(result["cka"]["spatial"]) == n_layers
 
     # the floor of the similarity stage: read every layer's maps once (they exist now)
-    from concepts.store import EntryReader
+    from conceptlens.concepts.store.activations import EntryReader
 
     map_entries = [entry for entry in store.entries() if entry.key not in described["keep"]]
     readers = [EntryReader(entry) for entry in map_entries]
@@ -167,7 +167,7 @@ def compare_worker(folder: str) -> dict[str, Any]:
 
 def read_worker(folder: str) -> dict[str, Any]:
     """In a fresh process: stream every layer's activations for the test images once (the baseline)."""
-    from concepts.store import EntryReader
+    from conceptlens.concepts.store.activations import EntryReader
 
     described, store, probed = _setting(folder)
     readers = [EntryReader(model.activations[layer]) for model in probed for layer in model.layers]

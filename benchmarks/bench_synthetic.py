@@ -28,7 +28,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):  # pin to one core
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-    from concepts.synthetic import SyntheticWorld, render_scene
+    from conceptlens.concepts.data.synthetic import SyntheticWorld, render_scene
 
     size = tuple(args.size)
     for index in range(50):  # warm up

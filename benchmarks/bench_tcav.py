@@ -18,7 +18,7 @@ Chelsea cat photo on sample-photo backgrounds) for the logit of ImageNet class 2
   resize + normalisation conceptlens uses), so both sides start from the same uint8 images.
 * **conceptlens** — the ``conceptlens tcav`` chain: ``tcav_step.set_activations`` (every set
   embedded once into an ``ActivationStore``, reused when warm) → ``fit_image_cavs`` (batched Newton
-  logistic CAVs, plus its own null CAVs ``r_i`` vs ``r_{i+1}``) → ``attribution.tcav.tcav_scores``
+  logistic CAVs, plus its own null CAVs ``r_i`` vs ``r_{i+1}``) → ``conceptlens.attribution.tcav.tcav_scores``
   (one forward+backward per input batch for all layers, t-test, Holm, 1000 bootstrap resamples).
   CAVs are trained on **flattened** ``C·h·w`` activations (``set_activations(flatten=True)``:
   ``reduce='native'`` maps), the features captum trains on; the pooled default is timed too
@@ -77,7 +77,7 @@ def image_sets(n_per_set: int, n_random: int, n_inputs: int, seed: int = 0) -> t
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from concepts.real_textures import RealTextureWorld
+    from conceptlens.concepts.data.real_textures import RealTextureWorld
 
     size = 224
     rng = np.random.default_rng(seed)
@@ -124,7 +124,7 @@ def _setup(size: str) -> tuple[Any, dict[str, list], list, dict[str, Any]]:
     """Threads, model (warmed up), images: the untimed part of every worker."""
     import torch
 
-    from concepts.models import load_model
+    from conceptlens.concepts.models.loading import load_model
 
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
@@ -135,7 +135,7 @@ def _setup(size: str) -> tuple[Any, dict[str, list], list, dict[str, Any]]:
     import captum.concept  # noqa: F401
     import scipy.stats  # noqa: F401
 
-    import attribution.tcav  # noqa: F401
+    import conceptlens.attribution.tcav  # noqa: F401
     import conceptlens.tcav_step  # noqa: F401
 
     with torch.no_grad():  # first-call overhead (allocator, oneDNN primitives) out of the timings
@@ -212,9 +212,9 @@ def captum_worker(size: str) -> dict[str, Any]:
 
 def _score_check(model: Any, sets: dict[str, list], inputs: list, layers: list[str], run: dict) -> dict[str, Any]:
     """Score captum's own CAVs with ``tcav_scores``; compare every run's sign count to captum's."""
-    from attribution.targets import ClassLogit
-    from attribution.tcav import tcav_scores
-    from probes.linear import CAVSet
+    from conceptlens.attribution.targets import ClassLogit
+    from conceptlens.attribution.tcav import tcav_scores
+    from conceptlens.probes.linear import CAVSet
 
     ids, scores, cavs = run["ids"], run["scores"], run["cavs"]
     randoms = [name for name in sets if name.startswith("random_")]
@@ -252,10 +252,10 @@ def _score_check(model: Any, sets: dict[str, list], inputs: list, layers: list[s
 
 # -------------------------------------------------------------------------------- conceptlens
 def _ours_once(model: Any, sets: dict[str, list], inputs: list, layers: list[str], store_path: str, flatten: bool) -> Any:
-    from attribution.targets import ClassLogit
-    from attribution.tcav import tcav_scores
-    from concepts.dataset import ArrayDataset
-    from concepts.store import ActivationStore
+    from conceptlens.attribution.targets import ClassLogit
+    from conceptlens.attribution.tcav import tcav_scores
+    from conceptlens.concepts.data.dataset import ArrayDataset
+    from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.tcav_step import fit_image_cavs, set_activations
 
     batch = len(next(iter(sets.values())))

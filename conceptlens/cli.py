@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from concepts.errors import ConceptLensError  # noqa: E402
+from conceptlens.concepts.errors import ConceptLensError  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target_forms() -> str:
-    from attribution.targets import SPEC_FORMS
+    from conceptlens.attribution.targets import SPEC_FORMS
 
     return SPEC_FORMS
 
@@ -199,7 +199,7 @@ def _os_error(error: OSError) -> ConceptLensError:
     """The one-line error for an OSError that escaped a command, naming its file and a fix."""
     import errno
 
-    from concepts.atomic import write_error
+    from conceptlens.concepts.store.atomic import write_error
 
     path = error.filename or "a file"
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM):
@@ -217,13 +217,13 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _load(args: argparse.Namespace):
-    from concepts.models import load_model
+    from conceptlens.concepts.models.loading import load_model
 
     return load_model(args.model, weights=args.weights, input_size=tuple(args.input_size) if args.input_size else None)
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from concepts.models import list_layers
+    from conceptlens.concepts.models.loading import list_layers
 
     model = _load(args)
     input_size = tuple(args.input_size) if args.input_size else (224, 224)
@@ -236,8 +236,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from concepts.embed import embed
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.embedding.embed import embed
+    from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.data_spec import open_dataset
 
     model = _load(args)
@@ -263,7 +263,7 @@ def _print_entries(result, seconds: float) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.workflow import probe_model, write_json
 
     model = _load(args)
@@ -286,8 +286,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
-    from concepts.image_sets import ImageSets
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.data.image_sets import ImageSets
+    from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.tcav_step import fit_image_cavs, set_activations
     from conceptlens.workflow import bank_path, write_json
 
@@ -308,11 +308,11 @@ def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
 
 
 def cmd_tcav(args: argparse.Namespace) -> int:
-    from attribution.targets import target_from_spec
-    from attribution.tcav import tcav_scores
-    from concepts.image_sets import ImageFolderDataset, ImageSets
-    from concepts.imageio import list_image_files
-    from concepts.store import ActivationStore
+    from conceptlens.attribution.targets import target_from_spec
+    from conceptlens.attribution.tcav import tcav_scores
+    from conceptlens.concepts.data.image_sets import ImageFolderDataset, ImageSets
+    from conceptlens.concepts.data.imageio import list_image_files
+    from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.tcav_step import fit_image_cavs, set_activations, tcav_table, write_tcav
 
     model = _load(args)
@@ -355,8 +355,8 @@ def _concept_data(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from concepts.models import load_model
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.workflow import probe_model
 
     if len(args.model) != len(args.layers):
@@ -379,10 +379,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
-    from attribution.maps import concept_maps, gradient_cav_maps
-    from attribution.targets import target_from_spec
-    from concepts.imageio import read_image
-    from concepts.vectors import ConceptBank
+    from conceptlens.attribution.maps import concept_maps, gradient_cav_maps
+    from conceptlens.attribution.targets import target_from_spec
+    from conceptlens.concepts.data.imageio import read_image
+    from conceptlens.concepts.vectors.bank import ConceptBank
     from conceptlens.plots import overlay_concept_maps
 
     model = _load(args)
@@ -402,8 +402,8 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from concepts.folder import write_folder_dataset
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.folder import write_folder_dataset
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_images=args.n, seed=args.seed)
     path = write_folder_dataset(world, args.out, seed=args.seed, overwrite=args.overwrite, progress=_progress(args))
@@ -412,7 +412,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train_zoo(args: argparse.Namespace) -> int:
-    from concepts.zoo.train import train_zoo
+    from conceptlens.concepts.training.zoo import train_zoo
 
     cards = train_zoo(args.out, steps=args.steps, seed=args.seed, progress=_progress(args))
     for name, card in cards.items():

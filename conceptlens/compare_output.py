@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from concepts.atomic import atomic_write_text
-from concepts.dataset import ConceptDataset
-from concepts.store import ActivationStore
+from conceptlens.concepts.store.atomic import atomic_write_text
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.store.activations import ActivationStore
 from conceptlens.plots import similarity_heatmap
 from conceptlens.workflow import ProbedModel, compare_models, write_json
 

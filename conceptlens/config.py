@@ -22,8 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from attribution.targets import SPEC_FORMS, TargetError, target_from_spec
-from concepts.errors import ConceptLensError
+from conceptlens.attribution.targets import SPEC_FORMS, TargetError, target_from_spec
+from conceptlens.concepts.errors import ConceptLensError
 
 __all__ = [
     "CompareConfig",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from concepts.dataset import ConceptDataset
-from concepts.errors import DataError
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.errors import DataError
 
 __all__ = ["open_dataset"]
 
@@ -34,12 +34,12 @@ def open_dataset(
         COCO only: keep an (image, category) mask when it covers this fraction of the image.
     """
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from concepts.synthetic import SyntheticWorld
+        from conceptlens.concepts.data.synthetic import SyntheticWorld
 
         n_images, world_seed = _generated_arguments(spec, seed)
         return SyntheticWorld(n_images=n_images, seed=world_seed)
     if spec == "real-textures" or spec.startswith("real-textures:"):
-        from concepts.real_textures import RealTextureWorld
+        from conceptlens.concepts.data.real_textures import RealTextureWorld
 
         n_images, world_seed = _generated_arguments(spec, seed)
         return RealTextureWorld(n_images=n_images, seed=world_seed)
@@ -47,11 +47,11 @@ def open_dataset(
     if path.suffix.lower() == ".json":
         if coco_images is None:
             raise DataError(spec, "a COCO annotation file needs its image folder", "pass --coco-images DIR")
-        from concepts.coco import CocoDataset
+        from conceptlens.concepts.data.coco import CocoDataset
 
         return CocoDataset(path, coco_images, area_range=area_range, seed=seed)
     if path.is_dir():
-        from concepts.folder import FolderDataset
+        from conceptlens.concepts.data.folder import FolderDataset
 
         return FolderDataset(path, seed=seed, progress=progress)
     if path.is_file():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from concepts.artifacts import artifact_paths, write_artifact
-from concepts.dataset import ConceptDataset
-from concepts.errors import ConceptLensError
-from concepts.geometry import Geometry, features_to_grid
-from concepts.models import LoadedModel, load_model
-from concepts.store import ActivationStore, EntryReader
-from concepts.vectors import ConceptBank
+from conceptlens.concepts.store.artifacts import artifact_paths, write_artifact
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.environment import package_versions
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import Geometry, features_to_grid
+from conceptlens.concepts.models.loading import LoadedModel, load_model
+from conceptlens.concepts.store.activations import ActivationStore, EntryReader
+from conceptlens.concepts.vectors.bank import ConceptBank
 from conceptlens.compare_output import write_comparison
 from conceptlens.config import PipelineConfig, check_paths, config_hash, config_to_dict
 from conceptlens.data_spec import open_dataset
@@ -268,8 +268,8 @@ def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) ->
 
 
 def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel], key: str) -> None:
-    from attribution.targets import target_from_spec
-    from attribution.tcav import merge_results, tcav_scores
+    from conceptlens.attribution.targets import target_from_spec
+    from conceptlens.attribution.tcav import merge_results, tcav_scores
     from conceptlens.tcav_step import fit_image_cavs, write_tcav
 
     settings = run.config.tcav
@@ -313,8 +313,8 @@ class _DatasetSets:
     def activations(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]]:
         """Pooled over each image's cells from the native maps the probes embedded (the same store entries:
         no second forward pass over the dataset)."""
-        from concepts.embed import embed
-        from probes.linear import pooled_activations
+        from conceptlens.concepts.embedding.embed import embed
+        from conceptlens.probes.linear import pooled_activations
 
         config = run.config
         result = embed(model, self.dataset, layers, run.store, dtype=config.embed.dtype, batch_size=config.embed.batch_size,
@@ -331,7 +331,7 @@ class _FolderSets:
     folder there (or, when no folder has that name, the concept dataset's test images showing it)."""
 
     def __init__(self, config: PipelineConfig, dataset: ConceptDataset) -> None:
-        from concepts.image_sets import ImageSets
+        from conceptlens.concepts.data.image_sets import ImageSets
 
         root = Path(config.data.image_sets)
         inputs = {t.inputs for t in config.tcav.targets if t.inputs and (root / t.inputs).is_dir()}
@@ -349,8 +349,8 @@ class _FolderSets:
         return set_activations(model, sets, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
 
     def inputs(self, name: str | None, limit: int) -> ConceptDataset:
-        from concepts.image_sets import ImageFolderDataset
-        from concepts.imageio import list_image_files
+        from conceptlens.concepts.data.image_sets import ImageFolderDataset
+        from conceptlens.concepts.data.imageio import list_image_files
 
         if name and (self.root / name).is_dir():
             files = list_image_files(self.root / name, f"the image set {name}/")
@@ -479,7 +479,7 @@ def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, ke
 
 def _ncav_peaks(model: ProbedModel, layer: str, bank: ConceptBank, indices: list[int]) -> dict[str, Any]:
     """Per NCAV and image: the largest NCAV map value over the image's cells and where it is."""
-    from concepts.geometry import image_cells
+    from conceptlens.concepts.geometry import image_cells
 
     reader = EntryReader(model.activations[layer])
     values = np.zeros((bank.n_concepts, len(indices)))
@@ -517,25 +517,13 @@ def _patch(image: np.ndarray, cell: tuple[int, int], geometry: Geometry, shape: 
 # ---------------------------------------------------------------------------------------------- summary
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for package in ("conceptlens", "torch", "torchvision", "numpy", "captum", "scikit-learn"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def _summary(config: PipelineConfig, dataset: ConceptDataset, models: dict[str, LoadedModel], probed: dict[str, dict[str, ProbedModel]],
              steps: list[dict[str, Any]], started: datetime, seconds: float) -> dict[str, Any]:
     depths = next(iter(probed.values()), {})
     return {
         "name": config.name, "config": config_to_dict(config), "config_hash": config_hash(config), "seed": config.seed, "device": config.device,
         "threads": torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count only
-        "versions": _versions(),
+        "versions": package_versions(),
         "data": {"spec": config.data.spec, "name": dataset.name, "n_images": len(dataset), "concepts": list(dataset.concepts),
                  "splits": {split: len(ids) for split, ids in dataset.splits.items()}},
         "models": [{"name": m.name, "spec": m.spec, "weights": m.weights, "hash": models[m.name].hash, "layers": list(m.layers),

@@ -172,7 +172,7 @@ def overlay_concept_maps(
     ----------
     image : ndarray
         uint8 ``(H, W, 3)``: the image the maps were computed on.
-    maps : attribution.maps.ImageConceptMaps
+    maps : conceptlens.attribution.maps.ImageConceptMaps
         Its ``kind`` picks the colour scale: probabilities on a fixed [0, 1] sequential scale,
         NCAV coefficients on a sequential scale from 0 to each map's maximum, gradient × CAV
         sensitivities on a diverging scale symmetric around 0 (± each map's largest magnitude).
@@ -199,7 +199,7 @@ def overlay_concept_maps(
     """
     from matplotlib import colors
 
-    from concepts.atomic import atomic_write_bytes
+    from conceptlens.concepts.store.atomic import atomic_write_bytes
 
     picture = np.asarray(image)
     values = maps.maps.detach().float().cpu().numpy()

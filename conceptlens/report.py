@@ -31,10 +31,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from concepts.artifacts import read_artifact
-from concepts.atomic import atomic_write_bytes, atomic_write_text
-from concepts.compare import BLIND_LAYER_IOU
-from concepts.errors import ConceptLensError
+from conceptlens.concepts.store.artifacts import read_artifact
+from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
+from conceptlens.concepts.compare.similarity import BLIND_LAYER_IOU
+from conceptlens.concepts.errors import ConceptLensError
 
 __all__ = ["ReportError", "SECTIONS", "findings", "grouped_findings", "load_results", "render_report", "write_report"]
 

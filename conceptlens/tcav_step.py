@@ -2,7 +2,7 @@
 
 Concept and random image sets are embedded once per layer with spatial mean pooling (the store
 reuses earlier runs), one CAV is trained per (concept, random set) plus the random-vs-random null
-CAVs, and the target's gradients are taken on the scored inputs (see :mod:`attribution.tcav`).
+CAVs, and the target's gradients are taken on the scored inputs (see :mod:`conceptlens.attribution.tcav`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution.tcav import TCAVResult
-from concepts.dataset import ConceptDataset
-from concepts.embed import embed
-from concepts.models import LoadedModel
-from concepts.store import ActivationStore
+from conceptlens.attribution.tcav import TCAVResult
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.embedding.embed import embed
+from conceptlens.concepts.models.loading import LoadedModel
+from conceptlens.concepts.store.activations import ActivationStore
 from conceptlens.workflow import write_json
-from probes.linear import CAVSet, pooled_activations, train_layer_cavs
+from conceptlens.probes.linear import CAVSet, pooled_activations, train_layer_cavs
 
 __all__ = ["set_activations", "fit_image_cavs", "write_tcav", "tcav_table"]
 

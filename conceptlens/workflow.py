@@ -15,18 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from concepts.atomic import atomic_write_text
-from concepts.cka import cka_matrix
-from concepts.compare import LayerMaps, relative_depths, ridge, supervised_similarity, unsupervised_similarity
-from concepts.concept_maps import concept_map_entry
-from concepts.dataset import ConceptDataset
-from concepts.embed import embed
-from concepts.errors import ConceptLensError
-from concepts.masks import embed_masks
-from concepts.models import LoadedModel, list_layers
-from concepts.store import ActivationStore, StoreEntry
-from concepts.vectors import BankError, ConceptBank
-from probes.data import split_indices
+from conceptlens.concepts.store.atomic import atomic_write_text
+from conceptlens.concepts.compare.cka import cka_matrix
+from conceptlens.concepts.compare.similarity import LayerMaps, relative_depths, ridge, supervised_similarity, unsupervised_similarity
+from conceptlens.concepts.vectors.concept_maps import concept_map_entry
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.embedding.embed import embed
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.embedding.masks import embed_masks
+from conceptlens.concepts.models.loading import LoadedModel, list_layers
+from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
+from conceptlens.concepts.vectors.bank import BankError, ConceptBank
+from conceptlens.probes.data import split_indices
 
 __all__ = ["ProbedModel", "bank_path", "compare_models", "layer_order", "probe_model", "write_json"]
 
@@ -141,11 +141,11 @@ def _reusable_bank(path: Path, activations: StoreEntry, masks: StoreEntry, param
 
 def _fit_bank(method: str, layer: str, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any], device: str, progress: bool) -> ConceptBank:
     if method == "net2vec":
-        from probes.net2vec import Net2VecProbe
+        from conceptlens.probes.net2vec import Net2VecProbe
 
         probe = Net2VecProbe(device=device, progress=progress, **params).fit(activations, masks)
         return probe.to_bank(layer, metrics=probe.evaluate(activations, masks, "test"))
-    from probes.nmf import NMFConcepts
+    from conceptlens.probes.nmf import NMFConcepts
 
     channels = int(activations.manifest()["item_shape"][0])
     settings = {**params, "n_components": min(params.get("n_components", 10), channels)}  # a narrow layer gets k ≤ C

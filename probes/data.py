@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from concepts.errors import DataError
-from concepts.geometry import Geometry
-from concepts.store import EntryReader, StoreEntry
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.geometry import Geometry
+from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
 __all__ = ["ProbeBatch", "split_indices", "iter_batches", "check_aligned"]
 

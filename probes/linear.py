@@ -46,12 +46,13 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 
-from concepts.artifacts import artifact_paths, read_artifact, write_artifact
-from concepts.embed import reduce_features, resolve_device
-from concepts.errors import ConceptLensError
-from concepts.geometry import Geometry
-from concepts.store import StoreEntry
-from concepts.vectors import ConceptBank
+from conceptlens.concepts.store.artifacts import artifact_paths, read_artifact, write_artifact
+from conceptlens.concepts.embedding.embed import reduce_features
+from conceptlens.concepts.environment import resolve_device
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import Geometry
+from conceptlens.concepts.store.activations import StoreEntry
+from conceptlens.concepts.vectors.bank import ConceptBank
 
 __all__ = [
     "CAVError",

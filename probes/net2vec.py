@@ -3,7 +3,7 @@
 A probe of one layer is a 1×1 convolution C→K with bias: ``z = W·a + b`` at every position of the
 layer's native activation map, one output per concept, trained on grid masks. The logits are
 computed at native resolution and then bilinearly resampled onto the concept grid over the
-original image (:func:`concepts.geometry.features_to_grid`). Resampling commutes with the 1×1
+original image (:func:`conceptlens.concepts.geometry.features_to_grid`). Resampling commutes with the 1×1
 convolution, so this equals probing upsampled activations, at a fraction of the cost.
 
 Targets and ground truth:
@@ -20,12 +20,10 @@ together gives the weights of K single-concept fits.
 
 from __future__ import annotations
 
-import platform
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -35,13 +33,13 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from concepts.embed import resolve_device
-from concepts.errors import ConceptLensError, DataError, LayerError
-from concepts.geometry import Geometry, features_to_grid, image_cells
-from concepts.store import StoreEntry
-from concepts.vectors import BankError, ConceptBank
-from probes.data import ProbeBatch, check_aligned, iter_batches, split_indices
-from probes.metrics import SegmentationMetrics
+from conceptlens.concepts.environment import package_versions, resolve_device
+from conceptlens.concepts.errors import ConceptLensError, DataError, LayerError
+from conceptlens.concepts.geometry import Geometry, features_to_grid, image_cells
+from conceptlens.concepts.store.activations import StoreEntry
+from conceptlens.concepts.vectors.bank import BankError, ConceptBank
+from conceptlens.probes.data import ProbeBatch, check_aligned, iter_batches, split_indices
+from conceptlens.probes.metrics import SegmentationMetrics
 
 __all__ = ["Net2VecProbe", "LOSSES", "VARIANTS"]
 
@@ -175,7 +173,7 @@ class Net2VecProbe(BaseEstimator):
     training, and the centring is folded into the bias when weights are kept: the model is the
     plain ``w·a + b``, only the optimisation is better conditioned.
 
-    The original variant cannot be exported to a :class:`~concepts.vectors.ConceptBank` (a bank
+    The original variant cannot be exported to a :class:`~conceptlens.concepts.vectors.bank.ConceptBank` (a bank
     has no binarisation step); :meth:`to_bank` refuses it.
 
     On CUDA, the backward pass of bilinear resampling accumulates with atomics, so two runs with
@@ -221,7 +219,7 @@ class Net2VecProbe(BaseEstimator):
         activations : StoreEntry
             Native activations ``(C, h, w)`` per image of one layer (``reduce='native'``).
         masks : StoreEntry
-            Grid masks of the same dataset (:func:`concepts.masks.embed_masks`).
+            Grid masks of the same dataset (:func:`conceptlens.concepts.embedding.masks.embed_masks`).
 
         Returns
         -------
@@ -407,7 +405,7 @@ class Net2VecProbe(BaseEstimator):
         Returns
         -------
         dict
-            ``{concept: metrics}`` (see :meth:`probes.metrics.SegmentationMetrics.compute`).
+            ``{concept: metrics}`` (see :meth:`conceptlens.probes.metrics.SegmentationMetrics.compute`).
         """
         check_is_fitted(self, "weight_")
         inputs = _open_inputs(activations, masks)
@@ -426,7 +424,7 @@ class Net2VecProbe(BaseEstimator):
 
     # ------------------------------------------------------------------------------ export
     def to_bank(self, layer: str, metrics: dict | None = None, provenance: dict | None = None) -> ConceptBank:
-        """Export the concept vectors as a ``net2vec`` :class:`~concepts.vectors.ConceptBank`.
+        """Export the concept vectors as a ``net2vec`` :class:`~conceptlens.concepts.vectors.bank.ConceptBank`.
 
         Parameters
         ----------
@@ -457,7 +455,7 @@ class Net2VecProbe(BaseEstimator):
             "training": asdict(self._settings()),
             "seed": self.seed,
             "best_epoch": dict(zip(self.concepts_, self.best_epoch_)),
-            "versions": _versions(),
+            "versions": package_versions(),
         }
         return ConceptBank(
             method="net2vec",
@@ -789,11 +787,3 @@ def _top_quantile(inputs: _Inputs, indices: np.ndarray, batch_size: int, device:
 def _require(condition: bool, culprit: str, problem: str, fix: str) -> None:
     if not condition:
         raise ConceptLensError(culprit, problem, fix)
-
-
-def _versions() -> dict[str, str]:
-    try:
-        package = version("conceptlens")
-    except PackageNotFoundError:
-        package = "unknown"
-    return {"conceptlens": package, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from concepts.errors import ConceptLensError
-from concepts.geometry import features_to_grid, image_cells
-from concepts.store import StoreEntry
-from concepts.vectors import ConceptBank, nnls
-from probes.data import ProbeBatch, iter_batches
+from conceptlens.concepts.environment import package_versions, resolve_device
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import features_to_grid, image_cells
+from conceptlens.concepts.store.activations import StoreEntry
+from conceptlens.concepts.vectors.bank import ConceptBank, nnls
+from conceptlens.probes.data import ProbeBatch, iter_batches
 
 __all__ = ["NMFConcepts", "NMFError", "SOLVERS"]
 
@@ -182,7 +182,7 @@ class NMFConcepts:
         if self.n_components > channels:
             raise NMFError(source.name, f"has {channels} channels, fewer than n_components={self.n_components}",
                            f"use n_components ≤ {channels} for this layer")
-        device = torch.device("cpu") if self.solver == "sklearn" else _resolve_device(self.device)
+        device = torch.device("cpu") if self.solver == "sklearn" else resolve_device(self.device, f"NMFConcepts(device={self.device!r})")
         if self.batch_size is None:
             result = self._fit_full(source, device)
         else:
@@ -262,7 +262,7 @@ class NMFConcepts:
         ----------
         pixels : Tensor
             ``(N, C)``; clamped at zero as in fit (with ``clamp=False`` negative input is an
-            error). Computed on the tensor's device with :func:`concepts.vectors.nnls`.
+            error). Computed on the tensor's device with :func:`conceptlens.concepts.vectors.bank.nnls`.
 
         Returns
         -------
@@ -309,7 +309,7 @@ class NMFConcepts:
         self._check_fitted()
         source = _source(entry, indices)
         clamp = _Clamp(self.clamp, source.name)
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device, f"NMFConcepts(device={self.device!r})")
         residual, total, _ = _streamed_error(source.blocks(device, self.seed, False), self.components_.to(device), clamp)
         if total == 0:
             raise NMFError(source.name, "all pixel vectors are zero", "choose images or a layer with non-zero activations")
@@ -369,7 +369,7 @@ class NMFConcepts:
         concepts = list(masks_entry.manifest()["dataset"]["concepts"])
         reduce = _reduction(entry)
         indices = None if indices is None else _checked_indices(entry, indices, entry.manifest()["n_items"])
-        batches = lambda: iter_batches(entry, masks_entry, indices, IMAGE_BATCH, device=_resolve_device(self.device))  # noqa: E731
+        batches = lambda: iter_batches(entry, masks_entry, indices, IMAGE_BATCH, device=resolve_device(self.device, f"NMFConcepts(device={self.device!r})"))  # noqa: E731
         maxima = None
         for batch in batches():
             maps = self._grid_maps(batch, reduce)
@@ -395,7 +395,7 @@ class NMFConcepts:
 
     # ----------------------------------------------------------------------------------- bank
     def to_bank(self, layer: str, labels: dict[int, dict[str, Any]] | None = None, provenance: dict[str, Any] | None = None) -> ConceptBank:
-        """Package the NCAVs as a :class:`~concepts.vectors.ConceptBank` (method ``'nmf'``).
+        """Package the NCAVs as a :class:`~conceptlens.concepts.vectors.bank.ConceptBank` (method ``'nmf'``).
 
         Parameters
         ----------
@@ -454,7 +454,7 @@ class NMFConcepts:
             },
             "clamp": {"clamp": self.clamp, "clamped_fraction": self.clamped_fraction_},
             "seed": self.seed,
-            "versions": _versions(),
+            "versions": package_versions(),
         }
 
     def _check_fitted(self) -> None:
@@ -542,7 +542,7 @@ def _checked_indices(entry: StoreEntry, indices: Sequence[int] | None, n_items: 
         return np.arange(n_items)
     wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
     if wanted.size and (wanted.min() < 0 or wanted.max() >= n_items):
-        raise NMFError(f"store entry {entry.key}", f"holds {n_items} items; indices run from {wanted.min()} to {wanted.max()}", "give indices of this entry's items (probes.data.split_indices)")
+        raise NMFError(f"store entry {entry.key}", f"holds {n_items} items; indices run from {wanted.min()} to {wanted.max()}", "give indices of this entry's items (conceptlens.probes.data.split_indices)")
     return wanted
 
 
@@ -1006,25 +1006,5 @@ def _scalar_outputs(outputs: torch.Tensor, batch: int) -> torch.Tensor:
     return outputs.reshape(batch).double()
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise NMFError(f"NMFConcepts(device={str(device)!r})", "CUDA is not available on this machine", "use device='cpu' or 'auto'")
-    return torch.device(device)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _versions() -> dict[str, str]:
-    import sklearn
-
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package = version("conceptlens")
-    except PackageNotFoundError:
-        package = "unknown"
-    return {"conceptlens": package, "torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}

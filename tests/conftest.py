@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from concepts.dataset import ArrayDataset
+from conceptlens.concepts.data.dataset import ArrayDataset
 
 
 class PoolingDetector(nn.Module):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from concepts.dataset import assign_splits
-from concepts.store import ActivationStore, StoreEntry
+from conceptlens.concepts.data.dataset import assign_splits
+from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
 
 __all__ = ["planted_entries", "activation_entry"]
 
@@ -43,7 +43,7 @@ def planted_entries(
 ) -> tuple[StoreEntry, StoreEntry]:
     """Store planted activations (N, C, h, w) and grid masks (N, K, Gh, Gw); return both entries.
 
-    The mask entry records a seeded 60/20/20 split like a real one (``probes.data.split_indices``).
+    The mask entry records a seeded 60/20/20 split like a real one (``conceptlens.probes.data.split_indices``).
     """
     n = activations.shape[0]
     ids = [f"{i:06d}" for i in range(n)]

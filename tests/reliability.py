@@ -63,7 +63,7 @@ def mark(name):
     Path(hooks["marker_dir"], name).touch()
 
 if "slow_shards" in hooks:  # sleep after each shard write: the kill lands between shards
-    from concepts.store import StoreEntry
+    from conceptlens.concepts.store.activations import StoreEntry
     write_shard = StoreEntry.write_shard
     def slow_write_shard(self, *args, **kwargs):
         shard = write_shard(self, *args, **kwargs)
@@ -72,7 +72,7 @@ if "slow_shards" in hooks:  # sleep after each shard write: the kill lands betwe
     StoreEntry.write_shard = slow_write_shard
 
 if "pause_fit" in hooks:  # the n-th probe fit marks and waits: the kill lands during training
-    from probes.net2vec import Net2VecProbe
+    from conceptlens.probes.net2vec import Net2VecProbe
     fit, calls = Net2VecProbe.fit, []
     def paused_fit(self, *args, **kwargs):
         calls.append(1)
@@ -92,7 +92,7 @@ if "pause_heatmaps" in hooks:  # compare.json is written, its heatmaps not yet
     compare_output._write_heatmaps = paused_heatmaps
 
 if "die_in_write" in hooks:  # the n-th atomic write matching a suffix: half the bytes, then kill -9
-    import concepts.atomic
+    import conceptlens.concepts.store.atomic
     suffix, nth = hooks["die_in_write"]
     real_fsync, seen = os.fsync, []
     def dying_fsync(fd):
@@ -104,7 +104,7 @@ if "die_in_write" in hooks:  # the n-th atomic write matching a suffix: half the
                 mark("dying")
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_fsync(fd)
-    concepts.atomic.os.fsync = dying_fsync
+    conceptlens.concepts.store.atomic.os.fsync = dying_fsync
 
 if "barrier" in hooks:  # start together: mark ready, wait until `count` processes are
     name, count = hooks["barrier"]

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from concepts.dataset import ArrayDataset
-from concepts.errors import ConceptLensError
-from concepts.folder import write_folder_dataset
+from conceptlens.concepts.data.dataset import ArrayDataset
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.data.folder import write_folder_dataset
 from conceptlens.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def _image_sets(tmp: Path, concept_images: int = 4) -> Path:
 
 
 def _bank(tmp: Path, model_hash: str = "a" * 64):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     bank = ConceptBank("net2vec", "conv", ["patch", "edge"], torch.randn(2, 4), torch.zeros(2), provenance={"model_hash": model_hash})
     return bank.save(tmp / "banks" / "tiny__conv.net2vec")
@@ -145,13 +145,13 @@ def _bank(tmp: Path, model_hash: str = "a" * 64):
 
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     """Make every atomic write fail with ``code`` after half of its bytes reached the temporary file."""
-    import concepts.atomic
+    import conceptlens.concepts.store.atomic
 
     def half_then_fail(file, data: bytes) -> None:
         file.write(data[: len(data) // 2])
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(concepts.atomic, "_write_and_sync", half_then_fail)
+    monkeypatch.setattr(conceptlens.concepts.store.atomic, "_write_and_sync", half_then_fail)
 
 
 def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,16 +160,16 @@ def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder.chmod(0o555)
     if os.access(folder, os.W_OK):  # root: the mode is not enforced
         folder.chmod(0o755)
-        import concepts.atomic
+        import conceptlens.concepts.store.atomic
 
-        create = concepts.atomic._temporary_file
+        create = conceptlens.concepts.store.atomic._temporary_file
 
         def read_only(path: Path):
             if folder in Path(path).parents:
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
             return create(path)
 
-        monkeypatch.setattr(concepts.atomic, "_temporary_file", read_only)
+        monkeypatch.setattr(conceptlens.concepts.store.atomic, "_temporary_file", read_only)
 
 
 # --------------------------------------------------------------------------- the table
@@ -406,29 +406,29 @@ def setup_no_cuda(tmp, mp):
 
 
 def open_folder(names):
-    from concepts.folder import FolderDataset
+    from conceptlens.concepts.data.folder import FolderDataset
 
     return FolderDataset(names["data"])
 
 
 def open_coco(names, categories=None):
-    from concepts.coco import CocoDataset
+    from conceptlens.concepts.data.coco import CocoDataset
 
     return CocoDataset(names["coco"], names["images"], categories=categories)
 
 
 def duplicate_bank_concepts(names):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     return ConceptBank("net2vec", "conv", ["car", "wheel", "car"], torch.zeros(3, 4), torch.zeros(3))
 
 
 def nmf_on_signed(names):
     """The tiny model's conv layer comes before its ReLU: signed activations."""
-    from concepts.embed import embed
-    from concepts.models import load_model
-    from concepts.store import ActivationStore
-    from probes.nmf import NMFConcepts
+    from conceptlens.concepts.embedding.embed import embed
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.store.activations import ActivationStore
+    from conceptlens.probes.nmf import NMFConcepts
 
     dataset = ArrayDataset(_images(6), name="signed")
     entry = embed(load_model(names["model"]), dataset, ["conv"], ActivationStore(Path(names["tmp"]) / "store"), batch_size=8, device="cpu", progress=False).entries["conv"]
@@ -436,7 +436,7 @@ def nmf_on_signed(names):
 
 
 def coco_with_images(names, images):
-    from concepts.coco import CocoDataset
+    from conceptlens.concepts.data.coco import CocoDataset
 
     data = json.loads(Path(names["coco"]).read_text())
     data["images"] = images
@@ -445,7 +445,7 @@ def coco_with_images(names, images):
 
 
 def coco_annotation_without_image_id(names):
-    from concepts.coco import CocoDataset
+    from conceptlens.concepts.data.coco import CocoDataset
 
     data = json.loads(Path(names["coco"]).read_text())
     del data["annotations"][0]["image_id"]
@@ -454,11 +454,11 @@ def coco_annotation_without_image_id(names):
 
 
 def net2vec_without_train_positive(names):
-    from concepts.embed import embed
-    from concepts.masks import embed_masks
-    from concepts.models import load_model
-    from concepts.store import ActivationStore
-    from probes.net2vec import Net2VecProbe
+    from conceptlens.concepts.embedding.embed import embed
+    from conceptlens.concepts.embedding.masks import embed_masks
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.store.activations import ActivationStore
+    from conceptlens.probes.net2vec import Net2VecProbe
 
     images = _images(10)
     probe = ArrayDataset(images, [np.zeros((2, 20, 24), bool) for _ in images], ["wheel", "sky"])
@@ -479,45 +479,45 @@ def net2vec_without_train_positive(names):
 
 
 def bank_of_other_model(names):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     return ConceptBank.load(names["bank"], model_hash="b" * 64)
 
 
 def bank_wrong_channels(names):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     return ConceptBank.load(names["bank"], expected_channels=16)
 
 
 def load_bank(names):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     return ConceptBank.load(names["bank"])
 
 
 def save_bank(names):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     ConceptBank("net2vec", "conv", ["patch"], torch.ones(1, 4), torch.zeros(1)).save(names["bank"])
 
 
 def embed_zero_images(names):
-    from concepts.embed import embed
-    from concepts.models import load_model
-    from concepts.store import ActivationStore
+    from conceptlens.concepts.embedding.embed import embed
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.store.activations import ActivationStore
 
     return embed(load_model(names["model"]), ArrayDataset([], name="nothing"), ["conv"], ActivationStore(Path(names["tmp"]) / "store"), device="cpu")
 
 
 def bad_box(names):
-    from attribution.targets import target_from_spec
+    from conceptlens.attribution.targets import target_from_spec
 
     return target_from_spec("box:1:0,0,10")
 
 
 def select_unknown_concept(names):
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     return SyntheticWorld(n_images=2).select_concepts(["whele"])
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from concepts.dataset import ArrayDataset
-from concepts.folder import write_folder_dataset
+from conceptlens.concepts.data.dataset import ArrayDataset
+from conceptlens.concepts.data.folder import write_folder_dataset
 from conceptlens.cli import main
 
 
@@ -55,15 +55,15 @@ def test_bad_input_exits_2_with_one_line(argv, culprit, capsys):
 
 
 def test_debug_shows_traceback():
-    from concepts.errors import ModelSpecError
+    from conceptlens.concepts.errors import ModelSpecError
 
     with pytest.raises(ModelSpecError):
         main(["layers", "nonsense", "--debug"])
 
 
 def test_synth_writes_folder_layout_that_loads_back_exactly(tmp_path, capsys):
-    from concepts.folder import FolderDataset
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.folder import FolderDataset
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     assert main(["synth", str(tmp_path / "world"), "--n", "6", "--seed", "3", "--quiet"]) == 0
     loaded, world = FolderDataset(tmp_path / "world"), SyntheticWorld(n_images=6, seed=3)
@@ -101,7 +101,7 @@ def _image_sets(root, rng):
 
 @pytest.mark.parametrize("method", ["net2vec", "nmf", "linear"])
 def test_probe_writes_banks_and_metrics(tmp_path, capsys, method):
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     data = str(_image_sets(tmp_path / "sets", np.random.default_rng(0))) if method == "linear" else "synthetic:40"
     argv = ["probe", "torchvision:resnet18", data, "--layers", "layer1", "--method", method, "--store", str(tmp_path / "store"),
@@ -169,8 +169,8 @@ def test_maps_writes_overlays_for_probabilities_and_attributions(tmp_path, capsy
     import torch
     from PIL import Image
 
-    from concepts.models import load_model
-    from concepts.vectors import ConceptBank
+    from conceptlens.concepts.models.loading import load_model
+    from conceptlens.concepts.vectors.bank import ConceptBank
 
     model = load_model("torchvision:resnet18", input_size=(64, 64))
     bank = ConceptBank("net2vec", "layer1", ["stripes", "dots"], torch.randn(2, 64), torch.zeros(2), provenance={"model_hash": model.hash})

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from concepts.cka import MinibatchCKA, cka_matrix, linear_cka, unbiased_hsic
-from concepts.compare import (
+from conceptlens.concepts.compare.cka import MinibatchCKA, cka_matrix, linear_cka, unbiased_hsic
+from conceptlens.concepts.compare.similarity import (
     CompareError,
     LayerMaps,
     best_match_mean,
@@ -18,7 +18,7 @@ from concepts.compare import (
     supervised_similarity,
     unsupervised_similarity,
 )
-from concepts.store import ActivationStore
+from conceptlens.concepts.store.activations import ActivationStore
 from tests.planted import activation_entry
 
 

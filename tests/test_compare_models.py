@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from concepts.models import LoadedModel, load_model
-from concepts.store import ActivationStore
-from concepts.synthetic import SyntheticWorld
+from conceptlens.concepts.models.loading import LoadedModel, load_model
+from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.data.synthetic import SyntheticWorld
 from conceptlens.workflow import compare_models, probe_model
 
 GRID = (24, 24)

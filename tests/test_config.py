@@ -389,8 +389,8 @@ def test_coco_config_without_environment(monkeypatch):
 
 @pytest.mark.parametrize("name", ["demo", "imagenet_backbones", pytest.param("coco_detectors", marks=pytest.mark.slow)])
 def test_shipped_layer_names_exist(name, coco_env):
-    from concepts.hooks import resolve_layers
-    from concepts.models import load_model
+    from conceptlens.concepts.models.hooks import resolve_layers
+    from conceptlens.concepts.models.loading import load_model
 
     config = load_config(CONFIGS / f"{name}.yaml")
     for model in config.models:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from concepts.adapters import ClassifierAdapter
-from concepts.dataset import ArrayDataset
-from concepts.embed import embed
-from concepts.errors import LayerError, StoreError
-from concepts.models import LoadedModel
-from concepts.store import ActivationStore, StoreEntry
+from conceptlens.concepts.models.adapters import ClassifierAdapter
+from conceptlens.concepts.data.dataset import ArrayDataset
+from conceptlens.concepts.embedding.embed import embed
+from conceptlens.concepts.errors import LayerError, StoreError
+from conceptlens.concepts.models.loading import LoadedModel
+from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
 
 
 class Exploding(nn.Module):
@@ -161,7 +161,7 @@ def test_reductions_shapes_and_pooling(tmp_path):
 
 
 def test_detector_pooling_excludes_padding(tmp_path, pooling_detector):
-    from concepts.adapters import DetectorAdapter
+    from conceptlens.concepts.models.adapters import DetectorAdapter
 
     model = LoadedModel(pooling_detector, DetectorAdapter(pooling_detector.transform), "test:pooling")
     white = ArrayDataset([np.full((80, 44, 3), 255, np.uint8), np.full((40, 90, 3), 255, np.uint8)])

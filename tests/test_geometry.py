@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concepts.adapters import ClassifierAdapter, DetectorAdapter
-from concepts.geometry import Geometry, features_to_grid, image_cells, mask_to_feature_cells, masks_to_grid
-from concepts.hooks import LayerCapture, resolve_layers
+from conceptlens.concepts.models.adapters import ClassifierAdapter, DetectorAdapter
+from conceptlens.concepts.geometry import Geometry, features_to_grid, image_cells, mask_to_feature_cells, masks_to_grid
+from conceptlens.concepts.models.hooks import LayerCapture, resolve_layers
 
 
 def _disc_and_bar_mask(height: int, width: int) -> np.ndarray:

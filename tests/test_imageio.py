@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from concepts.errors import DataError
-from concepts.imageio import is_image_file, list_image_files, read_image, read_image_size, read_mask
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.data.imageio import is_image_file, list_image_files, read_image, read_image_size, read_mask
 
 RGB = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from concepts.errors import StoreError
-from concepts.store import ActivationStore, Shard, StoreEntry
-from concepts.vectors import BankError, ConceptBank
+from conceptlens.concepts.errors import StoreError
+from conceptlens.concepts.store.activations import ActivationStore, Shard, StoreEntry
+from conceptlens.concepts.vectors.bank import BankError, ConceptBank
 from conceptlens.cli import main
 from tests.reliability import assert_same_results, finish, kill9, run_hooked, store_contents, wait_for
 

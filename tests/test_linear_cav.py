@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from concepts.store import ActivationStore
-from concepts.vectors import ConceptBank
-from probes.linear import CAVError, CAVSet, LinearCAV, _newton, pooled_activations, train_cavs, train_layer_cavs
+from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.probes.linear import CAVError, CAVSet, LinearCAV, _newton, pooled_activations, train_cavs, train_layer_cavs
 from tests.planted import activation_entry
 
 CHANNELS = 32

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from concepts.coco import CocoDataset
-from concepts.dataset import ArrayDataset, ConceptDataset, assign_splits
-from concepts.errors import DataError
-from concepts.folder import FolderDataset, write_folder_dataset
-from concepts.image_sets import ImageFolderDataset, ImageSets
+from conceptlens.concepts.data.coco import CocoDataset
+from conceptlens.concepts.data.dataset import ArrayDataset, ConceptDataset, assign_splits
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.data.folder import FolderDataset, write_folder_dataset
+from conceptlens.concepts.data.image_sets import ImageFolderDataset, ImageSets
 
 # --------------------------------------------------------------------------- folder layout
 

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from attribution.gradients import iter_layer_gradients
-from attribution.maps import (
+from conceptlens.attribution.gradients import iter_layer_gradients
+from conceptlens.attribution.maps import (
     MapError,
     concept_directions,
     concept_maps,
     concept_maps_batch,
     gradient_cav_maps,
 )
-from attribution.targets import ClassLogit, TopDetection
-from attribution.tcav import sensitivities
+from conceptlens.attribution.targets import ClassLogit, TopDetection
+from conceptlens.attribution.tcav import sensitivities
 from conceptlens.plots import (
     FIGURE_TITLE_PX,
     PANEL_COLORBAR_PX,
@@ -26,12 +26,12 @@ from conceptlens.plots import (
     PANEL_TITLE_PX,
     overlay_concept_maps,
 )
-from concepts.adapters import ClassifierAdapter, DetectorAdapter
-from concepts.geometry import Geometry, features_to_grid
-from concepts.hooks import LayerCapture, resolve_layers
-from concepts.models import LoadedModel, load_model
-from concepts.vectors import ConceptBank
-from probes.linear import CAVSet
+from conceptlens.concepts.models.adapters import ClassifierAdapter, DetectorAdapter
+from conceptlens.concepts.geometry import Geometry, features_to_grid
+from conceptlens.concepts.models.hooks import LayerCapture, resolve_layers
+from conceptlens.concepts.models.loading import LoadedModel, load_model
+from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.probes.linear import CAVSet
 from tests.conftest import PoolingDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,7 +253,7 @@ def test_gradient_cav_map_is_the_per_cell_sensitivity_and_sums_to_tcav() -> None
 
 
 def test_gradient_cav_maps_on_a_zoo_detector_take_a_cav_set() -> None:
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     model = load_model("zoo:synthetic_vgg_centernet")
     image = SyntheticWorld(n_images=8, seed=0).image(0)  # 124×117, a car (label 1) and a house (label 2)

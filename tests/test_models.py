@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from concepts.adapters import ClassifierAdapter, DetectorAdapter
-from concepts.errors import LayerError, ModelSpecError
-from concepts.hooks import resolve_layers
-from concepts.models import list_layers, load_model, model_hash
+from conceptlens.concepts.models.adapters import ClassifierAdapter, DetectorAdapter
+from conceptlens.concepts.errors import LayerError, ModelSpecError
+from conceptlens.concepts.models.hooks import resolve_layers
+from conceptlens.concepts.models.loading import list_layers, load_model, model_hash
 
 
 def tiny_cnn() -> nn.Module:

@@ -10,18 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from attribution.ncav import (
+from conceptlens.attribution.ncav import (
     NCAVError,
     NCAVImportance,
     ncav_importance,
     ncav_importance_finite_difference,
 )
-from attribution.targets import ClassProbability, TopDetection
-from concepts.adapters import DetectorAdapter
-from concepts.models import LoadedModel, load_model
-from concepts.synthetic import SyntheticWorld
-from concepts.vectors import ConceptBank
-from probes.nmf import NMFConcepts
+from conceptlens.attribution.targets import ClassProbability, TopDetection
+from conceptlens.concepts.models.adapters import DetectorAdapter
+from conceptlens.concepts.models.loading import LoadedModel, load_model
+from conceptlens.concepts.data.synthetic import SyntheticWorld
+from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.probes.nmf import NMFConcepts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

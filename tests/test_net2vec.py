@@ -1,4 +1,4 @@
-"""Net2Vec pixel probes (probes.net2vec) recover concepts planted in activations.
+"""Net2Vec pixel probes (conceptlens.probes.net2vec) recover concepts planted in activations.
 
 The planted layer: C=16 channels on an 8×8 map. Concept j moves the activations along a known
 unit direction ``w*_j`` by ``±strength`` inside/outside its native mask (a random rectangle); a
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import NotFittedError
 
-from concepts.errors import ConceptLensError, DataError, LayerError
-from concepts.geometry import Geometry
-from concepts.vectors import BankError, ConceptBank
-from probes.data import iter_batches, split_indices
-from probes.net2vec import Net2VecProbe, _EarlyStopping
+from conceptlens.concepts.errors import ConceptLensError, DataError, LayerError
+from conceptlens.concepts.geometry import Geometry
+from conceptlens.concepts.vectors.bank import BankError, ConceptBank
+from conceptlens.probes.data import iter_batches, split_indices
+from conceptlens.probes.net2vec import Net2VecProbe, _EarlyStopping
 from tests.planted import activation_entry, planted_entries
 
 CONCEPTS = ["door", "wheel"]

@@ -9,11 +9,11 @@ import scipy.optimize
 import torch
 from torch import nn
 
-from concepts.errors import ConceptLensError
-from concepts.store import ActivationStore
-from concepts.vectors import ConceptBank
-from probes.data import iter_batches, split_indices
-from probes.nmf import NMFConcepts, NMFError
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.probes.data import iter_batches, split_indices
+from conceptlens.probes.nmf import NMFConcepts, NMFError
 from tests.planted import activation_entry, planted_entries
 
 

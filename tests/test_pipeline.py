@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from concepts.artifacts import read_artifact
-from concepts.errors import ConceptLensError
+from conceptlens.concepts.store.artifacts import read_artifact
+from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.cli import main
 from conceptlens.config import load_config
 from conceptlens.pipeline import EXAMPLES_KIND, PROTOTYPES_KIND, run_pipeline
@@ -172,7 +172,7 @@ def test_missing_files_of_a_config_are_named(tmp_path, capsys):
 
 
 def test_tcav_sets_from_an_image_sets_folder(tmp_path):
-    from concepts.synthetic import SyntheticWorld
+    from conceptlens.concepts.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld(24, seed=9)
     sky = world.concepts.index("sky")

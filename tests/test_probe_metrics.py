@@ -1,4 +1,4 @@
-"""Streaming segmentation metrics (probes.metrics) on hand-computed cases."""
+"""Streaming segmentation metrics (conceptlens.probes.metrics) on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from probes.metrics import DEFAULT_THRESHOLDS, SegmentationMetrics, average_precision_from_histograms, set_iou
+from conceptlens.probes.metrics import DEFAULT_THRESHOLDS, SegmentationMetrics, average_precision_from_histograms, set_iou
 
 
 def _tensors(probabilities, targets, valid):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from concepts.embed import embed
-from concepts.masks import embed_masks
-from concepts.models import load_model
-from concepts.store import ActivationStore, StoreEntry
-from concepts.synthetic import SyntheticWorld
-from probes.net2vec import Net2VecProbe
+from conceptlens.concepts.embedding.embed import embed
+from conceptlens.concepts.embedding.masks import embed_masks
+from conceptlens.concepts.models.loading import load_model
+from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
+from conceptlens.concepts.data.synthetic import SyntheticWorld
+from conceptlens.probes.net2vec import Net2VecProbe
 
 PARTS = ["wheel", "window", "roof", "door", "trunk", "crown", "sail", "hull"]
 
@@ -57,8 +57,8 @@ def test_detector_mid_layers_encode_parts(tmp_path, spec, layer):
 @pytest.mark.parametrize(("spec", "layer"), [("zoo:mobilenet_v2", "features.7"), ("zoo:efficientnet_lite0", "_blocks.8")])
 def test_real_pair_mid_layers_segment_textures(tmp_path, spec, layer):
     pytest.importorskip("skimage", reason="the [real] extra (scikit-image) is not installed")
-    from concepts.real_textures import RealTextureWorld
-    from concepts.zoo.real import mobilenet_v2  # noqa: F401  (skips below if weights are missing)
+    from conceptlens.concepts.data.real_textures import RealTextureWorld
+    from conceptlens.concepts.models.zoo.real import mobilenet_v2  # noqa: F401  (skips below if weights are missing)
 
     try:
         load_model(spec)

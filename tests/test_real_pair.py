@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from concepts.adapters import ClassifierAdapter
-from concepts.errors import DataError, ModelSpecError
-from concepts.models import load_model
+from conceptlens.concepts.models.adapters import ClassifierAdapter
+from conceptlens.concepts.errors import DataError, ModelSpecError
+from conceptlens.concepts.models.loading import load_model
 
 
 def _installed(*modules: str) -> bool:
@@ -77,7 +77,7 @@ def loaded_models():
 
 @pytest.mark.parametrize(("name", "layer"), MODELS)
 def test_real_models_classify_cat_and_espresso(name, layer, photos, loaded_models):
-    from concepts.zoo import real
+    from conceptlens.concepts.models.zoo import real
 
     loaded = loaded_models(name)
     assert isinstance(loaded.adapter, ClassifierAdapter)
@@ -96,7 +96,7 @@ def test_real_models_classify_cat_and_espresso(name, layer, photos, loaded_model
 
 
 def test_imagenet_categories_offline():
-    from concepts.zoo import real
+    from conceptlens.concepts.models.zoo import real
 
     names = real.imagenet_categories()
     assert len(names) == 1000 and names[285] == "Egyptian cat" and names[967] == "espresso"
@@ -106,7 +106,7 @@ def test_imagenet_categories_offline():
 
 @pytest.mark.parametrize(("name", "layer"), MODELS)
 def test_corrupted_weights_fail_the_sha_check(name, layer, tmp_path, monkeypatch):
-    from concepts.zoo import real
+    from conceptlens.concepts.models.zoo import real
 
     original = real._locate(real._MOBILENET_V2 if name == "mobilenet_v2" else real._EFFICIENTNET_LITE0)
     corrupted = tmp_path / original.name
@@ -135,7 +135,7 @@ def test_corrupted_weights_fail_the_sha_check(name, layer, tmp_path, monkeypatch
     ],
 )
 def test_missing_weight_package_names_the_pip_command(name, distribution, version, monkeypatch):
-    from concepts.zoo import real
+    from conceptlens.concepts.models.zoo import real
 
     def missing(requested: str):
         raise importlib.metadata.PackageNotFoundError(requested)
@@ -151,7 +151,7 @@ def test_missing_weight_package_names_the_pip_command(name, distribution, versio
 
 
 def test_missing_efficientnet_code_package_names_the_pip_command(monkeypatch):
-    from concepts.zoo import real
+    from conceptlens.concepts.models.zoo import real
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # makes the import fail
     with pytest.raises(ModelSpecError) as caught:
@@ -189,7 +189,7 @@ def test_hooks_fire_and_gradients_reach_the_input(name, layer, photos, loaded_mo
 
 @needs_skimage
 def test_real_textures_shapes_ids_and_splits():
-    from concepts.real_textures import CONCEPTS, RealTextureWorld
+    from conceptlens.concepts.data.real_textures import CONCEPTS, RealTextureWorld
 
     world = RealTextureWorld(n_images=12, seed=1, size=96)
     assert len(world) == 12 and world.ids == [f"{i:06d}" for i in range(12)]
@@ -210,7 +210,7 @@ def test_real_textures_shapes_ids_and_splits():
 
 @needs_skimage
 def test_real_textures_are_deterministic():
-    from concepts.real_textures import RealTextureWorld, _cached_scene
+    from conceptlens.concepts.data.real_textures import RealTextureWorld, _cached_scene
 
     first = RealTextureWorld(n_images=6, seed=3)
     reference = [(first.image(i), first.masks(i)) for i in range(6)]
@@ -239,7 +239,7 @@ def test_real_textures_are_deterministic():
 
 @needs_skimage
 def test_real_texture_masks_are_exact():
-    from concepts.real_textures import CONCEPTS, TEXTURE_CONCEPTS, RealTextureWorld, _render
+    from conceptlens.concepts.data.real_textures import CONCEPTS, TEXTURE_CONCEPTS, RealTextureWorld, _render
 
     world = RealTextureWorld(n_images=25, seed=0)
     n_occluded = 0
@@ -287,7 +287,7 @@ def test_real_texture_masks_are_exact():
 
 @needs_skimage
 def test_every_concept_occurs_in_100_scenes():
-    from concepts.real_textures import RealTextureWorld
+    from conceptlens.concepts.data.real_textures import RealTextureWorld
 
     world = RealTextureWorld(n_images=100, seed=0)
     present = np.array([world.masks(i).any(axis=(1, 2)) for i in range(len(world))])
@@ -297,7 +297,7 @@ def test_every_concept_occurs_in_100_scenes():
 
 @needs_skimage
 def test_missing_scikit_image_names_the_install(monkeypatch):
-    from concepts import real_textures
+    from conceptlens.concepts import real_textures
 
     monkeypatch.setitem(sys.modules, "skimage", None)
     monkeypatch.setitem(sys.modules, "skimage.data", None)

@@ -17,8 +17,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from attribution.tcav import METRICS, TCAVRecord, TCAVResult, bonferroni, holm
-from concepts.artifacts import write_artifact
+from conceptlens.attribution.tcav import METRICS, TCAVRecord, TCAVResult, bonferroni, holm
+from conceptlens.concepts.store.artifacts import write_artifact
 from conceptlens.report import NOT_RUN, SECTIONS, ReportError, findings, grouped_findings, load_results, write_report
 from conceptlens.tcav_step import write_tcav
 from conceptlens.workflow import _blocks, write_json

@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-import concepts.synthetic as synthetic
-from concepts.errors import DataError
-from concepts.synthetic import (
+import conceptlens.concepts.data.synthetic as synthetic
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.data.synthetic import (
     COLOUR_JITTER,
     CONCEPTS,
     OBJECT_CLASSES,
@@ -89,7 +89,7 @@ def test_item_does_not_depend_on_dataset_size_and_seeds_differ() -> None:
 
 def test_identical_bytes_in_another_process() -> None:
     code = (
-        "import hashlib; from concepts.synthetic import render_scene; s = render_scene(5, 17); "
+        "import hashlib; from conceptlens.concepts.data.synthetic import render_scene; s = render_scene(5, 17); "
         "print(hashlib.sha256(s.image.tobytes() + s.masks.tobytes()).hexdigest())"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from attribution.targets import (
+from conceptlens.attribution.targets import (
     ClassLogit,
     ClassProbability,
     MatchedDetection,
@@ -20,9 +20,9 @@ from attribution.targets import (
     describe_missing,
     target_from_spec,
 )
-from concepts.errors import ConceptLensError
-from concepts.models import load_model
-from concepts.synthetic import OBJECT_CLASSES, SyntheticWorld
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.models.loading import load_model
+from conceptlens.concepts.data.synthetic import OBJECT_CLASSES, SyntheticWorld
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from attribution.tcav import (
+from conceptlens.attribution.tcav import (
     TCAVError,
     bonferroni,
     holm,
@@ -20,7 +20,7 @@ from attribution.tcav import (
     sensitivities,
     tcav_scores,
 )
-from probes.linear import CAVSet, train_cavs
+from conceptlens.probes.linear import CAVSet, train_cavs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -278,7 +278,7 @@ def test_bootstrap_ci_contains_mean_and_is_seeded(tmp_path) -> None:
 
 
 def test_degenerate_t_tests() -> None:
-    from attribution.tcav import _t_test
+    from conceptlens.attribution.tcav import _t_test
 
     assert _t_test(np.ones(3), np.zeros(3)) == (math.inf, 0.0)
     assert _t_test(np.ones(3), np.ones(3)) == (0.0, 1.0)
@@ -287,7 +287,7 @@ def test_degenerate_t_tests() -> None:
 
 
 def test_merge_results_corrects_over_all_hypotheses() -> None:
-    from attribution.tcav import merge_results
+    from conceptlens.attribution.tcav import merge_results
 
     torch.manual_seed(0)
     model = TinyCNN().eval()

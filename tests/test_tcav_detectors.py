@@ -8,16 +8,16 @@ import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from attribution.gradients import GradientError, iter_layer_gradients
-from attribution.targets import TopDetection
-from attribution.tcav import sensitivities, tcav_scores
-from concepts.adapters import DetectorAdapter
-from concepts.embed import embed
-from concepts.geometry import image_cells
-from concepts.models import LoadedModel, load_model
-from concepts.store import ActivationStore
-from concepts.synthetic import OBJECT_CLASSES, SyntheticWorld
-from probes.linear import pooled_activations, train_cavs
+from conceptlens.attribution.gradients import GradientError, iter_layer_gradients
+from conceptlens.attribution.targets import TopDetection
+from conceptlens.attribution.tcav import sensitivities, tcav_scores
+from conceptlens.concepts.models.adapters import DetectorAdapter
+from conceptlens.concepts.embedding.embed import embed
+from conceptlens.concepts.geometry import image_cells
+from conceptlens.concepts.models.loading import LoadedModel, load_model
+from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.data.synthetic import OBJECT_CLASSES, SyntheticWorld
+from conceptlens.probes.linear import pooled_activations, train_cavs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

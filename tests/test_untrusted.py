@@ -23,13 +23,13 @@ import pytest
 import torch
 from torch import nn
 
-from concepts.adapters import ClassifierAdapter
-from concepts.dataset import ArrayDataset
-from concepts.embed import embed
-from concepts.errors import ConceptLensError, ModelSpecError, StoreError
-from concepts.models import LoadedModel, load_model, load_state_dict_file
-from concepts.store import ActivationStore, StoreEntry
-from concepts.vectors import BankError, ConceptBank
+from conceptlens.concepts.models.adapters import ClassifierAdapter
+from conceptlens.concepts.data.dataset import ArrayDataset
+from conceptlens.concepts.embedding.embed import embed
+from conceptlens.concepts.errors import ConceptLensError, ModelSpecError, StoreError
+from conceptlens.concepts.models.loading import LoadedModel, load_model, load_state_dict_file
+from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
+from conceptlens.concepts.vectors.bank import BankError, ConceptBank
 from conceptlens.cli import main
 from conceptlens.config import ConfigError, load_config
 

@@ -12,13 +12,13 @@ import scipy.optimize
 import torch
 import torch.nn.functional as F
 
-from concepts.dataset import ArrayDataset
-from concepts.errors import DataError
-from concepts.geometry import Geometry, masks_to_grid
-from concepts.masks import embed_masks
-from concepts.store import ActivationStore
-from concepts.vectors import BankError, ConceptBank, nnls
-from probes.data import iter_batches, split_indices
+from conceptlens.concepts.data.dataset import ArrayDataset
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.geometry import Geometry, masks_to_grid
+from conceptlens.concepts.embedding.masks import embed_masks
+from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.vectors.bank import BankError, ConceptBank, nnls
+from conceptlens.probes.data import iter_batches, split_indices
 from tests.planted import activation_entry, planted_entries
 
 

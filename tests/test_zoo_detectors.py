@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from concepts.adapters import ClassifierAdapter
-from concepts.errors import ModelSpecError
-from concepts.models import list_layers, load_model
-from concepts.synthetic import OBJECT_CLASSES, SyntheticWorld
-from concepts.zoo import detectors
-from concepts.zoo.detectors import ARCHITECTURES, INPUT_SIZE, build_detector, encode_targets, weights_path
-from concepts.zoo.train import EVAL_SEED, TRAIN_SEED, evaluate_detector, train_detector, train_zoo, training_batch
+from conceptlens.concepts.models.adapters import ClassifierAdapter
+from conceptlens.concepts.errors import ModelSpecError
+from conceptlens.concepts.models.loading import list_layers, load_model
+from conceptlens.concepts.data.synthetic import OBJECT_CLASSES, SyntheticWorld
+from conceptlens.concepts.models.zoo import detectors
+from conceptlens.concepts.models.zoo.detectors import ARCHITECTURES, INPUT_SIZE, build_detector, encode_targets, weights_path
+from conceptlens.concepts.training.zoo import EVAL_SEED, TRAIN_SEED, evaluate_detector, train_detector, train_zoo, training_batch
 
 NAMES = list(ARCHITECTURES)
 MAP_BAR = 0.7

@@ -1,11 +1,11 @@
-"""mAP@0.5 of concepts.zoo.metrics on hand-computed cases."""
+"""mAP@0.5 of conceptlens.concepts.training.metrics on hand-computed cases."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from concepts.zoo.metrics import average_precision, box_iou, mean_average_precision
+from conceptlens.concepts.training.metrics import average_precision, box_iou, mean_average_precision
 
 
 def _pred(boxes, scores, labels):

@@ -1,8 +1,8 @@
 """Two small object detectors trained on the synthetic concept world, shipped with their weights.
 
-Both see a normalised batch ``(B, 3, 128, 128)`` (their :class:`~concepts.adapters.ClassifierAdapter`
+Both see a normalised batch ``(B, 3, 128, 128)`` (their :class:`~conceptlens.concepts.models.adapters.ClassifierAdapter`
 resizes each scene to 128×128) and predict CenterNet-style maps at stride 4: a class heatmap (one
-sigmoid channel per class of :data:`concepts.synthetic.OBJECT_CLASSES`), the box width and height
+sigmoid channel per class of :data:`conceptlens.concepts.data.synthetic.OBJECT_CLASSES`), the box width and height
 and the sub-cell offset of the box centre. They come from different families so that their layers
 can be compared:
 
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from concepts.adapters import ClassifierAdapter
-from concepts.errors import ModelSpecError
-from concepts.synthetic import OBJECT_CLASSES
+from conceptlens.concepts.models.adapters import ClassifierAdapter
+from conceptlens.concepts.errors import ModelSpecError
+from conceptlens.concepts.data.synthetic import OBJECT_CLASSES
 
 __all__ = [
     "INPUT_SIZE",

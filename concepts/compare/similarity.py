@@ -9,7 +9,7 @@ maps on the same test images, on the common concept grid (METHODS.md §5):
   pairwise set-IoU matrix, its symmetric best-match mean and its Hungarian mean.
 
 Everything accumulates batch by batch over the test images (memory does not grow with their
-number), reading each layer's maps once per batch from a :func:`concepts.concept_maps.concept_map_entry`.
+number), reading each layer's maps once per batch from a :func:`conceptlens.concepts.vectors.concept_maps.concept_map_entry`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from concepts.errors import ConceptLensError
-from concepts.store import EntryReader, StoreEntry
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
 __all__ = [
     "CompareError",
@@ -328,7 +328,7 @@ def relative_depths(names: Sequence[str], order: Sequence[str] | None = None) ->
     """Relative depth in [0, 1] of each layer.
 
     Without ``order``: rank among ``names`` (given shallow to deep) / (n − 1). With ``order``
-    (every module in execution order, e.g. from :func:`concepts.models.list_layers`): rank of
+    (every module in execution order, e.g. from :func:`conceptlens.concepts.models.loading.list_layers`): rank of
     each layer's module in that order / (len(order) − 1).
     """
     if order is None:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from concepts.geometry import GRID_SAMPLING, Geometry
-from concepts.store import FORMAT_VERSION, ActivationStore, EntryReader, StoreEntry
-from concepts.vectors import ConceptBank
+from conceptlens.concepts.geometry import GRID_SAMPLING, Geometry
+from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, EntryReader, StoreEntry
+from conceptlens.concepts.vectors.bank import ConceptBank
 
 __all__ = ["bank_fingerprint", "concept_map_entry"]
 

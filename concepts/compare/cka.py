@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from concepts.geometry import Geometry, features_to_grid
-from concepts.store import EntryReader, StoreEntry
+from conceptlens.concepts.geometry import Geometry, features_to_grid
+from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
 __all__ = ["linear_cka", "unbiased_hsic", "MinibatchCKA", "cka_matrix", "layer_features"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from concepts.errors import LayerError
+from conceptlens.concepts.errors import LayerError
 
 __all__ = ["StopForward", "LayerRef", "closest_layers", "parse_layer", "resolve_layers", "select_output", "LayerCapture"]
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from concepts.dataset import ConceptDataset
-from concepts.errors import DataError
-from concepts.geometry import masks_to_grid
-from concepts.store import FORMAT_VERSION, ActivationStore, StoreEntry
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.geometry import masks_to_grid
+from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, StoreEntry
 
 __all__ = ["embed_masks", "mask_request"]
 

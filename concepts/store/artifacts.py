@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from concepts.atomic import atomic_write_bytes, atomic_write_text
-from concepts.errors import ConceptLensError
+from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
+from conceptlens.concepts.errors import ConceptLensError
 
 __all__ = ["artifact_paths", "write_artifact", "read_artifact", "file_sha256"]
 

@@ -13,16 +13,16 @@ import importlib
 
 from torch import nn
 
-from concepts.adapters import Adapter
-from concepts.errors import ModelSpecError
+from conceptlens.concepts.models.adapters import Adapter
+from conceptlens.concepts.errors import ModelSpecError
 
 __all__ = ["ZOO", "load_zoo_model"]
 
 ZOO: dict[str, str] = {
-    "mobilenet_v2": "concepts.zoo.real:mobilenet_v2",
-    "efficientnet_lite0": "concepts.zoo.real:efficientnet_lite0",
-    "synthetic_vgg_centernet": "concepts.zoo.detectors:synthetic_vgg_centernet",
-    "synthetic_resnet_fpn": "concepts.zoo.detectors:synthetic_resnet_fpn",
+    "mobilenet_v2": "conceptlens.concepts.models.zoo.real:mobilenet_v2",
+    "efficientnet_lite0": "conceptlens.concepts.models.zoo.real:efficientnet_lite0",
+    "synthetic_vgg_centernet": "conceptlens.concepts.models.zoo.detectors:synthetic_vgg_centernet",
+    "synthetic_resnet_fpn": "conceptlens.concepts.models.zoo.detectors:synthetic_resnet_fpn",
 }
 
 

@@ -2,7 +2,7 @@
 
 Optional files in ``root``:
 
-- ``splits.json`` — the train/val/test split (:func:`concepts.dataset.write_splits` format); when
+- ``splits.json`` — the train/val/test split (:func:`conceptlens.concepts.data.dataset.write_splits` format); when
   absent the split is computed from the seed and nothing is written.
 - ``concepts.json`` — a JSON list of the concept names, fixing their order (else sorted names).
 - ``invalid_masks.json`` — ``{concept: [ids]}``: (image, concept) pairs that were filtered out
@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from concepts.atomic import atomic_write_bytes, atomic_write_text
-from concepts.dataset import ConceptDataset, assign_splits, read_splits, write_splits
-from concepts.errors import DataError
-from concepts.imageio import index_by_stem, list_image_files, read_image, read_image_size, read_mask
+from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits, read_splits, write_splits
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.data.imageio import index_by_stem, list_image_files, read_image, read_image_size, read_mask
 
 __all__ = ["FolderDataset", "write_folder_dataset"]
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from concepts.geometry import Geometry
-from concepts.hooks import StopForward
+from conceptlens.concepts.geometry import Geometry
+from conceptlens.concepts.models.hooks import StopForward
 
 __all__ = ["Adapter", "ClassifierAdapter", "DetectorAdapter", "IMAGENET_MEAN", "IMAGENET_STD", "default_adapter"]
 
@@ -35,7 +35,7 @@ class Adapter(ABC):
     """Preprocessing and geometry of one model family.
 
     ``antialias`` tells whether images are resized with antialiasing, so that masks can be
-    resized the same way (:func:`concepts.geometry.resize_like_image`).
+    resized the same way (:func:`conceptlens.concepts.geometry.resize_like_image`).
     """
 
     antialias: bool = False
@@ -53,7 +53,7 @@ class Adapter(ABC):
         """Run ``model`` on prepared ``inputs``; return its output and each image's geometry.
 
         The output is ``None`` when a layer hook stopped the forward pass early
-        (:class:`concepts.hooks.StopForward`). ``sizes`` are the original (H, W) of the images.
+        (:class:`conceptlens.concepts.models.hooks.StopForward`). ``sizes`` are the original (H, W) of the images.
         """
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from concepts.errors import DataError
+from conceptlens.concepts.errors import DataError
 
 __all__ = ["SPLITS", "ArrayDataset", "ConceptDataset", "ConceptSelection", "SubsetDataset", "assign_splits", "read_splits", "write_splits"]
 
@@ -202,7 +202,7 @@ def assign_splits(
 
 def write_splits(path: Path, splits: dict[str, list[str]], seed: int) -> None:
     """Write ``splits`` as JSON to ``path`` atomically."""
-    from concepts.atomic import atomic_write_text
+    from conceptlens.concepts.store.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps({"seed": seed, **{s: splits[s] for s in SPLITS}}, indent=1))
 

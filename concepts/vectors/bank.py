@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from concepts.artifacts import artifact_paths, read_artifact, write_artifact
-from concepts.errors import ConceptLensError
-from concepts.geometry import Geometry, features_to_grid
+from conceptlens.concepts.store.artifacts import artifact_paths, read_artifact, write_artifact
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import Geometry, features_to_grid
 
 __all__ = ["BankError", "ConceptBank", "METHODS", "BANK_FORMAT_VERSION", "nnls"]
 

@@ -3,7 +3,7 @@
 Spec strings
 ------------
 ``zoo:<name>``
-    A model of the embedded zoo (:mod:`concepts.zoo`): shipped synthetic-world detectors and the
+    A model of the embedded zoo (:mod:`conceptlens.concepts.models.zoo`): shipped synthetic-world detectors and the
     real ImageNet pair.
 ``torchvision:<builder>``
     A torchvision builder (``resnet18``, ``fasterrcnn_resnet50_fpn`` …) with ``weights`` =
@@ -11,7 +11,7 @@ Spec strings
     be in torch's hub cache — nothing is downloaded) or a path to a state dict.
 ``<module>:<callable>`` / ``<file.py>:<callable>``
     A callable returning an ``nn.Module``, or ``(module, adapter)`` where the adapter is an
-    :class:`~concepts.adapters.Adapter` or a dict of :class:`~concepts.adapters.ClassifierAdapter`
+    :class:`~conceptlens.concepts.models.adapters.Adapter` or a dict of :class:`~conceptlens.concepts.models.adapters.ClassifierAdapter`
     arguments. ``weights`` may then be a path to a state dict to load into it.
 ``<file.onnx>`` / a TorchScript file
     Converted to a hookable ``nn.Module`` through onnx2torch (extra ``conceptlens[onnx]``).
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from concepts.adapters import Adapter, ClassifierAdapter, default_adapter
-from concepts.errors import ModelSpecError
-from concepts.hooks import output_keys
+from conceptlens.concepts.models.adapters import Adapter, ClassifierAdapter, default_adapter
+from conceptlens.concepts.errors import ModelSpecError
+from conceptlens.concepts.models.hooks import output_keys
 
 __all__ = ["LoadedModel", "LayerInfo", "load_model", "model_hash", "list_layers", "load_state_dict_file"]
 
@@ -103,7 +103,7 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
         module = _torchvision_model(spec.split(":", 1)[1], weights)
         adapter = default_adapter(module, input_size)
     elif spec.startswith("zoo:"):
-        from concepts.zoo import load_zoo_model
+        from conceptlens.concepts.models.zoo import load_zoo_model
 
         module, adapter = load_zoo_model(spec.split(":", 1)[1])
         if weights not in ("none", "default"):  # e.g. detectors retrained by `conceptlens train-zoo --out DIR`
@@ -150,7 +150,7 @@ def _spec_hint(spec: str) -> str:
     """``did you mean torchvision:resnet18? `` for a bare builder or zoo name, else ''."""
     import torchvision
 
-    from concepts.zoo import ZOO
+    from conceptlens.concepts.models.zoo import ZOO
 
     if spec in ZOO:
         return f"did you mean zoo:{spec}? "

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from concepts.dataset import ConceptDataset, assign_splits
-from concepts.errors import DataError
-from concepts.imageio import index_by_stem, list_image_files, read_image, read_image_size
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.data.imageio import index_by_stem, list_image_files, read_image, read_image_size
 
 __all__ = ["ImageFolderDataset", "ImageSets"]
 

@@ -17,10 +17,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from concepts.artifacts import file_sha256
-from concepts.dataset import ConceptDataset, assign_splits
-from concepts.errors import DataError
-from concepts.imageio import read_image
+from conceptlens.concepts.store.artifacts import file_sha256
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.data.imageio import read_image
 
 __all__ = ["REFERENCE_AREA_RANGE", "CocoDataset"]
 

@@ -1,6 +1,6 @@
 """Train, evaluate and ship the two synthetic-world detectors of the zoo.
 
-Training scenes are rendered on the fly from :func:`concepts.synthetic.render_scene`: step ``s``
+Training scenes are rendered on the fly from :func:`conceptlens.concepts.data.synthetic.render_scene`: step ``s``
 of a run with batch size ``B`` uses scenes ``s*B … s*B + B - 1`` of the world :data:`TRAIN_SEED`
 (every scene is seen once), each resized to the 128×128 canvas exactly as the adapter does and
 flipped horizontally with probability 1/2 (a flip drawn from ``default_rng([seed, s])``). The
@@ -9,9 +9,9 @@ parameters are initialised after ``torch.manual_seed(seed)``, so a run is reprod
 
 Evaluation renders :data:`EVAL_SCENES` scenes of the world :data:`EVAL_SEED` (never used for
 training) at their natural 96–128 px sizes; predictions are mapped from canvas pixels back to
-scene pixels and scored with mAP@0.5 (:func:`concepts.zoo.metrics.mean_average_precision`).
+scene pixels and scored with mAP@0.5 (:func:`conceptlens.concepts.training.metrics.mean_average_precision`).
 
-``conceptlens train-zoo`` calls :func:`train_zoo`; ``python -m concepts.zoo.train`` does the same.
+``conceptlens train-zoo`` calls :func:`train_zoo`; ``python -m conceptlens.concepts.training.zoo`` does the same.
 On a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python:
 OpenMP threads that spin at barriers while the cores are oversubscribed make training several
 times slower (the results do not change).
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from concepts.errors import ModelSpecError
-from concepts.synthetic import GENERATOR_VERSION, OBJECT_CLASSES, SyntheticWorld, render_scene
-from concepts.zoo.detectors import (
+from conceptlens.concepts.errors import ModelSpecError
+from conceptlens.concepts.data.synthetic import GENERATOR_VERSION, OBJECT_CLASSES, SyntheticWorld, render_scene
+from conceptlens.concepts.models.zoo.detectors import (
     ARCHITECTURES,
     INPUT_SIZE,
     WEIGHTS_DIR,
@@ -42,7 +42,7 @@ from concepts.zoo.detectors import (
     build_detector,
     detector_adapter,
 )
-from concepts.zoo.metrics import mean_average_precision
+from conceptlens.concepts.training.metrics import mean_average_precision
 
 __all__ = [
     "TRAIN_SEED",
@@ -291,7 +291,7 @@ def evaluate_detector(
 ) -> dict[str, Any]:
     """mAP@0.5 on ``n_scenes`` fresh scenes of world ``seed`` at their natural sizes.
 
-    Returns the dict of :func:`~concepts.zoo.metrics.mean_average_precision` (per class by name)
+    Returns the dict of :func:`~conceptlens.concepts.training.metrics.mean_average_precision` (per class by name)
     plus ``seed`` and ``n_scenes``.
     """
     world = SyntheticWorld(n_images=n_scenes, seed=seed, size_range=SIZE_RANGE)
@@ -358,7 +358,7 @@ def model_card(model: CenterNetDetector, info: dict[str, Any], evaluation: dict[
         "output_stride": model.stride,
         "classes": list(OBJECT_CLASSES),
         "data": {
-            "generator": "concepts.synthetic.render_scene",
+            "generator": "conceptlens.concepts.data.synthetic.render_scene",
             "generator_version": GENERATOR_VERSION,
             "world_seed": info["data_seed"],
             "size_range": list(SIZE_RANGE),
@@ -387,7 +387,7 @@ def model_card(model: CenterNetDetector, info: dict[str, Any], evaluation: dict[
             "size_range": list(SIZE_RANGE),
         },
         "torch_version": torch.__version__,
-        "reproduce": f"OMP_WAIT_POLICY=PASSIVE python -m concepts.zoo.train --seed {info['seed']}"
+        "reproduce": f"OMP_WAIT_POLICY=PASSIVE python -m conceptlens.concepts.training.zoo --seed {info['seed']}"
         + ("" if info["steps"] == DEFAULT_CONFIGS[info["name"]].steps else f" --steps {info['steps']}"),
     }
 
@@ -480,10 +480,10 @@ def train_zoo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m concepts.zoo.train [--steps N] [--seed S] [--out DIR]``: run :func:`train_zoo`."""
+    """``python -m conceptlens.concepts.training.zoo [--steps N] [--seed S] [--out DIR]``: run :func:`train_zoo`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m concepts.zoo.train", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m conceptlens.concepts.training.zoo", description=main.__doc__)
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: tuned per model)")
     parser.add_argument("--seed", type=int, default=0, help="torch and augmentation seed")
     parser.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")

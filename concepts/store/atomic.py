@@ -1,7 +1,7 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
 A write that fails (a full disk, a read-only folder) leaves no temporary file behind and the
-old file, if any, untouched; it raises :class:`~concepts.errors.WriteError` naming the file and
+old file, if any, untouched; it raises :class:`~conceptlens.concepts.errors.WriteError` naming the file and
 saying how to fix it.
 """
 
@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from concepts.errors import WriteError
+from conceptlens.concepts.errors import WriteError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "write_error"]
 

@@ -8,25 +8,24 @@ pass and resumes partial ones from their verified shards.
 from __future__ import annotations
 
 import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from concepts.errors import LayerError, StoreError
-from concepts.dataset import ConceptDataset
-from concepts.geometry import GRID_SAMPLING, Geometry, features_to_grid, image_cells
-from concepts.hooks import LayerCapture, LayerRef, resolve_layers
-from concepts.models import LoadedModel
-from concepts.store import FORMAT_VERSION, ActivationStore, StoreEntry
+from conceptlens.concepts.environment import package_versions, resolve_device
+from conceptlens.concepts.errors import LayerError, StoreError
+from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.geometry import GRID_SAMPLING, Geometry, features_to_grid, image_cells
+from conceptlens.concepts.models.hooks import LayerCapture, LayerRef, resolve_layers
+from conceptlens.concepts.models.loading import LoadedModel
+from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, StoreEntry
 
-__all__ = ["REDUCTIONS", "EmbedResult", "embed", "embed_request", "resolve_device", "reduce_features"]
+__all__ = ["REDUCTIONS", "EmbedResult", "embed", "embed_request", "reduce_features"]
 
 REDUCTIONS = ("native", "grid", "mean", "max")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -40,18 +39,6 @@ class EmbedResult:
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     forward_batches: int = 0
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise StoreError(f"--device {device}", "CUDA is not available on this machine", "use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise StoreError(f"--device {device}", "not a device", "use auto, cpu, cuda or cuda:N") from error
 
 
 def embed_request(
@@ -112,7 +99,7 @@ def embed(
     Parameters
     ----------
     model : LoadedModel
-        Model and adapter (see :func:`concepts.models.load_model`).
+        Model and adapter (see :func:`conceptlens.concepts.models.loading.load_model`).
     dataset : ConceptDataset
         Images to embed (masks are not needed here).
     layers : sequence of str
@@ -234,7 +221,6 @@ def _check_values(features: torch.Tensor, dtype: str, layer: str, dataset: Conce
 
 
 def _metadata(model: LoadedModel, dataset: ConceptDataset, request: dict[str, Any], entry: StoreEntry) -> dict[str, Any]:
-    import torchvision
     from safetensors import safe_open
 
     with safe_open(str(entry.shards()[0].path), framework="pt") as file:
@@ -245,20 +231,5 @@ def _metadata(model: LoadedModel, dataset: ConceptDataset, request: dict[str, An
         "model": {"spec": model.spec, "weights": model.weights, "hash": model.hash},
         "dataset": {"name": dataset.name, "ids": list(dataset.ids), "concepts": list(dataset.concepts)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {
-            "conceptlens": _package_version(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": package_versions(),
     }
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("conceptlens")
-    except PackageNotFoundError:
-        return "unknown"

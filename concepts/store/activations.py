@@ -29,9 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from concepts.artifacts import file_sha256
-from concepts.atomic import atomic_write_bytes, atomic_write_text
-from concepts.errors import StoreError
+from conceptlens.concepts.store.artifacts import file_sha256
+from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
+from conceptlens.concepts.errors import StoreError
 
 __all__ = ["ActivationStore", "EntryReader", "StoreEntry", "Shard", "request_key", "FORMAT_VERSION"]
 

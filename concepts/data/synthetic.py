@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from concepts.dataset import ConceptDataset, assign_splits
-from concepts.errors import DataError
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.errors import DataError
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -825,7 +825,7 @@ def _cached_scene(seed: int, index: int, size_range: tuple[int, int]) -> Scene:
 
 
 class SyntheticWorld(ConceptDataset):
-    """A :class:`~concepts.dataset.ConceptDataset` of procedurally rendered scenes.
+    """A :class:`~conceptlens.concepts.data.dataset.ConceptDataset` of procedurally rendered scenes.
 
     Parameters
     ----------

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from concepts.dataset import ConceptDataset, assign_splits
-from concepts.errors import DataError
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.errors import DataError
 
 __all__ = ["GENERATOR_VERSION", "TEXTURE_CONCEPTS", "PHOTO_CONCEPTS", "CONCEPTS", "PHOTO_CROPS", "MIN_VISIBLE", "RealTextureWorld"]
 

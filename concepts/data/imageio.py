@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from concepts.errors import DataError
+from conceptlens.concepts.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "list_image_files", "read_image", "read_image_size", "read_mask"]
 
