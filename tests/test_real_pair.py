@@ -297,7 +297,7 @@ def test_every_concept_occurs_in_100_scenes():
 
 @needs_skimage
 def test_missing_scikit_image_names_the_install(monkeypatch):
-    from conceptlens.concepts import real_textures
+    from conceptlens.concepts.data import real_textures
 
     monkeypatch.setitem(sys.modules, "skimage", None)
     monkeypatch.setitem(sys.modules, "skimage.data", None)
