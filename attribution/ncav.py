@@ -1,4 +1,4 @@
-"""NCAV importance and local explanations (METHODS.md §4; ICE, Zhang et al. 2021, arXiv 2006.15417).
+"""NCAV importance and local explanations (docs/METHODS.md §4; ICE, Zhang et al. 2021, arXiv 2006.15417).
 
 Definitions. ``A`` (C×h×w) are a layer's activations for input ``x``, ``P`` (k×C) the NCAVs of an
 NMF :class:`~conceptlens.concepts.vectors.bank.ConceptBank` (``bank.vectors``), ``y`` a target scalar
@@ -239,9 +239,11 @@ def _jsonable_id(value: Any) -> Any:
 def _check_bank(bank: Any, layer: str) -> None:
     if not isinstance(bank, ConceptBank):
         raise NCAVError("bank", f"is a {type(bank).__name__}", "pass a conceptlens.concepts.vectors.bank.ConceptBank (NMFConcepts.to_bank)")
-    if bank.method != "nmf":
+    if bank.projection != "nnls_codes":
         raise NCAVError(
-            _bank_name(bank), f"is a {bank.method!r} bank, not NCAVs; NCAV importance needs an NMF bank for layer {layer!r}",
+            _bank_name(bank),
+            f"projects with {bank.projection!r}, not NCAVs; NCAV importance needs a bank with the 'nnls_codes' projection "
+            f"(an NMF bank) for layer {layer!r}",
             "fit conceptlens.probes.nmf.NMFConcepts and use its to_bank(); use conceptlens.attribution.tcav for linear CAVs",
         )
 
@@ -308,7 +310,7 @@ def ncav_importance(
     layer : str
         Dotted module path of the layer the bank was fitted on (a single tensor output).
     bank : ConceptBank
-        NMF bank (``method='nmf'``) of that layer.
+        A bank with the ``nnls_codes`` projection (an NMF bank) of that layer.
     target : callable or int
         ``target(output)`` → :class:`~conceptlens.attribution.targets.TargetValues` or ``(B,)`` tensor; an int
         ``k`` picks ``output[:, k]``.

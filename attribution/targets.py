@@ -1,6 +1,6 @@
 """Attribution targets: turn a model's output for a batch into one differentiable scalar per image.
 
-A target (METHODS.md §6, the ``h_k`` of TCAV's conceptual sensitivity) is a callable
+A target (docs/METHODS.md §6, the ``h_k`` of TCAV's conceptual sensitivity) is a callable
 ``target(output) -> TargetValues``. ``values`` is a ``(B,)`` tensor that stays in the autograd
 graph of the forward pass, so ``values[valid].sum().backward()`` (or ``torch.autograd.grad``) gives
 the per-image gradients w.r.t. the input or a captured activation. ``valid`` is a ``(B,)`` bool mask:
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torchvision.ops import box_iou
@@ -155,38 +155,71 @@ def _logits(output: Any, name: str, k: int) -> torch.Tensor:
     return output
 
 
-class ClassLogit:
-    """The logit of class ``k``: ``output[:, k]``."""
+class _ClassTarget:
+    """One class's score of a classifier, computed from its logits ``(B, n_classes)`` by :meth:`_scores`.
+
+    Subclasses set ``kind`` (the spec prefix) and ``quantity`` (what the score is, for messages).
+    """
+
+    kind: ClassVar[str]
+    quantity: ClassVar[str]
 
     def __init__(self, k: int) -> None:
         self.k = int(k)
-        self.name = f"logit:{self.k}"
-        self.what = f"logit of class {self.k}"
+        self.name = f"{self.kind}:{self.k}"
+        self.what = f"{self.quantity} of class {self.k}"
+
+    @staticmethod
+    def _scores(logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, output: Any) -> TargetValues:
         logits = _logits(output, self.name, self.k)
-        values = logits[:, self.k]
+        values = self._scores(logits)[:, self.k]
         return TargetValues(values, torch.ones_like(values, dtype=torch.bool))
 
     def __repr__(self) -> str:
-        return f"ClassLogit({self.k})"
+        return f"{type(self).__name__}({self.k})"
 
 
-class ClassProbability:
-    """The softmax probability of class ``k``."""
+class ClassLogit(_ClassTarget):
+    """The logit of class ``k``: ``output[:, k]``.
 
-    def __init__(self, k: int) -> None:
-        self.k = int(k)
-        self.name = f"prob:{self.k}"
-        self.what = f"probability of class {self.k}"
+    Examples
+    --------
+    >>> logits = torch.tensor([[0.0, 1.0, 5.0], [2.0, 0.0, -1.0]])
+    >>> ClassLogit(2)(logits).values
+    tensor([ 5., -1.])
+    """
 
-    def __call__(self, output: Any) -> TargetValues:
-        logits = _logits(output, self.name, self.k)
-        values = torch.softmax(logits, dim=1)[:, self.k]
-        return TargetValues(values, torch.ones_like(values, dtype=torch.bool))
+    kind = "logit"
+    quantity = "logit"
 
-    def __repr__(self) -> str:
-        return f"ClassProbability({self.k})"
+    @staticmethod
+    def _scores(logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+class ClassProbability(_ClassTarget):
+    """The softmax probability of class ``k``: ``softmax(output, dim=1)[:, k]``.
+
+    Examples
+    --------
+    >>> logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    >>> ClassProbability(1)(logits).values
+    tensor([0.5000, 0.7500])
+    """
+
+    kind = "prob"
+    quantity = "probability"
+
+    @staticmethod
+    def _scores(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1)
+
+
+#: The classifier targets by spec prefix.
+_CLASS_TARGETS: dict[str, type[_ClassTarget]] = {target.kind: target for target in (ClassLogit, ClassProbability)}
 
 
 # -- detector targets --------------------------------------------------------------------------
@@ -345,16 +378,47 @@ def _int(text: str, spec: str) -> int:
 
 
 def target_from_spec(spec: str, min_iou: float = 0.5) -> Target:
-    """Parse a CLI target spec: ``logit:K``, ``prob:K``, ``top:K[:MIN_SCORE]``, ``box:K|any:x0,y0,x1,y1``."""
+    """Parse a CLI target spec: ``logit:K``, ``prob:K``, ``top:K[:MIN_SCORE]``, ``box:K|any:x0,y0,x1,y1``.
+
+    Parameters
+    ----------
+    spec : str
+        The spec; one of :data:`SPEC_FORMS`.
+    min_iou : float
+        The IoU a detection needs to match a ``box:`` spec's box.
+
+    Returns
+    -------
+    Target
+        :class:`ClassLogit`, :class:`ClassProbability`, :class:`TopDetection` or
+        :class:`MatchedDetection`.
+
+    Raises
+    ------
+    TargetError
+        If the spec is malformed; the message lists the accepted forms.
+
+    Examples
+    --------
+    >>> target_from_spec("prob:3")
+    ClassProbability(3)
+    >>> target_from_spec("top:2:0.5").name
+    'top:2:0.5'
+    >>> target_from_spec("box:any:0,0,10,20")
+    MatchedDetection(None, boxes=..., min_iou=0.5)
+    >>> target_from_spec("logit:x")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    conceptlens.attribution.targets.TargetError: target 'logit:x': 'x' is not an integer class id — fix: use one of logit:K, prob:K, ...
+    """
     if not isinstance(spec, str):
         raise _bad(str(spec), "a target spec must be a string")
     parts = spec.strip().split(":")
     kind = parts[0].lower()
-    if kind in ("logit", "prob"):
+    if kind in _CLASS_TARGETS:
         if len(parts) != 2:
             raise _bad(spec, f"{kind} takes exactly one class id")
-        k = _int(parts[1], spec)
-        return ClassLogit(k) if kind == "logit" else ClassProbability(k)
+        return _CLASS_TARGETS[kind](_int(parts[1], spec))
     if kind == "top":
         if len(parts) not in (2, 3):
             raise _bad(spec, "top takes a label and optionally a minimum score")

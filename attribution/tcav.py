@@ -1,10 +1,10 @@
-"""TCAV scores with significance tests (METHODS.md §6; Kim et al. 2018, arXiv 1711.11279).
+"""TCAV scores with significance tests (docs/METHODS.md §6; Kim et al. 2018, arXiv 1711.11279).
 
 Conceptual sensitivity of input ``x`` to CAV ``v`` at layer ``L`` for target scalar ``h``:
 ``S(x) = ∇_{A_L} h(x) · v``. Per CAV run (concept ``c`` vs random set ``r``) over the inputs:
 
 - ``sign_count`` — fraction of inputs with ``S > 0`` (the TCAV score; captum's ``sign_count``);
-- ``magnitude`` — ``Σ_{S>0} S / Σ |S|`` (METHODS.md; captum's docstring formula);
+- ``magnitude`` — ``Σ_{S>0} S / Σ |S|`` (docs/METHODS.md §6; captum's docstring formula);
 - ``mean_sensitivity`` — ``mean S``. This is what captum 0.9.0's ``TCAV.interpret`` actually
   returns under the key ``"magnitude"`` (``torch.mean(tcav_score, dim=1)``), despite its docstring.
 

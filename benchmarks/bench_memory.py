@@ -3,7 +3,7 @@
 Usage: ``python benchmarks/bench_memory.py [--quick]``
 
 Each size runs in a fresh process (``run_in_subprocess``) on the synthetic world with
-``zoo:synthetic_resnet_fpn`` at three layers: ``conceptlens.workflow.probe_model`` (embedding,
+``zoo:synthetic_resnet_fpn`` at three layers: ``conceptlens.probes.workflow.probe_model`` (embedding,
 grid masks, one Net2Vec bank per layer with its test metrics, the module order) and then
 ``compare_models`` (concept maps, layer × layer similarity, CKA), every artefact in a fresh
 store. The figure is peak RSS at 4N images over peak RSS at N (N = 100; quick: 20); streaming
@@ -37,7 +37,8 @@ def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
     """In a fresh process: probe and compare on ``n_images`` scenes; peak RSS after each stage."""
     import torch
 
-    import conceptlens.workflow as workflow
+    import conceptlens.concepts.compare.workflow as compare_workflow
+    import conceptlens.probes.workflow as probe_workflow
     from conceptlens.concepts.models.loading import load_model
     from conceptlens.concepts.store.activations import ActivationStore
     from conceptlens.concepts.data.synthetic import SyntheticWorld
@@ -55,18 +56,21 @@ def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
                 stages.append({"stage": name, "seconds": round(time.perf_counter() - start, 3), "peak_mib": round(peak_rss_mib(), 1), "rss_mib": round(current_rss_mib(), 1)})
         return wrapper
 
-    for name in ("embed", "embed_masks", "_fit_bank", "layer_order", "concept_map_entry", "supervised_similarity", "cka_matrix"):
-        setattr(workflow, name, traced(name, getattr(workflow, name)))
+    stage_names = {probe_workflow: ("embed", "embed_masks", "fit_bank", "layer_order"),
+                   compare_workflow: ("embed_masks", "concept_map_entry", "supervised_similarity", "cka_matrix")}
+    for module, names in stage_names.items():
+        for name in names:
+            setattr(module, name, traced(name, getattr(module, name)))
     model = load_model(MODEL)
     dataset = SyntheticWorld(n_images, seed=0)
     floor = current_rss_mib()
     start = time.perf_counter()
     store = ActivationStore(Path(folder) / "store")
     layers, epochs = (LAYERS[:2], 1) if quick else (LAYERS, MAX_EPOCHS)
-    probed = workflow.probe_model("A", model, dataset, layers, "net2vec", store, Path(folder) / "banks", grid=GRID,
-                                  params={"max_epochs": epochs}, device="cpu", input_size=(128, 128))
+    probed = probe_workflow.probe_model(model, dataset, layers, "net2vec", store, banks_dir=Path(folder) / "banks", label="A", grid=GRID,
+                                        params={"max_epochs": epochs}, device="cpu", input_size=(128, 128))
     peak_probe = peak_rss_mib()
-    result = workflow.compare_models([probed], dataset, store, "net2vec", grid=GRID)
+    result = compare_workflow.compare_models([probed], dataset, store, "net2vec", grid=GRID)
     seconds = time.perf_counter() - start
     assert len(result["matrix"]) == len(layers)
     return {

@@ -10,7 +10,7 @@ grid masks are stored, and every layer gets a random Net2Vec bank of 10 concepts
 the benchmark measures the comparison, not embedding or probing.
 
 Timed, in a fresh process per run (``run_in_subprocess``, so peak RSS is honest): exactly
-``conceptlens.workflow.compare_models(..., method="net2vec")`` — the concept maps of every layer on
+``conceptlens.concepts.compare.workflow.compare_models(..., method="net2vec")`` — the concept maps of every layer on
 the 100×100 grid for the test images (computed and written to the store; maps left by an earlier
 run are deleted first), the supervised layer × layer statistics (set IoU, soft IoU, Pearson per
 concept for all 16 × 16 pairs), and pooled + spatial minibatch CKA. Best of the runs is kept; the
@@ -100,7 +100,7 @@ def _setting(folder: str):
     from conceptlens.concepts.compare.similarity import relative_depths
     from conceptlens.concepts.store.activations import ActivationStore, StoreEntry
     from conceptlens.concepts.vectors.bank import ConceptBank
-    from conceptlens.workflow import ProbedModel
+    from conceptlens.concepts.vectors.probed import ProbedModel
 
     described = json.loads((Path(folder) / "described.json").read_text())
     store = ActivationStore(Path(folder) / "store")
@@ -113,13 +113,13 @@ def _setting(folder: str):
         activations = {layer: StoreEntry(store.root, model["banks"][layer]["activations"]) for layer in layers}
         banks = {layer: ConceptBank.load(model["banks"][layer]["bank"]) for layer in layers}
         depths = relative_depths(layers)
-        probed.append(ProbedModel(label, None, layers, activations, banks, depths, depths))  # model object: not used by compare_models
+        probed.append(ProbedModel(label, None, layers, activations, banks, depths, depths, comparison="supervised"))  # model object: not used by compare_models
     return described, store, probed
 
 
 def compare_worker(folder: str) -> dict[str, Any]:
     """In a fresh process: run ``compare_models`` once; its time, stage times and peak RSS."""
-    import conceptlens.workflow as workflow
+    import conceptlens.concepts.compare.workflow as workflow
     from conceptlens.concepts.compare.similarity import LayerMaps  # noqa: F401  (imported before the clock starts)
 
     described, store, probed = _setting(folder)

@@ -16,7 +16,7 @@ Chelsea cat photo on sample-photo backgrounds) for the logit of ImageNet class 2
   concept's sign-count scores against the random-vs-random ones, per concept and layer. Concept
   batches come from a ``DataLoader`` that prepares the images with the model's adapter (the same
   resize + normalisation conceptlens uses), so both sides start from the same uint8 images.
-* **conceptlens** — the ``conceptlens tcav`` chain: ``tcav_step.set_activations`` (every set
+* **conceptlens** — the ``conceptlens tcav`` chain: ``probes.image_cavs.set_activations`` (every set
   embedded once into an ``ActivationStore``, reused when warm) → ``fit_image_cavs`` (batched Newton
   logistic CAVs, plus its own null CAVs ``r_i`` vs ``r_{i+1}``) → ``conceptlens.attribution.tcav.tcav_scores``
   (one forward+backward per input batch for all layers, t-test, Holm, 1000 bootstrap resamples).
@@ -136,7 +136,7 @@ def _setup(size: str) -> tuple[Any, dict[str, list], list, dict[str, Any]]:
     import scipy.stats  # noqa: F401
 
     import conceptlens.attribution.tcav  # noqa: F401
-    import conceptlens.tcav_step  # noqa: F401
+    import conceptlens.probes.image_cavs  # noqa: F401
 
     with torch.no_grad():  # first-call overhead (allocator, oneDNN primitives) out of the timings
         model.module(model.adapter.prepare(inputs[:2], torch.device("cpu")))
@@ -256,7 +256,7 @@ def _ours_once(model: Any, sets: dict[str, list], inputs: list, layers: list[str
     from conceptlens.attribution.tcav import tcav_scores
     from conceptlens.concepts.data.dataset import ArrayDataset
     from conceptlens.concepts.store.activations import ActivationStore
-    from conceptlens.tcav_step import fit_image_cavs, set_activations
+    from conceptlens.probes.image_cavs import fit_image_cavs, set_activations
 
     batch = len(next(iter(sets.values())))
     datasets = {name: ArrayDataset(images, name=name) for name, images in sets.items()}

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(probe)
     probe.add_argument("data", help="pixel methods: a concept dataset (as for embed); linear: a folder of concept sets + random_* sets")
     probe.add_argument("--layers", nargs="+", required=True)
-    probe.add_argument("--method", default="net2vec", choices=["net2vec", "linear", "nmf"])
+    probe.add_argument("--method", default="net2vec", choices=_RegisteredMethods(), help="a registered concept method (default net2vec)")
     _probe_options(probe)
     _common(probe)
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", action="append", required=True, help="model spec; repeat for each model (each followed by --layers)")
     compare.add_argument("--layers", action="append", nargs="+", required=True, help="layers of the preceding --model, shallow to deep")
     compare.add_argument("--weights", action="append", help="weights per model (default none for each)")
-    compare.add_argument("--method", default="net2vec", choices=["net2vec", "nmf"])
+    compare.add_argument("--method", default="net2vec", choices=_RegisteredMethods("pixel"), help="a pixel-level concept method (default net2vec)")
     compare.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     _probe_options(compare)
     _common(compare)
@@ -170,12 +170,33 @@ def _probe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+class _RegisteredMethods:
+    """``--method`` choices: the registry's method names, looked up only when needed (it imports torch)."""
+
+    def __init__(self, level: str | None = None) -> None:
+        self.level = level
+
+    def _names(self) -> tuple[str, ...]:
+        from conceptlens.probes.registry import method_names
+
+        return method_names(self.level)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def _method_params(args: argparse.Namespace) -> dict:
-    if args.method == "net2vec":
-        return {"max_epochs": args.epochs, "seed": args.seed}
-    if args.method == "nmf":
-        return {"n_components": args.k, "seed": args.seed}
-    return {"seed": args.seed}
+    """The options the method's estimator takes: ``--epochs`` → max_epochs, ``--k`` → n_components, ``--seed``."""
+    import inspect
+
+    from conceptlens.probes.registry import get_method
+
+    offered = {"max_epochs": args.epochs, "n_components": args.k, "seed": args.seed}
+    accepted = inspect.signature(get_method(args.method).estimator).parameters
+    return {name: value for name, value in offered.items() if name in accepted}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,18 +285,22 @@ def _print_entries(result, seconds: float) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from conceptlens.concepts.store.activations import ActivationStore
-    from conceptlens.workflow import probe_model, write_json
+    from conceptlens.probes.workflow import probe_model
+    from conceptlens.report.results import ProbeResults
 
     model = _load(args)
     out = Path(args.out)
-    if args.method == "linear":
+    from conceptlens.probes.registry import get_method
+
+    if get_method(args.method).level == "image":  # fitted on image sets, not concept masks
         return _probe_linear(args, model, out)
     dataset = _concept_data(args)
     probed = probe_model(
-        "model", model, dataset, args.layers, args.method, ActivationStore(args.store), out / "banks", tuple(args.grid),
-        _method_params(args), args.batch_size, args.device, _progress(args), tuple(args.input_size) if args.input_size else (224, 224),
+        model, dataset, args.layers, args.method, ActivationStore(args.store), banks_dir=out / "banks", label="model", grid=tuple(args.grid),
+        params=_method_params(args), batch_size=args.batch_size, device=args.device, progress=_progress(args),
+        input_size=tuple(args.input_size) if args.input_size else (224, 224),
     )
-    write_json(out / f"probe_{args.method}.json", {"model": args.model, "dataset": dataset.name, "method": args.method, "metrics": probed.metrics})
+    ProbeResults(model=args.model, dataset=dataset.name, method=args.method, metrics=probed.metrics).write(out / f"probe_{args.method}.json")
     for layer, bank in probed.banks.items():
         scores = [m.get("set_iou") for m in bank.metrics.values() if isinstance(m.get("set_iou"), float)]
         best = max(bank.metrics.items(), key=lambda kv: kv[1].get("set_iou") or -1)
@@ -288,8 +313,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
     from conceptlens.concepts.data.image_sets import ImageSets
     from conceptlens.concepts.store.activations import ActivationStore
-    from conceptlens.tcav_step import fit_image_cavs, set_activations
-    from conceptlens.workflow import bank_path, write_json
+    from conceptlens.probes.image_cavs import fit_image_cavs, set_activations
+    from conceptlens.probes.workflow import bank_path
+    from conceptlens.report.results import ProbeResults
 
     sets = ImageSets(args.data, concepts=args.concepts)
     datasets = {name: sets.dataset(name) for name in [*sets.concepts, *sets.random_sets]}
@@ -303,7 +329,7 @@ def _probe_linear(args: argparse.Namespace, model, out: Path) -> int:
         summary[layer] = bank.metrics
         accuracy = ", ".join(f"{c} {m['accuracy_mean']:.2f}" for c, m in bank.metrics.items())
         print(f"{layer:<32} CAV accuracy (held-out, mean over {cavs.vectors.shape[1]} runs): {accuracy}")
-    write_json(out / "probe_linear.json", {"model": args.model, "method": "linear", "metrics": summary})
+    ProbeResults(model=args.model, method="linear", metrics=summary).write(out / "probe_linear.json")
     return 0
 
 
@@ -313,7 +339,8 @@ def cmd_tcav(args: argparse.Namespace) -> int:
     from conceptlens.concepts.data.image_sets import ImageFolderDataset, ImageSets
     from conceptlens.concepts.data.imageio import list_image_files
     from conceptlens.concepts.store.activations import ActivationStore
-    from conceptlens.tcav_step import fit_image_cavs, set_activations, tcav_table, write_tcav
+    from conceptlens.probes.image_cavs import fit_image_cavs, set_activations
+    from conceptlens.tcav_step import tcav_table, write_tcav
 
     model = _load(args)
     targets = {spec: target_from_spec(spec) for spec in args.target}
@@ -357,7 +384,7 @@ def _concept_data(args: argparse.Namespace):
 def cmd_compare(args: argparse.Namespace) -> int:
     from conceptlens.concepts.models.loading import load_model
     from conceptlens.concepts.store.activations import ActivationStore
-    from conceptlens.workflow import probe_model
+    from conceptlens.probes.workflow import probe_model
 
     if len(args.model) != len(args.layers):
         raise ConceptLensError("--model/--layers", f"{len(args.model)} models but {len(args.layers)} layer lists", "follow each --model with its --layers")
@@ -369,8 +396,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for index, (spec, layers, weight) in enumerate(zip(args.model, args.layers, weights)):
         model = load_model(spec, weights=weight, input_size=input_size)
         label = f"{chr(ord('A') + index)}"
-        probed.append(probe_model(label, model, dataset, layers, args.method, store, out / "banks", tuple(args.grid),
-                                  _method_params(args), args.batch_size, args.device, _progress(args), input_size or (224, 224)))
+        probed.append(probe_model(model, dataset, layers, args.method, store, banks_dir=out / "banks", label=label, grid=tuple(args.grid),
+                                  params=_method_params(args), batch_size=args.batch_size, device=args.device, progress=_progress(args),
+                                  input_size=input_size or (224, 224)))
     from conceptlens.compare_output import write_comparison
 
     paths = write_comparison(probed, dataset, store, args.method, tuple(args.grid), out, _progress(args))
@@ -383,7 +411,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
     from conceptlens.attribution.targets import target_from_spec
     from conceptlens.concepts.data.imageio import read_image
     from conceptlens.concepts.vectors.bank import ConceptBank
-    from conceptlens.plots import overlay_concept_maps
+    from conceptlens.report.figures import overlay_concept_maps
 
     model = _load(args)
     bank = ConceptBank.load(args.bank, model_hash=model.hash)
@@ -453,10 +481,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def demo_config_path() -> Path:
-    """The shipped ``configs/demo.yaml`` (next to the installed package, in a source checkout)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-    if not path.is_file():
-        raise ConceptLensError(str(path), "the demo config is missing", "install conceptlens from its source checkout (pip install -e .)")
+    """The shipped demo config: ``conceptlens/configs/demo.yaml`` in an installed wheel, ``configs/demo.yaml`` in a source checkout."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "configs" / "demo.yaml", package.parent / "configs" / "demo.yaml")
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise ConceptLensError(str(candidates[0]), "the demo config is missing", "reinstall conceptlens (pip install conceptlens, or pip install -e . in a checkout)")
     return path
 
 

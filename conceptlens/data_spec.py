@@ -10,9 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.data.generated import GeneratedDataset
+from conceptlens.concepts.data.real_textures import RealTextureWorld
+from conceptlens.concepts.data.synthetic import SyntheticWorld
 from conceptlens.concepts.errors import DataError
 
-__all__ = ["open_dataset"]
+__all__ = ["GENERATED_WORLDS", "open_dataset"]
+
+#: The generated worlds a spec ``NAME[:N[:SEED]]`` can name, by name.
+GENERATED_WORLDS: dict[str, type[GeneratedDataset]] = {world.kind: world for world in (SyntheticWorld, RealTextureWorld)}
+_DEFAULT_N_IMAGES = 200
 
 
 def open_dataset(
@@ -23,7 +30,8 @@ def open_dataset(
     Parameters
     ----------
     spec : str
-        ``synthetic[:N[:SEED]]``, a folder path, or a COCO ``.json`` path.
+        ``synthetic[:N[:SEED]]``, ``real-textures[:N[:SEED]]``, a folder path, or a COCO ``.json``
+        path. ``N`` defaults to 200 images, ``SEED`` to ``seed``.
     coco_images : str, optional
         Image folder of a COCO dataset.
     seed : int
@@ -32,17 +40,28 @@ def open_dataset(
         Show a progress bar while validating files.
     area_range : (float, float), optional
         COCO only: keep an (image, category) mask when it covers this fraction of the image.
+
+    Returns
+    -------
+    ConceptDataset
+
+    Raises
+    ------
+    DataError
+        If the spec names no dataset, or a generated world's ``N`` or ``SEED`` is not an integer.
+
+    Examples
+    --------
+    >>> world = open_dataset("synthetic:20:3")
+    >>> type(world).__name__, world.name, len(world)
+    ('SyntheticWorld', 'synthetic-s3-n20', 20)
+    >>> open_dataset("synthetic", seed=7).name
+    'synthetic-s7-n200'
     """
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        from conceptlens.concepts.data.synthetic import SyntheticWorld
-
+    world = GENERATED_WORLDS.get(spec.split(":")[0])
+    if world is not None:
         n_images, world_seed = _generated_arguments(spec, seed)
-        return SyntheticWorld(n_images=n_images, seed=world_seed)
-    if spec == "real-textures" or spec.startswith("real-textures:"):
-        from conceptlens.concepts.data.real_textures import RealTextureWorld
-
-        n_images, world_seed = _generated_arguments(spec, seed)
-        return RealTextureWorld(n_images=n_images, seed=world_seed)
+        return world(n_images=n_images, seed=world_seed)
     path = Path(spec)
     if path.suffix.lower() == ".json":
         if coco_images is None:
@@ -60,11 +79,14 @@ def open_dataset(
 
 
 def _generated_arguments(spec: str, seed: int) -> tuple[int, int]:
-    """``name[:N[:SEED]]`` → (N, SEED), default 200 images and the split seed."""
-    parts = spec.split(":")[1:]
+    """``NAME[:N[:SEED]]`` → (N, SEED), default 200 images and the split seed."""
+    name, *parts = spec.split(":")
+    fix = f"write {name}:N:SEED, e.g. {name}:{_DEFAULT_N_IMAGES}:0"
+    if len(parts) > 2:
+        raise DataError(spec, "a generated world takes at most N and SEED", fix)
     try:
-        n_images = int(parts[0]) if parts else 200
+        n_images = int(parts[0]) if parts else _DEFAULT_N_IMAGES
         world_seed = int(parts[1]) if len(parts) > 1 else seed
     except ValueError as error:
-        raise DataError(spec, "N and SEED must be integers", f"write {spec.split(':')[0]}:200:0") from error
+        raise DataError(spec, "N and SEED must be integers", fix) from error
     return n_images, world_seed

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from conceptlens.concepts.store.artifacts import artifact_paths, write_artifact
+from conceptlens.concepts.data.concept_sets import concept_set_indices
+from conceptlens.concepts.data.concept_sets import mask_coverage as _coverage
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.environment import package_versions
-from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.errors import ConceptLensError, DataError
 from conceptlens.concepts.geometry import Geometry, features_to_grid
 from conceptlens.concepts.models.loading import LoadedModel, load_model
 from conceptlens.concepts.store.activations import ActivationStore, EntryReader
@@ -38,12 +40,27 @@ from conceptlens.concepts.vectors.bank import ConceptBank
 from conceptlens.compare_output import write_comparison
 from conceptlens.config import PipelineConfig, check_paths, config_hash, config_to_dict
 from conceptlens.data_spec import open_dataset
-from conceptlens.workflow import ProbedModel, probe_model, write_json
+from conceptlens.concepts.store.artifacts import write_json
+from conceptlens.concepts.vectors.probed import ProbedModel
+from conceptlens.probes.registry import get_method
+from conceptlens.probes.workflow import probe_model
+from conceptlens.report.results import (
+    EXAMPLES_KIND,
+    PROTOTYPES_KIND,
+    REPORT_INPUTS_VERSION,
+    BestLayer,
+    DataInfo,
+    ExamplesMeta,
+    ModelInfo,
+    NCAVLabel,
+    ProbeResults,
+    PrototypesMeta,
+    RunSummary,
+    StepTime,
+)
 
 __all__ = ["PipelineResult", "run_pipeline"]
 
-EXAMPLES_KIND = "report-examples"
-PROTOTYPES_KIND = "report-prototypes"
 PATCH_SIZE = 48  # pixels of a prototype patch in the report
 
 
@@ -69,10 +86,10 @@ class _Run:
         """Run ``work`` (unless ``skipped()`` says its results are current) and log its time."""
         started = time.perf_counter()
         if skipped is not None and skipped():
-            self.steps.append({"name": name, "seconds": round(time.perf_counter() - started, 3), "skipped": True})
+            self.steps.append(StepTime(name, round(time.perf_counter() - started, 3), skipped=True).to_json())
             return None
         value = work()
-        self.steps.append({"name": name, "seconds": round(time.perf_counter() - started, 3), "skipped": False})
+        self.steps.append(StepTime(name, round(time.perf_counter() - started, 3), skipped=False).to_json())
         if self.verbose:
             print(f"  {name}: {self.steps[-1]['seconds']:.1f} s", flush=True)
         return value
@@ -109,7 +126,7 @@ def run_pipeline(
     _compare_all(run, dataset, probed)
     if config.tcav.enabled:
         _tcav(run, dataset, models)
-    if config.report.enabled and "net2vec" in probed:
+    if config.report.enabled and _first_method(probed, "supervised"):
         _report_inputs(run, dataset, probed)
 
     results_key = _results_key(out)
@@ -118,16 +135,16 @@ def run_pipeline(
         # nothing changed: run.json and the report keep describing the run that made these results
         run.step("report", lambda: None, skipped=lambda: True)
         return PipelineResult(out, previous, out / "report.html" if config.report.enabled else None, run.steps)
-    summary = {**_summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock), "results_key": results_key}
-    write_json(out / "run.json", summary)
+    summary = _summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock, results_key)
+    summary.write(out / "run.json")
     report = None
     if config.report.enabled:
         from conceptlens.report import write_report
 
         report = run.step("report", lambda: write_report(out))  # its own time lands in run.json only
-        summary = {**_summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock), "results_key": results_key}
-        write_json(out / "run.json", summary)
-    return PipelineResult(out, summary, report, run.steps)
+        summary = _summary(config, dataset, models, probed, run.steps, started, time.perf_counter() - clock, results_key)
+        summary.write(out / "run.json")
+    return PipelineResult(out, summary.to_json(), report, run.steps)
 
 
 def _results_key(out: Path) -> str:
@@ -171,7 +188,7 @@ def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel
         "net2vec": {"max_epochs": config.probes.net2vec.max_epochs, "lr": config.probes.net2vec.lr, "batch_size": config.probes.net2vec.batch_size, "seed": config.seed},
         "nmf": {"n_components": config.probes.nmf.k, "seed": config.seed},
     }
-    enabled = [m for m in ("net2vec", "nmf") if getattr(config.probes, m).enabled]
+    enabled = [m for m in params if getattr(config.probes, m).enabled]
     probed: dict[str, dict[str, ProbedModel]] = {m: {} for m in enabled}
     for method in enabled:
         for spec in config.models:
@@ -182,18 +199,18 @@ def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel
 
 def _probe_one(run: _Run, dataset: ConceptDataset, model: LoadedModel, name: str, layers: list[str], method: str, params: dict[str, Any]) -> ProbedModel:
     config = run.config
-    probed = probe_model(name, model, dataset, layers, method, run.store, run.out / "banks", tuple(config.embed.grid), params,
-                         config.embed.batch_size, config.device, run.progress, _input_size(config, name), config.embed.dtype)
-    result: dict[str, Any] = {"model": name, "spec": model.spec, "method": method, "layers": list(layers), "depths": probed.depths,
-                              "module_depths": probed.module_depths, "metrics": probed.metrics,
-                              "provenance": {layer: bank.provenance for layer, bank in probed.banks.items()}}
-    if method == "net2vec":
-        result["best_layer"] = _best_layers(probed)
-    write_json(run.out / f"probe_{name}_{method}.json", result)
+    probed = probe_model(model, dataset, layers, method, run.store, banks_dir=run.out / "banks", label=name, grid=tuple(config.embed.grid),
+                         params=params, batch_size=config.embed.batch_size, device=config.device, progress=run.progress,
+                         input_size=_input_size(config, name), dtype=config.embed.dtype)
+    supervised = get_method(method).comparison == "supervised"  # named concepts: the layer each is found best at
+    result = ProbeResults(model=name, spec=model.spec, method=method, layers=list(layers), depths=probed.depths, module_depths=probed.module_depths,
+                          metrics=probed.metrics, provenance={layer: bank.provenance for layer, bank in probed.banks.items()},
+                          best_layer=_best_layers(probed) if supervised else None)
+    result.write(run.out / f"probe_{name}_{method}.json")
     return probed
 
 
-def _best_layers(probed: ProbedModel) -> dict[str, dict[str, Any]]:
+def _best_layers(probed: ProbedModel) -> dict[str, BestLayer]:
     best = {}
     concepts = probed.banks[probed.layers[0]].concepts
     for concept in concepts:
@@ -201,7 +218,7 @@ def _best_layers(probed: ProbedModel) -> dict[str, dict[str, Any]]:
         scores = [(s, i) for s, i in scores if isinstance(s, float)]
         if scores:
             score, i = max(scores)
-            best[concept] = {"layer": probed.layers[i], "depth": probed.depths[i], "set_iou": score}
+            best[concept] = BestLayer(probed.layers[i], probed.depths[i], score)
     return best
 
 
@@ -212,8 +229,8 @@ def _compare_all(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str,
     config = run.config
     if not config.compare.enabled:
         return
-    for method in ("net2vec", "nmf"):
-        if method in config.compare.methods and method in probed:
+    for method in probed:
+        if method in config.compare.methods:
             models = list(probed[method].values())
             cka = "cka" in config.compare.methods
             key = _step_key("compare", method, config.embed.grid, [(m.label, {layer: b.provenance for layer, b in m.banks.items()}) for m in models],
@@ -270,7 +287,8 @@ def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) ->
 def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel], key: str) -> None:
     from conceptlens.attribution.targets import target_from_spec
     from conceptlens.attribution.tcav import merge_results, tcav_scores
-    from conceptlens.tcav_step import fit_image_cavs, write_tcav
+    from conceptlens.probes.image_cavs import fit_image_cavs
+    from conceptlens.tcav_step import write_tcav
 
     settings = run.config.tcav
     sources = _tcav_sources(run.config, dataset)
@@ -343,7 +361,7 @@ class _FolderSets:
         self.provenance = {name: self.folders.dataset(name).ids for name in [*self.concepts, *self.randoms]}
 
     def activations(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]]:
-        from conceptlens.tcav_step import set_activations
+        from conceptlens.probes.image_cavs import set_activations
 
         sets = {name: self.folders.dataset(name) for name in [*self.concepts, *self.randoms]}
         return set_activations(model, sets, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
@@ -363,11 +381,6 @@ def _tcav_sources(config: PipelineConfig, dataset: ConceptDataset) -> _DatasetSe
     return _FolderSets(config, dataset) if config.data.image_sets else _DatasetSets(config, dataset)
 
 
-def _coverage(dataset: ConceptDataset) -> np.ndarray:
-    """``(N, K)``: the fraction of each image every concept covers."""
-    return np.stack([dataset.masks(i).reshape(len(dataset.concepts), -1).mean(1) for i in range(len(dataset))])
-
-
 def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Concept and random image sets drawn from the concept dataset, and the scored inputs per concept.
 
@@ -377,18 +390,12 @@ def _tcav_image_sets(config: PipelineConfig, dataset: ConceptDataset) -> tuple[d
     all test images).
     """
     settings = config.tcav
-    rng = np.random.default_rng(config.seed)
-    pool = np.sort(np.concatenate([dataset.split_indices("train"), dataset.split_indices("val")]))
     coverage = _coverage(dataset)
-    sets: dict[str, np.ndarray] = {}
-    for concept in settings.concepts or dataset.concepts:
-        showing = pool[coverage[pool, dataset.concepts.index(concept)] >= settings.min_fraction]
-        if len(showing) < 2:
-            raise ConceptLensError(f"tcav.concepts: {concept}", f"only {len(showing)} training images show it (≥ {settings.min_fraction:g} of the image)",
-                                   "lower tcav.min_fraction or drop the concept")
-        sets[concept] = np.sort(rng.choice(showing, min(len(showing), settings.images_per_set), replace=False))
-    for r in range(settings.random_sets):
-        sets[f"random_{r}"] = np.sort(rng.choice(pool, min(len(pool), settings.images_per_set), replace=False))
+    try:
+        sets = concept_set_indices(dataset, settings.concepts, min_fraction=settings.min_fraction, images_per_set=settings.images_per_set,
+                                   random_sets=settings.random_sets, seed=config.seed, coverage=coverage)
+    except DataError as error:
+        raise ConceptLensError(f"tcav.concepts: {error.culprit}", error.problem, "lower tcav.min_fraction or drop the concept") from error
     return sets, _tcav_inputs(config, dataset, coverage, [t.inputs for t in settings.targets if t.inputs])
 
 
@@ -409,13 +416,19 @@ def _tcav_inputs(config: PipelineConfig, dataset: ConceptDataset, coverage: np.n
 # ---------------------------------------------------------------------------------------------- report inputs
 
 
+def _first_method(probed: dict[str, dict[str, ProbedModel]], comparison: str) -> str | None:
+    """The first probed method that feeds ``comparison`` (the report shows one of each kind)."""
+    return next((method for method in probed if get_method(method).comparison == comparison), None)
+
+
 def _report_inputs(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str, ProbedModel]]) -> None:
+    """Segmentation examples of the supervised method's banks; NCAV prototypes of the unsupervised one's."""
     settings = run.config.report
-    for name, model in probed["net2vec"].items():
+    for name, model in probed[_first_method(probed, "supervised")].items():
         key = _step_key("examples", settings.examples, {layer: bank.provenance for layer, bank in model.banks.items()}, dataset.image_fingerprint())
         path = artifact_paths(run.out / "examples" / name)[0]
         run.step(f"examples {name}", lambda model=model, key=key: _write_examples(run, dataset, model, key), skipped=lambda: _current(path, key))
-    for name, model in probed.get("nmf", {}).items():
+    for name, model in probed.get(_first_method(probed, "unsupervised"), {}).items():
         key = _step_key("prototypes", settings.prototypes, {layer: bank.provenance for layer, bank in model.banks.items()}, dataset.image_fingerprint())
         path = artifact_paths(run.out / "prototypes" / name)[0]
         run.step(f"prototypes {name}", lambda model=model, key=key: _write_prototypes(run, dataset, model, key), skipped=lambda: _current(path, key))
@@ -443,7 +456,7 @@ def _write_examples(run: _Run, dataset: ConceptDataset, model: ProbedModel, key:
         size = image.shape[:2]
         predicted = []
         for concept in concepts:
-            layer = best[concept]["layer"]
+            layer = best[concept].layer
             activations, geometry = _stored_maps(model, layer, index)
             bank = model.banks[layer]
             logits = bank.logits(activations)[:, [bank.concepts.index(concept)]]
@@ -452,9 +465,9 @@ def _write_examples(run: _Run, dataset: ConceptDataset, model: ProbedModel, key:
         masks = dataset.masks(index)[[dataset.concepts.index(c) for c in concepts]]
         tensors[f"truth_{n}"] = torch.from_numpy(masks.astype(np.uint8))
         tensors[f"pred_{n}"] = torch.stack(predicted).half() if predicted else torch.zeros((0, *size), dtype=torch.float16)
-    metadata = {"model": model.label, "ids": [dataset.ids[i] for i in indices], "concepts": concepts,
-                "best_layers": {c: best[c]["layer"] for c in concepts}, "n_examples": len(indices), "step_key": key}
-    write_artifact(run.out / "examples" / model.label, EXAMPLES_KIND, 1, tensors, metadata)
+    metadata = ExamplesMeta(model=model.label, ids=[dataset.ids[i] for i in indices], concepts=concepts,
+                            best_layers={c: best[c].layer for c in concepts}, n_examples=len(indices), step_key=key)
+    write_artifact(run.out / "examples" / model.label, EXAMPLES_KIND, REPORT_INPUTS_VERSION, tensors, metadata.to_json())
 
 
 def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, key: str) -> None:
@@ -470,11 +483,10 @@ def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, ke
             for p, t in enumerate(order):
                 patches[j, p] = _patch(dataset.image(test[t]), peaks["cell"][j][t], peaks["geometry"][t], peaks["shape"])
         tensors[f"patches_{number}"] = torch.from_numpy(patches)
-        ncavs[layer] = [{"name": c, "label": bank.metrics.get(c, {}).get("matched_concept"), "set_iou": bank.metrics.get(c, {}).get("set_iou")}
-                        for c in bank.concepts]
+        ncavs[layer] = [NCAVLabel(c, bank.metrics.get(c, {}).get("matched_concept"), bank.metrics.get(c, {}).get("set_iou")) for c in bank.concepts]
         fidelity[layer] = next((m.get("fidelity") for m in bank.metrics.values() if "fidelity" in m), None)
-    metadata = {"model": model.label, "layers": model.layers, "ncavs": ncavs, "fidelity": fidelity, "step_key": key}
-    write_artifact(run.out / "prototypes" / model.label, PROTOTYPES_KIND, 1, tensors, metadata)
+    metadata = PrototypesMeta(model=model.label, layers=model.layers, ncavs=ncavs, fidelity=fidelity, step_key=key)
+    write_artifact(run.out / "prototypes" / model.label, PROTOTYPES_KIND, REPORT_INPUTS_VERSION, tensors, metadata.to_json())
 
 
 def _ncav_peaks(model: ProbedModel, layer: str, bank: ConceptBank, indices: list[int]) -> dict[str, Any]:
@@ -488,7 +500,7 @@ def _ncav_peaks(model: ProbedModel, layer: str, bank: ConceptBank, indices: list
     for t, index in enumerate(indices):
         rows = reader.rows([index])
         geometry = Geometry.from_list(rows["geometry"][0].tolist())
-        maps = bank.nmf_maps(rows["activations"].float())[0]  # (k, h, w)
+        maps = bank.concept_maps(rows["activations"].float())[0]  # (k, h, w): NNLS codes for NMF banks
         shape = tuple(maps.shape[-2:])
         maps = maps * image_cells(geometry, shape)
         flat = maps.flatten(1)
@@ -518,16 +530,17 @@ def _patch(image: np.ndarray, cell: tuple[int, int], geometry: Geometry, shape: 
 
 
 def _summary(config: PipelineConfig, dataset: ConceptDataset, models: dict[str, LoadedModel], probed: dict[str, dict[str, ProbedModel]],
-             steps: list[dict[str, Any]], started: datetime, seconds: float) -> dict[str, Any]:
+             steps: list[dict[str, Any]], started: datetime, seconds: float, results_key: str) -> RunSummary:
     depths = next(iter(probed.values()), {})
-    return {
-        "name": config.name, "config": config_to_dict(config), "config_hash": config_hash(config), "seed": config.seed, "device": config.device,
-        "threads": torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count only
-        "versions": package_versions(),
-        "data": {"spec": config.data.spec, "name": dataset.name, "n_images": len(dataset), "concepts": list(dataset.concepts),
-                 "splits": {split: len(ids) for split, ids in dataset.splits.items()}},
-        "models": [{"name": m.name, "spec": m.spec, "weights": m.weights, "hash": models[m.name].hash, "layers": list(m.layers),
-                    "depths": depths[m.name].depths if m.name in depths else None,
-                    "module_depths": depths[m.name].module_depths if m.name in depths else None} for m in config.models],
-        "steps": steps, "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "total_seconds": round(seconds, 3),
-    }
+    return RunSummary(
+        name=config.name, config=config_to_dict(config), config_hash=config_hash(config), seed=config.seed, device=config.device,
+        threads=torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count only
+        versions=package_versions(),
+        data=DataInfo(spec=config.data.spec, name=dataset.name, n_images=len(dataset), concepts=list(dataset.concepts),
+                      splits={split: len(ids) for split, ids in dataset.splits.items()}),
+        models=[ModelInfo(name=m.name, spec=m.spec, weights=m.weights, hash=models[m.name].hash, layers=list(m.layers),
+                          depths=depths[m.name].depths if m.name in depths else None,
+                          module_depths=depths[m.name].module_depths if m.name in depths else None) for m in config.models],
+        steps=[StepTime.from_json(step) for step in steps], started=started.strftime("%Y-%m-%dT%H:%M:%SZ"), total_seconds=round(seconds, 3),
+        results_key=results_key,
+    )

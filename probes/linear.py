@@ -4,28 +4,13 @@ A CAV is the unit normal of a linear boundary that separates a layer's activatio
 images from those of random images, pointing to the concept. Activations are pooled ``(N, C)``
 (default) or flattened ``(N, C·h·w)``; maps ``(N, C, h, w)`` are flattened on input.
 
-Objective
----------
-Both classifiers minimise, over ``w`` and an unpenalised bias ``b``::
-
-    (1/n) Σ_i loss(y_i (w·x_i + b)) + (λ/2) ‖w‖²,   y = +1 concept, −1 random
-
-with ``loss(m) = log(1 + e^{−m})`` (logistic) or ``max(0, 1 − m)²`` (linear SVM, the squared
-hinge of scikit-learn's ``LinearSVC``), ``n`` the number of training rows and ``λ`` the
-``regularization``. Multiplying by ``n/λ`` gives scikit-learn's ``C·Σ loss + ½‖w‖²``, so
-``C = 1 / (λ · n)``. Features are centred (and, with ``standardize``, scaled) on the training rows
-before the fit; the learned boundary is mapped back to raw activation space.
-
-Solvers
--------
-``torch``: Newton's method in float64 with an Armijo backtracking line search (for the squared
-hinge the generalised Hessian, as in liblinear's primal solver), batched over many problems: the
-rows of problems of one feature dimension are padded to a common count and masked, and every
-problem takes its own step and stops on its own gradient. The Newton system is solved in feature
-space when ``D < n`` and otherwise in the span of the training rows (the optimal ``w`` lies there,
-so the ``(n+1)``-dimensional system gives the same Newton step exactly) — flattened maps with
-``D`` in the tens of thousands cost no more than pooled ones. ``sklearn``: ``LogisticRegression``
-(lbfgs) or ``LinearSVC`` on the same centred features with ``C = 1/(λ n)``.
+:class:`LinearCAV` is a scikit-learn classifier: ``fit(X, y)`` with binary labels (1 = concept,
+0 = random), ``decision_function``, ``predict``, ``classes_``, ``get_params`` / ``set_params`` and
+``sklearn.base.clone``. ``fit_sets(concept, random)`` is the TCAV form of the same fit, and
+``fit_many`` / :func:`train_cavs` solve many concept-vs-random problems in one batched solve. The
+objective (L2-regularised logistic regression or squared-hinge linear SVM, ``C = 1/(λ n)`` in
+scikit-learn's terms) and its solvers (batched float64 Newton in torch, or scikit-learn) live in
+:mod:`conceptlens.probes.linear_solvers`.
 
 Held-out accuracy follows TCAV: each class is split at random (seeded), a third of it held out; the
 CAV is trained on the rest and its accuracy measured on the held-out rows.
@@ -34,31 +19,37 @@ CAV is trained on the rest and its accuracy measured on the held-out rows.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.utils import Tags, check_array
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import column_or_1d
 
-from conceptlens.concepts.store.artifacts import artifact_paths, read_artifact, write_artifact
 from conceptlens.concepts.embedding.embed import reduce_features
 from conceptlens.concepts.environment import resolve_device
 from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.geometry import Geometry
 from conceptlens.concepts.store.activations import StoreEntry
+from conceptlens.concepts.store.artifacts import artifact_paths, read_artifact, write_artifact
 from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.probes.linear_solvers import problems_per_batch, solve_sklearn, solve_torch
+from conceptlens.probes.params import Interval, Options, Predicate, validate_params
 
 __all__ = [
     "CAVError",
     "CAVFit",
+    "CAVNotFittedError",
     "CAVRuns",
     "CAVSet",
+    "CAVTypeError",
     "LinearCAV",
     "CAVSET_FORMAT_VERSION",
     "pooled_activations",
@@ -70,22 +61,21 @@ CLASSIFIERS = ("logistic", "svm")
 SOLVERS = ("torch", "sklearn")
 CAVSET_FORMAT_VERSION = 1
 CAVSET_KIND = "linear-cav-set"
-# float64 bytes one batched solve may hold (the stacked rows dominate); more problems are chunked.
-BATCH_BYTES = 1 << 30
-# Damping of the bias's Newton curvature: keeps the system regular when no squared-hinge row is
-# active; it changes the path, never the optimum (where the gradient is zero).
-BIAS_DAMPING = 1e-10
-ARMIJO = 1e-4
-MAX_HALVINGS = 50
-# LinearSVC penalises its intercept as the weight of a synthetic feature of value s. On centred data
-# s much larger than the rows' norm makes that penalty negligible; liblinear's primal solver
-# (D < n) converges with s = 100·rms norm, its dual solver (D ≥ n) only with s about the rms norm
-# (there the intercept is tiny anyway: D ≥ n rows are separable and centred).
-SVC_INTERCEPT_SCALING = {"primal": 100.0, "dual": 1.0}
 
 
-class CAVError(ConceptLensError):
-    """Activations cannot give a CAV (empty, too small, constant, mismatched), or bad settings."""
+class CAVError(ConceptLensError, ValueError):
+    """Activations cannot give a CAV (empty, too small, constant, mismatched), or bad labels.
+
+    Also a ``ValueError``, as scikit-learn expects of bad input.
+    """
+
+
+class CAVTypeError(CAVError, TypeError):
+    """Activations of a type that cannot be read as real numbers (a sparse matrix, objects)."""
+
+
+class CAVNotFittedError(CAVError, NotFittedError):
+    """A :class:`LinearCAV` used before it was fitted (also scikit-learn's ``NotFittedError``)."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +123,12 @@ class _Problem:
     random_name: str = "random activations"
 
 
-class LinearCAV(BaseEstimator):
+class LinearCAV(ClassifierMixin, BaseEstimator):
     """A TCAV concept activation vector: a linear classifier of concept vs random activations.
+
+    A scikit-learn binary classifier (``clone``, ``get_params`` / ``set_params``, ``score``)
+    on torch tensors or NumPy arrays. Outputs follow the input: a tensor ``X`` gives CPU tensors,
+    anything else NumPy arrays (and string class labels are always NumPy).
 
     Parameters
     ----------
@@ -157,12 +151,14 @@ class LinearCAV(BaseEstimator):
     seed : int
         Seed of the held-out split (and of ``LinearSVC``'s coordinate order).
     device : str
-        ``auto`` (CUDA when present), ``cpu`` or ``cuda``; the ``torch`` solver runs there.
+        ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; the ``torch`` solver runs there.
     test_size : float
         Fraction of each class held out to measure ``accuracy_`` (TCAV: a third).
 
     Attributes
     ----------
+    classes_ : ndarray
+        The two labels, sorted; ``classes_[1]`` is the concept (``[0, 1]`` after :meth:`fit_sets`).
     vector_ : Tensor
         ``(D,)`` float64 unit normal of the boundary, pointing to the concept.
     bias_ : float
@@ -171,8 +167,8 @@ class LinearCAV(BaseEstimator):
         The classifier's logit ``coef_·a + intercept_`` in raw activation space.
     accuracy_ : float
         Held-out accuracy.
-    n_features_ : int
-        ``D``.
+    n_features_in_ : int
+        ``D`` (``C·h·w`` for maps).
     feature_shape_ : tuple of int
         Shape of one input row before flattening (``(C,)`` or ``(C, h, w)``).
     n_iter_ : int
@@ -180,10 +176,28 @@ class LinearCAV(BaseEstimator):
 
     Examples
     --------
-    >>> cav = LinearCAV(classifier="svm").fit(striped, random_0)  # doctest: +SKIP
-    >>> cav.vector_.shape, cav.accuracy_  # doctest: +SKIP
-    (torch.Size([256]), 0.93)
+    >>> import torch
+    >>> X = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.arange(60) % 2  # 1 = concept, 0 = random
+    >>> X[y == 1, 0] += 3  # the concept raises channel 0
+    >>> cav = LinearCAV(device="cpu").fit(X, y)
+    >>> cav.classes_, int(cav.vector_.argmax()), cav.predict(X[:4])
+    (array([0, 1]), 0, tensor([0, 1, 0, 1]))
+    >>> torch.equal(LinearCAV(device="cpu").fit_sets(X[y == 1], X[y == 0]).vector_, cav.vector_)  # TCAV form
+    True
     """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "classifier": [Options(*CLASSIFIERS)],
+        "solver": [Options(*SOLVERS)],
+        "regularization": [Interval(float, 0, None, closed="neither")],
+        "max_iter": [Interval(int, 1, None)],
+        "tol": [Interval(float, 0, None, closed="neither")],
+        "standardize": [Options(True, False)],
+        "seed": [Interval(int, 0, None)],
+        "device": [Predicate(lambda value: isinstance(value, (str, torch.device)), "a device: 'auto', 'cpu', 'cuda' or 'cuda:N'")],
+        "test_size": [Interval(float, 0, 1, closed="neither")],
+    }
 
     def __init__(
         self,
@@ -207,31 +221,61 @@ class LinearCAV(BaseEstimator):
         self.device = device
         self.test_size = test_size
 
-    def fit(self, concept_activations: torch.Tensor, random_activations: torch.Tensor) -> LinearCAV:
-        """Learn the CAV separating ``concept_activations`` from ``random_activations``.
+    def __sklearn_tags__(self) -> Tags:
+        """scikit-learn's tags: a binary classifier (``y`` of two classes)."""
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+    def fit(self, X: Any, y: Any) -> LinearCAV:
+        """Learn the CAV separating the rows of ``X`` labelled concept from the others.
 
         Parameters
         ----------
-        concept_activations : Tensor
+        X : Tensor or array-like
+            ``(N, D)`` pooled activations, or ``(N, C, h, w)`` maps (flattened).
+        y : Tensor or array-like
+            ``(N,)`` labels of two classes: the larger one (``classes_[1]``: 1, or ``True``) marks
+            concept rows, the smaller (0) random / negative rows.
+
+        Returns
+        -------
+        LinearCAV
+            ``self``, fitted. Equal to :meth:`fit_sets` of the concept rows and the random rows
+            (each in the order of ``X``).
+        """
+        validate_params(self)
+        rows, feature_shape = _input(X, "X")
+        classes, index = np.unique(_labels(y, len(rows)), return_inverse=True)
+        _check_binary(classes)
+        concept = torch.from_numpy(index.reshape(-1) == 1)
+        low, high = classes.tolist()
+        problem = _Problem(rows[concept], rows[~concept], int(self.seed), f"X rows with y={high!r} (concept)", f"X rows with y={low!r} (random)")
+        return self._fit_problem(problem, classes, feature_shape)
+
+    def fit_sets(self, concept_activations: Any, random_activations: Any) -> LinearCAV:
+        """The TCAV form of :meth:`fit`: learn the CAV separating a concept set from a random set.
+
+        Parameters
+        ----------
+        concept_activations : Tensor or array-like
             ``(N1, D)``, or ``(N1, C, h, w)`` (flattened).
-        random_activations : Tensor
+        random_activations : Tensor or array-like
             ``(N2, D)`` or ``(N2, C, h, w)``, the same ``D``.
 
         Returns
         -------
         LinearCAV
-            ``self``, fitted.
+            ``self``, fitted with ``classes_ = [0, 1]``: the same CAV as ``fit`` on the stacked
+            rows with labels 1 (concept) and 0 (random).
         """
-        result = self.fit_many([(concept_activations, random_activations)])[0]
-        self.vector_, self.bias_ = result.vector, result.bias
-        self.coef_, self.intercept_ = result.coef, result.intercept
-        self.accuracy_, self.n_iter_, self.converged_ = result.accuracy, result.n_iter, result.converged
-        self.n_features_ = int(result.vector.numel())
-        self.feature_shape_ = tuple(concept_activations.shape[1:])
-        return self
+        validate_params(self)
+        concept, feature_shape = _input(concept_activations, "concept activations")
+        problem = _Problem(concept, _features(random_activations, "random activations"), int(self.seed))
+        return self._fit_problem(problem, np.array([0, 1]), feature_shape)
 
     def fit_many(
-        self, problems: Sequence[tuple[torch.Tensor, torch.Tensor]], seeds: Sequence[int] | None = None
+        self, problems: Sequence[tuple[Any, Any]], seeds: Sequence[int] | None = None
     ) -> list[CAVFit]:
         """Solve many concept-vs-random problems; the ``torch`` solver batches them.
 
@@ -241,7 +285,7 @@ class LinearCAV(BaseEstimator):
         Parameters
         ----------
         problems : sequence of (Tensor, Tensor)
-            ``(concept_activations, random_activations)`` pairs as in :meth:`fit`.
+            ``(concept_activations, random_activations)`` pairs as in :meth:`fit_sets`.
         seeds : sequence of int, optional
             Held-out split seed per problem (default: ``seed`` for every problem).
 
@@ -256,41 +300,70 @@ class LinearCAV(BaseEstimator):
         prepared = [_Problem(_features(c, "concept activations"), _features(r, "random activations"), int(s)) for (c, r), s in zip(problems, seeds)]
         return self._solve(prepared)
 
-    def decision_function(self, activations: torch.Tensor) -> torch.Tensor:
-        """Logits ``coef_·a + intercept_`` of rows ``(N, D)`` or maps ``(N, C, h, w)``: ``(N,)`` float64."""
-        self._check_fitted()
-        rows = _features(activations, "activations")
-        if rows.shape[1] != self.n_features_:
-            raise CAVError("activations", f"have {rows.shape[1]} features, the CAV {self.n_features_}", "use activations of the layer the CAV was trained on")
-        return rows @ self.coef_ + self.intercept_
+    def decision_function(self, X: Any) -> torch.Tensor | np.ndarray:
+        """Logits ``coef_·x + intercept_``, positive on the concept side.
 
-    def predict(self, activations: torch.Tensor) -> torch.Tensor:
-        """True where a row is classified as the concept: ``(N,)`` bool."""
-        return self.decision_function(activations) > 0
+        Parameters
+        ----------
+        X : Tensor or array-like
+            Rows ``(N, D)`` or maps ``(N, C, h, w)`` of the layer the CAV was trained on.
+
+        Returns
+        -------
+        Tensor or ndarray
+            ``(N,)`` float64: a CPU tensor when ``X`` is a tensor, else a NumPy array.
+        """
+        self._check_fitted()
+        rows = _features(X, "X")
+        name = type(self).__name__
+        if rows.shape[1] != self.n_features_in_:
+            raise CAVError(
+                f"{name}.decision_function(X)",
+                f"X has {rows.shape[1]} features, but {name} is expecting {self.n_features_in_} features as input",
+                "use activations of the layer (and pooling) the CAV was trained on",
+            )
+        if not bool(torch.isfinite(rows).all()):
+            raise CAVError(f"{name}.decision_function(X)", "X contains NaN or inf", "check the model and the embedding")
+        scores = rows @ self.coef_ + self.intercept_
+        return scores if isinstance(X, torch.Tensor) else scores.numpy()
+
+    def predict(self, X: Any) -> torch.Tensor | np.ndarray:
+        """The class of each row: ``classes_[1]`` (the concept) where :meth:`decision_function` is positive.
+
+        Parameters
+        ----------
+        X : Tensor or array-like
+            As in :meth:`decision_function`.
+
+        Returns
+        -------
+        Tensor or ndarray
+            ``(N,)`` labels from ``classes_``: a CPU tensor when ``X`` is a tensor and the labels
+            are numbers or booleans, else a NumPy array.
+        """
+        on_concept_side = self.decision_function(X) > 0
+        if isinstance(on_concept_side, torch.Tensor) and self.classes_.dtype.kind in "bif":
+            return torch.from_numpy(self.classes_)[on_concept_side.long()]
+        return self.classes_[np.asarray(on_concept_side).astype(np.intp)]
 
     # -------------------------------------------------------------------------------- internals
+    def _fit_problem(self, problem: _Problem, classes: np.ndarray, feature_shape: tuple[int, ...]) -> LinearCAV:
+        result = self._solve([problem])[0]
+        self.classes_ = classes
+        self.vector_, self.bias_ = result.vector, result.bias
+        self.coef_, self.intercept_ = result.coef, result.intercept
+        self.accuracy_, self.n_iter_, self.converged_ = result.accuracy, result.n_iter, result.converged
+        self.n_features_in_ = int(result.vector.numel())
+        self.feature_shape_ = feature_shape
+        return self
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "vector_"):
-            raise CAVError("LinearCAV", "is not fitted", "call fit() first")
-
-    def _check_params(self) -> None:
-        name = type(self).__name__
-        if self.classifier not in CLASSIFIERS:
-            raise CAVError(f"{name}(classifier={self.classifier!r})", "unknown classifier", f"use one of {', '.join(CLASSIFIERS)}")
-        if self.solver not in SOLVERS:
-            raise CAVError(f"{name}(solver={self.solver!r})", "unknown solver", f"use one of {', '.join(SOLVERS)}")
-        if not (isinstance(self.regularization, numbers.Real) and self.regularization > 0 and math.isfinite(self.regularization)):
-            raise CAVError(f"{name}(regularization={self.regularization!r})", "must be a positive number", "use e.g. 1e-2")
-        if not (isinstance(self.max_iter, numbers.Integral) and self.max_iter >= 1):
-            raise CAVError(f"{name}(max_iter={self.max_iter!r})", "must be a positive integer", "use e.g. 500")
-        if not (isinstance(self.tol, numbers.Real) and self.tol > 0):
-            raise CAVError(f"{name}(tol={self.tol!r})", "must be positive", "use e.g. 1e-6")
-        if not (isinstance(self.test_size, numbers.Real) and 0 < self.test_size < 1):
-            raise CAVError(f"{name}(test_size={self.test_size!r})", "must lie strictly between 0 and 1", "use e.g. 1/3")
+            raise CAVNotFittedError(type(self).__name__, "is not fitted", "call fit(X, y) or fit_sets(concept, random) first")
 
     def _solve(self, problems: list[_Problem]) -> list[CAVFit]:
         """Validate, split and solve prepared problems (grouped by feature dimension)."""
-        self._check_params()
+        validate_params(self)
         if not problems:
             return []
         checked: set[int] = set()  # a set shared by many problems (R runs) is checked once
@@ -306,63 +379,77 @@ class LinearCAV(BaseEstimator):
         return results  # type: ignore[return-value]
 
     def _solve_torch(self, problems: list[_Problem], splits: list[_Split], indices: list[int]) -> list[CAVFit]:
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, culprit=f"{type(self).__name__}(device={self.device!r})")
         features, labels, weights = _stack([problems[i] for i in indices], [splits[i] for i in indices], device)
-        mean, scale = _train_statistics(features, weights, self.standardize)
-        features.sub_(mean[:, None])
-        if self.standardize:
-            features.div_(scale[:, None])
-        features.mul_((weights > 0)[..., None])
-        loss = "logistic" if self.classifier == "logistic" else "squared_hinge"
-        solution = _newton(features, labels, weights, loss, float(self.regularization), self.max_iter, float(self.tol))
-        coef = solution.weights / scale
-        intercept = solution.bias - (coef * mean).sum(1)
+        solution = solve_torch(
+            features, labels, weights, classifier=self.classifier, regularization=self.regularization,
+            max_iter=self.max_iter, tol=self.tol, standardize=self.standardize,
+        )
         return [
-            _result(problems[i], splits[i], coef[k], intercept[k], int(solution.n_iter[k]), bool(solution.converged[k]))
+            _result(problems[i], splits[i], solution.coef[k], solution.intercept[k], int(solution.n_iter[k]), bool(solution.converged[k]))
             for k, i in enumerate(indices)
         ]
 
     def _solve_sklearn(self, problem: _Problem, split: _Split) -> CAVFit:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.svm import LinearSVC
-
         rows, labels = _rows(problem, split, "train")
-        mean = rows.mean(0)
-        scale = _safe_scale(rows.std(0, correction=0)) if self.standardize else torch.ones_like(mean)
-        inputs = ((rows - mean) / scale).numpy()
-        n_rows, n_features = inputs.shape
-        strength = 1.0 / (self.regularization * n_rows)
-        if self.classifier == "logistic":
-            model = LogisticRegression(C=strength, tol=self.tol, max_iter=self.max_iter)
-        else:
-            dual = n_features >= n_rows
-            rms_norm = max(1.0, float(np.sqrt((inputs**2).sum(1).mean())))
-            model = LinearSVC(
-                C=strength, loss="squared_hinge", dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=problem.seed,
-                intercept_scaling=SVC_INTERCEPT_SCALING["dual" if dual else "primal"] * rms_norm,
-            )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.fit(inputs, labels.numpy() > 0)
-        converged = True
-        for warning in caught:  # convergence is reported once for all problems by _solve
-            if issubclass(warning.category, ConvergenceWarning):
-                converged = False
-            else:
-                warnings.warn(warning.message, warning.category, stacklevel=2)
-        coef = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64).reshape(-1)) / scale
-        intercept = float(np.asarray(model.intercept_).reshape(-1)[0]) - float(coef @ mean)
-        return _result(problem, split, coef, torch.tensor(intercept, dtype=torch.float64), int(np.max(model.n_iter_)), converged)
+        solution = solve_sklearn(
+            rows, labels, classifier=self.classifier, regularization=self.regularization,
+            max_iter=self.max_iter, tol=self.tol, standardize=self.standardize, seed=problem.seed,
+        )
+        return _result(problem, split, solution.coef[0], solution.intercept[0], int(solution.n_iter[0]), bool(solution.converged[0]))
 
 
 # ------------------------------------------------------------------------------ validation
-def _features(activations: torch.Tensor, name: str) -> torch.Tensor:
+def _input(activations: Any, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Rows ``(N, D)`` float64 on the CPU and the shape of one row, from ``(N, D)`` or ``(N, C, h, w)``."""
+    if isinstance(activations, torch.Tensor):
+        if activations.dim() < 2:
+            raise CAVError(name, f"have shape {tuple(activations.shape)}; Reshape your data to rows (N, D) or maps (N, C, h, w)", "give (N, D) pooled or (N, C, h, w) activations")
+        if activations.is_complex():
+            raise CAVError(name, "are complex: Complex data not supported", "give real activations")
+        return activations.detach().to("cpu", torch.float64).flatten(1), tuple(activations.shape[1:])
+    try:
+        array = check_array(activations, allow_nd=True, dtype=np.float64, ensure_min_samples=0, input_name=name)
+    except TypeError as error:
+        raise CAVTypeError(name, str(error), "give a dense tensor or array of real numbers") from error
+    except ValueError as error:
+        raise CAVError(name, str(error), "give finite (N, D) pooled or (N, C, h, w) activations") from error
+    rows = torch.from_numpy(array if array.flags.writeable else array.copy())
+    return rows.flatten(1), tuple(array.shape[1:])
+
+
+def _features(activations: Any, name: str) -> torch.Tensor:
     """Rows ``(N, D)`` float64 on the CPU from ``(N, D)`` or ``(N, C, h, w)`` activations."""
-    if not isinstance(activations, torch.Tensor):
-        activations = torch.as_tensor(np.asarray(activations))
-    if activations.dim() < 2:
-        raise CAVError(name, f"have shape {tuple(activations.shape)}", "give (N, D) pooled or (N, C, h, w) activations")
-    return activations.detach().to("cpu", torch.float64).flatten(1)
+    return _input(activations, name)[0]
+
+
+def _labels(y: Any, n_rows: int) -> np.ndarray:
+    """``y`` as a 1-d NumPy array of class labels, one per row."""
+    labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+    try:
+        labels = column_or_1d(labels, warn=True)
+        check_classification_targets(labels)
+    except ValueError as error:
+        raise CAVError("y", str(error), "give one class label per row: 1 for concept rows, 0 for random rows") from error
+    if len(labels) != n_rows:
+        raise CAVError("y", f"has {len(labels)} labels for {n_rows} rows of X", "give one label per row of X")
+    return labels
+
+
+def _check_binary(classes: np.ndarray) -> None:
+    """Raise CAVError unless ``y`` held exactly two classes (concept and random)."""
+    if len(classes) < 2:
+        raise CAVError(
+            "y",
+            f"has {len(classes)} class {classes.tolist()}; a CAV separates two classes",
+            "label concept rows 1 and random rows 0, with rows of both",
+        )
+    if len(classes) > 2:
+        raise CAVError(
+            "y",
+            f"has {len(classes)} classes {classes.tolist()}. Only binary classification is supported.",
+            "fit one CAV per concept, its rows labelled 1 against random rows labelled 0",
+        )
 
 
 def _check_problem(problem: _Problem, checked: set[int]) -> None:
@@ -459,16 +546,14 @@ def _warn_unconverged(problems: list[_Problem], results: list[CAVFit | None]) ->
 
 # ----------------------------------------------------------------------------- batching
 def _batches(problems: list[_Problem]) -> list[list[int]]:
-    """Indices of problems grouped by feature dimension, chunked to about BATCH_BYTES each."""
+    """Indices of problems grouped by feature dimension, chunked to the solver's memory budget."""
     by_dimension: dict[int, list[int]] = {}
     for index, problem in enumerate(problems):
         by_dimension.setdefault(problem.concept.shape[1], []).append(index)
     batches = []
     for dimension, indices in by_dimension.items():
         rows = max(len(problems[i].concept) + len(problems[i].random) for i in indices)
-        size = min(rows, dimension) + 1
-        per_problem = 8 * (3 * rows * dimension + 3 * size * size)
-        chunk = max(1, BATCH_BYTES // per_problem)
+        chunk = problems_per_batch(rows, dimension)
         batches += [indices[start : start + chunk] for start in range(0, len(indices), chunk)]
     return batches
 
@@ -487,227 +572,6 @@ def _stack(problems: list[_Problem], splits: list[_Split], device: torch.device)
         labels[k, :n_concept], labels[k, n_concept:count] = 1.0, -1.0
         weights[k, :count] = 1.0 / count
     return features.to(device), labels.to(device), weights.to(device)
-
-
-def _safe_scale(std: torch.Tensor) -> torch.Tensor:
-    """Standard deviations with constant features left unscaled."""
-    return torch.where(std > 1e-12 * std.abs().max().clamp(min=1e-300), std, torch.ones_like(std))
-
-
-def _train_statistics(features: torch.Tensor, weights: torch.Tensor, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-problem feature mean and scale over the (weighted, unpadded) training rows: (P, D) each."""
-    mean = torch.einsum("pn,pnd->pd", weights, features)
-    if not standardize:
-        return mean, torch.ones_like(mean)
-    variance = torch.einsum("pn,pnd->pd", weights, (features - mean[:, None]) ** 2)
-    return mean, torch.stack([_safe_scale(v) for v in variance.sqrt()])
-
-
-# ----------------------------------------------------------------------------- Newton solver
-class _Solution(NamedTuple):
-    weights: torch.Tensor  # (P, D)
-    bias: torch.Tensor  # (P,)
-    n_iter: torch.Tensor  # (P,)
-    converged: torch.Tensor  # (P,) bool
-
-
-def _loss_value(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, loss: str) -> torch.Tensor:
-    """Weighted mean loss per problem, (P, n) scores -> (P,)."""
-    margins = labels * scores
-    values = torch.nn.functional.softplus(-margins) if loss == "logistic" else (1 - margins).clamp(min=0) ** 2
-    return (weights * values).sum(1)
-
-
-def _loss_derivatives(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted first and second derivatives of the loss with respect to each score: (P, n) each."""
-    margins = labels * scores
-    if loss == "logistic":
-        first = -labels * torch.sigmoid(-margins)
-        second = torch.sigmoid(margins) * torch.sigmoid(-margins)
-    else:
-        slack = (1 - margins).clamp(min=0)
-        first = -2 * labels * slack
-        second = 2 * (slack > 0).to(scores.dtype)
-    return weights * first, weights * second
-
-
-class _PrimalSpace:
-    """Newton steps from the (D+1)-dimensional feature-space system (for D < n); parameters ``w``."""
-
-    def __init__(self, features: torch.Tensor, strength: float) -> None:
-        self.features = features
-        self.strength = strength
-        ones = torch.ones(*features.shape[:2], 1, dtype=features.dtype, device=features.device)
-        self.augmented = torch.cat([features, ones], dim=2)
-        diagonal = torch.full((features.shape[2] + 1,), strength, dtype=features.dtype, device=features.device)
-        diagonal[-1] = BIAS_DAMPING
-        self.regulariser = torch.diag(diagonal)
-        self.w = torch.zeros(features.shape[0], features.shape[2], dtype=features.dtype, device=features.device)
-
-    def gradient(self, first: torch.Tensor, tol: float, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight gradient ``Xᵀr + λw`` (P, D) and its largest absolute entry per problem."""
-        grad_w = (first[:, None] @ self.features).squeeze(1) + self.strength * self.w
-        return grad_w, grad_w.abs().amax(1)
-
-    def step(self, first: torch.Tensor, second: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Newton direction ``Δw`` (P, D), ``Δb`` (P,) and the change of the scores ``XΔw`` (P, n)."""
-        hessian = self.augmented.transpose(1, 2) @ (second[..., None] * self.augmented) + self.regulariser
-        gradient = torch.cat([grad_w, grad_b[:, None]], dim=1)
-        direction = -torch.linalg.solve(hessian, gradient)
-        step_w = direction[:, :-1]
-        return step_w, direction[:, -1], (self.features @ step_w[..., None]).squeeze(2)
-
-    def slope(self, grad_w: torch.Tensor, step_w: torch.Tensor) -> torch.Tensor:
-        return (grad_w * step_w).sum(1)
-
-    def norms(self, step_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``‖w‖²``, ``w·Δw`` and ``‖Δw‖²`` per problem."""
-        return (self.w * self.w).sum(1), (self.w * step_w).sum(1), (step_w * step_w).sum(1)
-
-    def advance(self, step: torch.Tensor, step_w: torch.Tensor) -> None:
-        self.w = self.w + step[:, None] * step_w
-
-    def weights(self) -> torch.Tensor:
-        return self.w
-
-
-class _KernelSpace:
-    """Newton steps in the span of the training rows (D > n); parameters ``α`` with ``w = Xᵀα``.
-
-    Every iterate from ``w = 0`` lies in the row span (the gradient and the Newton step do), so
-    the whole solve runs on the Gram matrix ``K = XXᵀ``: scores ``Kα``, ``‖w‖² = αᵀKα``, gradient
-    ``Xᵀ(r + λα)``, and the Newton equations reduce to
-    ``[[diag(h)K + λI, h], [hᵀK, Σh]] [β; Δb] = −[r + λα; Σr]`` with ``Δw = Xᵀβ``. The
-    ``(P, n, D)`` features are read once for ``K``, once for ``w`` at the end, and for the exact
-    largest gradient entry only while ``‖g‖₂ ≤ 2√D·tol`` (elsewhere ``‖g‖₂/√D ≤ max|g|`` already
-    exceeds ``tol``): flattened maps cost about as much as pooled ones.
-    """
-
-    def __init__(self, features: torch.Tensor, strength: float) -> None:
-        self.features = features
-        self.strength = strength
-        self.gram = features @ features.transpose(1, 2)
-        self.alpha = torch.zeros(features.shape[:2], dtype=features.dtype, device=features.device)
-        self.identity = torch.eye(features.shape[1], dtype=features.dtype, device=features.device)
-        self.root = math.sqrt(features.shape[2])
-        self.largest = torch.full(features.shape[:1], math.inf, dtype=features.dtype, device=features.device)
-
-    def _inner(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``(Xᵀa)·(Xᵀc) = aᵀKc`` per problem."""
-        return ((a[:, None] @ self.gram).squeeze(1) * c).sum(1)
-
-    def gradient(self, first: torch.Tensor, tol: float, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight gradient as row coefficients ``r + λα`` (P, n) and its largest absolute entry.
-
-        The entry is exact where it may be at most ``tol``; elsewhere the lower bound ``‖g‖₂/√D``.
-        Problems already ``done`` no longer move: their previous value is kept.
-        """
-        coefficients = first + self.strength * self.alpha
-        norm = self._inner(coefficients, coefficients).clamp(min=0).sqrt()
-        largest = torch.where(done, self.largest, norm / self.root)
-        for index in torch.nonzero((norm <= 2 * self.root * tol) & ~done).flatten().tolist():
-            largest[index] = (coefficients[index] @ self.features[index]).abs().amax()
-        self.largest = largest
-        return coefficients, largest
-
-    def step(self, first: torch.Tensor, second: torch.Tensor, coefficients: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Newton direction ``β`` (P, n) with ``Δw = Xᵀβ``, ``Δb`` (P,) and the score change ``Kβ``."""
-        top = torch.cat([second[..., None] * self.gram + self.strength * self.identity, second[..., None]], dim=2)
-        bottom = torch.cat([(second[:, None] @ self.gram), (second.sum(1) + BIAS_DAMPING)[:, None, None]], dim=2)
-        system = torch.cat([top, bottom], dim=1)
-        rhs = -torch.cat([coefficients, grad_b[:, None]], dim=1)
-        solution = torch.linalg.solve(system, rhs)
-        beta = solution[:, :-1]
-        return beta, solution[:, -1], (self.gram @ beta[..., None]).squeeze(2)
-
-    def slope(self, coefficients: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        return self._inner(coefficients, beta)
-
-    def norms(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``‖w‖²``, ``w·Δw`` and ``‖Δw‖²`` per problem, from the Gram matrix."""
-        return self._inner(self.alpha, self.alpha), self._inner(self.alpha, beta), self._inner(beta, beta)
-
-    def advance(self, step: torch.Tensor, beta: torch.Tensor) -> None:
-        self.alpha = self.alpha + step[:, None] * beta
-
-    def weights(self) -> torch.Tensor:
-        return (self.alpha[:, None] @ self.features).squeeze(1)
-
-
-def _newton(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor,
-    loss: str,
-    strength: float,
-    max_iter: int,
-    tol: float,
-    space: str = "auto",
-) -> _Solution:
-    """Minimise ``Σ_i weights·loss(y_i(w·x_i + b)) + (λ/2)‖w‖²`` for P problems at once.
-
-    ``features`` (P, n, D) are zero on padded rows, whose ``weights`` are zero. ``space`` picks the
-    Newton system: ``primal`` (D+1 unknowns), ``kernel`` (n+1) or ``auto`` (the smaller).
-    """
-    n_problems, n_rows, dimension = features.shape
-    use_kernel = space == "kernel" or (space == "auto" and dimension > n_rows)
-    system = _KernelSpace(features, strength) if use_kernel else _PrimalSpace(features, strength)
-    b = torch.zeros(n_problems, dtype=features.dtype, device=features.device)
-    scores = torch.zeros(n_problems, n_rows, dtype=features.dtype, device=features.device)  # X w, without b
-    done = torch.zeros(n_problems, dtype=torch.bool, device=features.device)
-    converged = torch.zeros_like(done)
-    n_iter = torch.zeros(n_problems, dtype=torch.int64, device=features.device)
-    for iteration in range(max_iter + 1):
-        first, second = _loss_derivatives(scores + b[:, None], labels, weights, loss)
-        gradient, largest = system.gradient(first, tol, done)
-        grad_b = first.sum(1)
-        converged = torch.maximum(largest, grad_b.abs()) <= tol
-        done = done | converged
-        if bool(done.all()) or iteration == max_iter:
-            break
-        direction, step_b, step_scores = system.step(first, second, gradient, grad_b)
-        slope = system.slope(gradient, direction) + grad_b * step_b
-        squared, cross, quadratic = system.norms(direction)
-        objective = _loss_value(scores + b[:, None], labels, weights, loss) + strength / 2 * squared
-        step = _line_search(scores + b[:, None], step_scores + step_b[:, None], labels, weights, loss, strength, (squared, cross, quadratic), objective, slope, done)
-        done = done | (step == 0)
-        b = b + step * step_b
-        scores = scores + step[:, None] * step_scores
-        system.advance(step, direction)
-        n_iter = n_iter + (step > 0).long()
-    return _Solution(system.weights(), b, n_iter.cpu(), converged.cpu())
-
-
-def _line_search(
-    scores: torch.Tensor,
-    step_scores: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor,
-    loss: str,
-    strength: float,
-    norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    objective: torch.Tensor,
-    slope: torch.Tensor,
-    done: torch.Tensor,
-) -> torch.Tensor:
-    """Per-problem Armijo backtracking from the full Newton step; 0 where done or no descent.
-
-    ``norms`` are ``‖w‖²``, ``w·Δw`` and ``‖Δw‖²`` per problem (the penalty along the step).
-    """
-    squared, cross, quadratic = norms
-    # Below float64 resolution of the objective the full Newton step is taken (it is safe there).
-    tiny = slope.abs() <= 1e-15 * objective.abs().clamp(min=1e-300)
-    accepted = done | (slope >= 0) | tiny
-    step = torch.ones_like(objective)
-    for _ in range(MAX_HALVINGS):
-        trial = _loss_value(scores + step[:, None] * step_scores, labels, weights, loss)
-        trial = trial + strength / 2 * (squared + 2 * step * cross + step * step * quadratic)
-        accepted = accepted | (trial <= objective + ARMIJO * step * slope)
-        if bool(accepted.all()):
-            break
-        step = torch.where(accepted, step, step / 2)
-    usable = accepted & ~done & ((slope < 0) | tiny)
-    return torch.where(usable, step, torch.zeros_like(step))
 
 
 # ----------------------------------------------------------------------------- CAV sets
@@ -844,6 +708,7 @@ class CAVSet:
         }
         return ConceptBank(
             method="linear",
+            projection="sigmoid_affine",
             layer=layer,
             concepts=self.concepts,
             vectors=(mean / consistency.clamp(min=1e-12)[:, None]).float(),

@@ -3,7 +3,7 @@
 :class:`SegmentationMetrics` accumulates pixel counts per concept, so its memory depends on the
 number of concepts, thresholds and histogram bins only — never on the number of images.
 
-Conventions (METHODS.md §2):
+Conventions (docs/METHODS.md §2):
 
 * **Set IoU** pools pixel counts over the whole image set, ``Σ|P∧Q| / Σ|P∨Q|``; a prediction is
   ``probability > threshold`` (0.5 for the headline figure).

@@ -1,4 +1,4 @@
-"""Net2Vec pixel-level concept probes (Fong & Vedaldi 2018; METHODS.md §2).
+"""Net2Vec pixel-level concept probes (Fong & Vedaldi 2018; docs/METHODS.md §2).
 
 A probe of one layer is a 1×1 convolution C→K with bias: ``z = W·a + b`` at every position of the
 layer's native activation map, one output per concept, trained on grid masks. The logits are
@@ -6,9 +6,16 @@ computed at native resolution and then bilinearly resampled onto the concept gri
 original image (:func:`conceptlens.concepts.geometry.features_to_grid`). Resampling commutes with the 1×1
 convolution, so this equals probing upsampled activations, at a fraction of the cost.
 
+:class:`Net2VecProbe` is a scikit-learn estimator: ``fit(X, y)`` on plain tensors or arrays
+(activations ``(N, C, h, w)`` or pixel vectors ``(N, C)``, masks on the same grid), ``transform``
+to concept probability maps, ``get_params`` / ``set_params`` / ``clone``. Fitting from the
+activation store, ``fit(activation_entry, mask_entry)``, is the same estimator reading another
+batch source (:mod:`conceptlens.probes.data`): the data streams shard by shard, the training loop
+is one.
+
 Targets and ground truth:
 
-* the losses use the soft grid masks (covered fraction of each grid cell, METHODS.md §2);
+* the losses use the soft grid masks (covered fraction of each grid cell, docs/METHODS.md §2);
 * metrics and early stopping use binary masks, **covered fraction ≥ 0.5**;
 * an (image, concept) pair with ``valid=False`` counts neither in the loss nor in the metrics of
   that concept.
@@ -24,13 +31,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.utils import ClassifierTags, Tags
 from tqdm.auto import tqdm
 
 from conceptlens.concepts.environment import package_versions, resolve_device
@@ -38,10 +46,21 @@ from conceptlens.concepts.errors import ConceptLensError, DataError, LayerError
 from conceptlens.concepts.geometry import Geometry, features_to_grid, image_cells
 from conceptlens.concepts.store.activations import StoreEntry
 from conceptlens.concepts.vectors.bank import BankError, ConceptBank
-from conceptlens.probes.data import ProbeBatch, check_aligned, iter_batches, split_indices
+from conceptlens.probes.data import (
+    ArrayInputError,
+    ArraySource,
+    BatchSource,
+    ProbeBatch,
+    StoreSource,
+    as_activations,
+    as_masks,
+    holdout_split,
+    identity_geometries,
+)
 from conceptlens.probes.metrics import SegmentationMetrics
+from conceptlens.probes.params import Interval, Options, ParameterError, Predicate, validate_params
 
-__all__ = ["Net2VecProbe", "LOSSES", "VARIANTS"]
+__all__ = ["ChannelMismatchError", "LOSSES", "Net2VecProbe", "ProbeNotFittedError", "VARIANTS"]
 
 LOSSES = ("net2vec", "bce", "dice", "tversky")
 VARIANTS = ("default", "original")
@@ -49,6 +68,14 @@ MASK_THRESHOLD = 0.5  # a grid cell belongs to the concept when its covered frac
 TOP_QUANTILE = 0.005  # original Net2Vec: binarise each channel at its top 0.5 %
 QUANTILE_BINS = 4096  # per-channel histogram bins of the streaming quantile estimate
 SMOOTH = 1e-6  # Dice/Tversky smoothing
+
+
+class ProbeNotFittedError(ConceptLensError, NotFittedError):
+    """A probe used before ``fit`` (also scikit-learn's ``NotFittedError``)."""
+
+
+class ChannelMismatchError(LayerError, ValueError):
+    """Activations whose channel count differs from the layer the probe was trained on (also a ``ValueError``)."""
 
 
 @dataclass(frozen=True)
@@ -71,19 +98,6 @@ class _Transform:
     threshold: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """A checked (activations, masks) pair and what fit needs to know about it."""
-
-    activations: StoreEntry
-    masks: StoreEntry
-    concepts: list[str]
-    grid: tuple[int, int]
-    layer: str
-    dataset: str
-    model_hash: str | None
-
-
 @dataclass
 class _Statistics:
     """Per-concept and per-channel statistics of the train split (one streaming pass)."""
@@ -96,7 +110,11 @@ class _Statistics:
     channel_threshold: torch.Tensor | None = None
 
 
-class Net2VecProbe(BaseEstimator):
+def _is_device(value: Any) -> bool:
+    return isinstance(value, (str, torch.device))
+
+
+class Net2VecProbe(TransformerMixin, BaseEstimator):
     """Pixel-level concept vectors of one layer: a C→K 1×1 convolution trained on grid masks.
 
     Parameters
@@ -125,8 +143,6 @@ class Net2VecProbe(BaseEstimator):
         ``original`` is the paper's setting: each channel binarised at its top 0.5 % quantile on
         the train split (streamed per-channel histogram, linear interpolation inside the bin), no
         bias, SGD with momentum 0.9.
-    tversky_alpha, tversky_beta : float
-        Weights of false positives and false negatives in the Tversky loss.
     init : {'lda', 'zeros'}
         Starting weights. ``lda`` (default): one streaming pass gives each concept Fisher's
         discriminant ``Σ⁻¹(μ₊ − μ₋)`` (total pixel covariance Σ, class means on the concept grid),
@@ -134,8 +150,15 @@ class Net2VecProbe(BaseEstimator):
         class-balanced optimum the α-weighted loss aims for, which Adam then refines; on a few
         hundred images this converges where a zero start needs thousands of steps. ``zeros``:
         start from zero (the original variant always does).
+    tversky_alpha, tversky_beta : float
+        Weights of false positives and false negatives in the Tversky loss (non-negative, not
+        both zero).
+    validation_fraction : float
+        Share of the items of a plain-array fit held out, drawn from ``seed``, for early stopping
+        (at least one item); unused when ``fit`` gets a validation set or store entries (whose
+        dataset records its split).
     seed : int
-        Seeds the shuffle order of every epoch (``seed + epoch``).
+        Seeds the shuffle order of every epoch (``seed + epoch``) and the validation hold-out.
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     progress : bool, optional
@@ -161,11 +184,14 @@ class Net2VecProbe(BaseEstimator):
     best_epoch_ : list of int
         Per concept, the epoch whose weights were kept.
     grid_ : (int, int)
-        The concept grid of the training masks.
+        The concept grid of the training masks (``(1, 1)`` for pixel vectors).
     n_channels_ : int
         Channels C of the layer.
+    n_features_in_ : int
+        The same C, under scikit-learn's name.
     training_data_ : dict
-        Store keys, model hash, layer, dataset and split sizes of the training data.
+        Store keys, model hash, layer, dataset (``None`` for plain arrays) and split sizes of the
+        training data.
 
     Notes
     -----
@@ -178,7 +204,37 @@ class Net2VecProbe(BaseEstimator):
 
     On CUDA, the backward pass of bilinear resampling accumulates with atomics, so two runs with
     the same seed can differ in the last bits; on the CPU they are identical.
+
+    Examples
+    --------
+    Channel 3 carries the concept's mask; the probe finds it:
+
+    >>> import torch
+    >>> from conceptlens.probes.net2vec import Net2VecProbe
+    >>> masks = (torch.rand(40, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.7).float()
+    >>> X = torch.randn(40, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    >>> X[:, 3] += 4 * masks
+    >>> probe = Net2VecProbe(max_epochs=5, progress=False, device="cpu").fit(X, masks, concepts=["stripe"])
+    >>> int(probe.weight_[0].argmax()), tuple(probe.transform(X).shape)
+    (3, (40, 1, 6, 6))
     """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "loss": [Options(*LOSSES)],
+        "lr": [Interval(float, 0, None, closed="neither"), Options(None)],
+        "batch_size": [Interval(int, 1, None), Options(None)],
+        "max_epochs": [Interval(int, 1, None)],
+        "patience": [Interval(int, 1, None)],
+        "standardize": [Options(True, False)],
+        "variant": [Options(*VARIANTS)],
+        "init": [Options("lda", "zeros")],
+        "tversky_alpha": [Interval(float, 0, None)],
+        "tversky_beta": [Interval(float, 0, None)],
+        "validation_fraction": [Interval(float, 0, 1, closed="neither")],
+        "seed": [Interval(int, 0, None)],
+        "device": [Predicate(_is_device, "a device name: 'auto', 'cpu', 'cuda' or 'cuda:N'")],
+        "progress": [Options(None, True, False)],
+    }
 
     def __init__(
         self,
@@ -192,6 +248,7 @@ class Net2VecProbe(BaseEstimator):
         init: str = "lda",
         tversky_alpha: float = 0.3,
         tversky_beta: float = 0.7,
+        validation_fraction: float = 0.2,
         seed: int = 0,
         device: str = "auto",
         progress: bool | None = None,
@@ -206,20 +263,48 @@ class Net2VecProbe(BaseEstimator):
         self.init = init
         self.tversky_alpha = tversky_alpha
         self.tversky_beta = tversky_beta
+        self.validation_fraction = validation_fraction
         self.seed = seed
         self.device = device
         self.progress = progress
 
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True  # the masks
+        tags.target_tags.multi_output = True  # K concepts at once
+        tags.transformer_tags.preserves_dtype = ["float32"]  # maps are float32 whatever the input
+        # each concept is a binary per-cell classification, several at once: masks are 0/1
+        tags.classifier_tags = ClassifierTags(multi_class=False, multi_label=True)
+        return tags
+
     # ------------------------------------------------------------------------------------- fit
-    def fit(self, activations: StoreEntry, masks: StoreEntry) -> Net2VecProbe:
+    def fit(
+        self,
+        X: torch.Tensor | np.ndarray | StoreEntry,
+        y: torch.Tensor | np.ndarray | StoreEntry | None = None,
+        *,
+        concepts: Sequence[str] | None = None,
+        validation: tuple[Any, Any] | None = None,
+    ) -> Net2VecProbe:
         """Train on the train split, early-stop on the validation split's set IoU.
 
         Parameters
         ----------
-        activations : StoreEntry
-            Native activations ``(C, h, w)`` per image of one layer (``reduce='native'``).
-        masks : StoreEntry
-            Grid masks of the same dataset (:func:`conceptlens.concepts.embedding.masks.embed_masks`).
+        X : Tensor, ndarray or StoreEntry
+            Activations: ``(N, C, h, w)`` maps or ``(N, C)`` pixel vectors in memory, or a store
+            entry of native activations ``(C, h, w)`` per image of one layer (``reduce='native'``).
+        y : Tensor, ndarray or StoreEntry
+            Concept masks, values in [0, 1]: on the grid of ``X`` in memory — ``(N, K, h, w)``
+            or ``(N, h, w)`` for maps, ``(N, K)`` or ``(N,)`` for pixel vectors, the forms
+            without K holding one concept — or the grid-mask entry of the same dataset
+            (:func:`conceptlens.concepts.embedding.masks.embed_masks`).
+        concepts : sequence of str, optional
+            Names of the K concepts of plain masks; default ``concept_0``, ``concept_1``, ….
+            A mask entry records its own.
+        validation : (X_val, y_val), optional
+            Plain items for early stopping; then every item of ``X`` trains. Default: a share
+            ``validation_fraction`` of the items, drawn from ``seed``. Store entries use their
+            dataset's ``train`` and ``val`` splits.
 
         Returns
         -------
@@ -227,61 +312,90 @@ class Net2VecProbe(BaseEstimator):
             ``self``, fitted.
         """
         settings = self._settings()
-        inputs = _open_inputs(activations, masks)
-        train, val = _split(masks, "train"), _split(masks, "val")
+        if isinstance(X, StoreEntry) or isinstance(y, StoreEntry):
+            source = self._store_source(X, y, concepts, validation)
+        else:
+            source = self._array_source(X, y, concepts, validation)
+        return self._fit_source(source, settings)
+
+    def _store_source(self, activations: Any, masks: Any, concepts: Any, validation: Any) -> StoreSource:
+        """The store form: two aligned entries, the layer's native maps and the dataset's grid masks."""
+        if not (isinstance(activations, StoreEntry) and isinstance(masks, StoreEntry)):
+            raise DataError(
+                f"{type(self).__name__}.fit({type(activations).__name__}, {type(masks).__name__})",
+                "one store entry and one array: activations and masks come both from the store or both from memory",
+                "pass the activation entry with its mask entry, or two arrays",
+            )
+        if concepts is not None or validation is not None:
+            raise DataError(
+                f"{type(self).__name__}.fit(concepts=..., validation=...) with store entries",
+                "a mask entry records its concepts and its dataset's split",
+                "drop concepts= and validation=, or fit plain arrays",
+            )
+        source = StoreSource(activations, masks)
+        _check_native(activations)
+        return source
+
+    def _array_source(self, X: Any, y: Any, concepts: Sequence[str] | None, validation: tuple[Any, Any] | None) -> ArraySource:
+        """The in-memory form: checked arrays, with a seeded hold-out unless a validation set is given."""
+        activations, pixels = as_activations(X, "X")
+        masks = as_masks(y, activations, pixels, "y")
+        names = _concept_names(concepts, masks.shape[1])
+        if validation is None:
+            train, val = holdout_split(len(activations), self.validation_fraction, self.seed)
+            return ArraySource(activations, masks, names, {"train": train, "val": val})
+        val_activations, val_masks = _validation_arrays(validation, activations, masks, pixels)
+        n, m = len(activations), len(val_activations)
+        return ArraySource(
+            torch.cat([activations, val_activations.to(activations)]),
+            torch.cat([masks, val_masks.to(masks)]),
+            names,
+            {"train": np.arange(n), "val": np.arange(n, n + m)},
+        )
+
+    def _fit_source(self, source: BatchSource, settings: _Settings) -> Net2VecProbe:
+        """The one training procedure, whatever the source: statistics, Fisher start, epochs with early stopping."""
+        train, val = source.split("train"), source.split("val")
         device = resolve_device(self.device)
-        stats = _train_statistics(inputs, train, settings.batch_size, device, self.standardize, self.variant == "original")
-        self._set_data_attributes(inputs, stats, len(train), len(val))
+        stats = _train_statistics(source, train, settings.batch_size, device, self.standardize, self.variant == "original")
+        self._set_data_attributes(source, stats, len(train), len(val))
         start = None
         if self.init == "lda" and self.variant != "original":
-            start = _lda_start(inputs, train, settings.batch_size, device)
-        weight, bias = self._train(inputs, train, val, settings, device, stats.pixel_mean, start)
-        self.weight_, self.bias_ = weight, bias
+            start = _lda_start(source, train, settings.batch_size, device)
+        self.weight_, self.bias_ = self._train(source, train, val, settings, device, stats.pixel_mean, start)
         return self
 
     def _settings(self) -> _Settings:
         """Validate the hyper-parameters and resolve the variant's defaults."""
+        validate_params(self)
         name = type(self).__name__
-        _require(self.loss in LOSSES, f"{name}(loss={self.loss!r})", "unknown loss", f"use one of {', '.join(LOSSES)}")
-        _require(self.init in ("lda", "zeros"), f"{name}(init={self.init!r})", "unknown initialisation", "use 'lda' or 'zeros'")
-        _require(self.variant in VARIANTS, f"{name}(variant={self.variant!r})", "unknown variant", f"use one of {', '.join(VARIANTS)}")
         original = self.variant == "original"
-        _require(not (original and self.standardize), f"{name}(standardize=True, variant='original')",
-                 "binarised activations cannot be standardised", "drop one of the two options")
+        if original and self.standardize:
+            raise ParameterError(f"{name}(standardize=True, variant='original')", "binarised activations cannot be standardised",
+                                 "drop one of the two options")
+        if self.tversky_alpha + self.tversky_beta <= 0:
+            raise ParameterError(f"{name}(tversky_alpha={self.tversky_alpha}, tversky_beta={self.tversky_beta})",
+                                 "need non-negative weights, not both zero", "use e.g. 0.3 and 0.7")
         lr = self.lr if self.lr is not None else (1e-4 if original else 1e-3)
         batch_size = self.batch_size if self.batch_size is not None else (16 if original else 64)
-        _require(lr > 0, f"{name}(lr={lr})", "must be positive", "pass e.g. lr=1e-3")
-        for key, value in (("batch_size", batch_size), ("max_epochs", self.max_epochs), ("patience", self.patience)):
-            _require(int(value) == value and value >= 1, f"{name}({key}={value})", "must be a positive integer", f"pass {key}=1 or more")
-        _require(min(self.tversky_alpha, self.tversky_beta) >= 0 and self.tversky_alpha + self.tversky_beta > 0,
-                 f"{name}(tversky_alpha={self.tversky_alpha}, tversky_beta={self.tversky_beta})",
-                 "need non-negative weights, not both zero", "use e.g. 0.3 and 0.7")
         return _Settings("sgd" if original else "adam", float(lr), int(batch_size), 0.9 if original else 0.0, not original)
 
-    def _set_data_attributes(self, inputs: _Inputs, stats: _Statistics, n_train: int, n_val: int) -> None:
-        self.concepts_ = list(inputs.concepts)
-        self.grid_ = inputs.grid
+    def _set_data_attributes(self, source: BatchSource, stats: _Statistics, n_train: int, n_val: int) -> None:
+        self.concepts_ = list(source.concepts)
+        self.grid_ = source.grid
         self.alpha_ = stats.alpha
         self.channel_mean_, self.channel_std_ = stats.channel_mean, stats.channel_std
         self.channel_threshold_ = stats.channel_threshold
-        self.n_channels_ = stats.n_channels
-        self.training_data_ = {
-            "activations_key": inputs.activations.key,
-            "masks_key": inputs.masks.key,
-            "model_hash": inputs.model_hash,
-            "layer": inputs.layer,
-            "dataset": inputs.dataset,
-            "n_train": n_train,
-            "n_val": n_val,
-        }
+        self.n_channels_ = self.n_features_in_ = stats.n_channels
+        self.training_data_ = {**source.record(), "n_train": n_train, "n_val": n_val}
 
-    def _transform(self) -> _Transform:
+    def _input_transform(self) -> _Transform:
         """The input transform of the fitted model (what predictions and the bank apply)."""
         return _Transform(self.channel_mean_, self.channel_std_, self.channel_threshold_)
 
     def _train(
         self,
-        inputs: _Inputs,
+        source: BatchSource,
         train: np.ndarray,
         val: np.ndarray,
         settings: _Settings,
@@ -295,7 +409,7 @@ class Net2VecProbe(BaseEstimator):
         # (w·(a − μ) + b = w·a + (b − w·μ)): the same model, but Adam need not chase large
         # channel offsets with the bias while the weights tilt to compensate.
         centred = self.channel_mean_ is None and self.channel_threshold_ is None
-        transform = _Transform(mean=centre.to(device)) if centred else self._transform()
+        transform = _Transform(mean=centre.to(device)) if centred else self._input_transform()
         weight, bias = _in_transformed_space(start, transform, k, c)
         model = _LinearMaps(
             weight=weight.to(device).requires_grad_(True),
@@ -309,8 +423,8 @@ class Net2VecProbe(BaseEstimator):
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
         epochs = tqdm(range(self.max_epochs), desc="net2vec", unit="epoch", disable=not show)
         for epoch in epochs:
-            train_loss = self._train_epoch(inputs, train, model, optimizer, settings.batch_size, epoch, device)
-            val_iou, val_loss = self._validate(inputs, val, model, settings.batch_size, device)
+            train_loss = self._train_epoch(source, train, model, optimizer, settings.batch_size, epoch, device)
+            val_iou, val_loss = self._validate(source, val, model, settings.batch_size, device)
             stopping.update(epoch, _stopping_scores(val_iou, val_loss), *model.exported())
             self.history_.append(_epoch_record(epoch, train_loss, val_loss, val_iou, self.concepts_))
             epochs.set_postfix(loss=f"{train_loss:.4f}", val_iou=self.history_[-1]["val_set_iou"])
@@ -322,14 +436,13 @@ class Net2VecProbe(BaseEstimator):
         return stopping.weight, stopping.bias
 
     def _train_epoch(
-        self, inputs: _Inputs, indices: np.ndarray, model: _LinearMaps, optimizer: torch.optim.Optimizer,
+        self, source: BatchSource, indices: np.ndarray, model: _LinearMaps, optimizer: torch.optim.Optimizer,
         batch_size: int, epoch: int, device: torch.device,
     ) -> float:
         """One pass over the train split in a seeded order; return the mean loss per image."""
         total, images = 0.0, 0
-        batches = iter_batches(inputs.activations, inputs.masks, indices, batch_size, shuffle=True, seed=self.seed + epoch, device=device)
-        for batch in batches:
-            losses = self._losses(model.grid_logits(batch.activations, batch.geometries, inputs.grid), batch.masks, batch.valid)
+        for batch in source.batches(indices, batch_size, shuffle=True, seed=self.seed + epoch, device=device):
+            losses = self._losses(model.grid_logits(batch.activations, batch.geometries, source.grid), batch.masks, batch.valid)
             optimizer.zero_grad()
             losses.sum().backward()  # a sum keeps the K outputs independent
             optimizer.step()
@@ -339,14 +452,14 @@ class Net2VecProbe(BaseEstimator):
 
     @torch.no_grad()
     def _validate(
-        self, inputs: _Inputs, indices: np.ndarray, model: _LinearMaps, batch_size: int, device: torch.device
+        self, source: BatchSource, indices: np.ndarray, model: _LinearMaps, batch_size: int, device: torch.device
     ) -> tuple[list[float | None], torch.Tensor]:
         """Set IoU (None without positive pixels) and mean loss per concept on the validation split."""
         metrics = SegmentationMetrics(self.concepts_, thresholds=(MASK_THRESHOLD,), bins=1)
         loss_sum = torch.zeros(len(self.concepts_), dtype=torch.float64)
         pairs = torch.zeros(len(self.concepts_), dtype=torch.float64)
-        for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
-            logits = model.grid_logits(batch.activations, batch.geometries, inputs.grid)
+        for batch in source.batches(indices, batch_size, device=device):
+            logits = model.grid_logits(batch.activations, batch.geometries, source.grid)
             counted = batch.valid.sum(dim=0).double().cpu()
             loss_sum += self._losses(logits, batch.masks, batch.valid).double().cpu() * counted
             pairs += counted
@@ -362,64 +475,132 @@ class Net2VecProbe(BaseEstimator):
         return _tversky_loss(logits, targets, valid, fp_weight, fn_weight)
 
     # --------------------------------------------------------------------------------- predict
-    @torch.no_grad()
     def predict_proba(
-        self, activations: torch.Tensor, geometries: Sequence[Geometry], grid: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """Concept probabilities on the concept grid.
+        self, X: torch.Tensor | np.ndarray, geometries: Sequence[Geometry] | None = None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor | np.ndarray:
+        """Concept probabilities, ``sigmoid(w·a + b)`` per cell and concept.
 
         Parameters
         ----------
-        activations : Tensor
-            ``(B, C, h, w)`` native activations of the layer.
-        geometries : sequence of Geometry
-            One per image (stored next to the activations).
+        X : Tensor or ndarray
+            ``(N, C, h, w)`` native activations of the layer, or ``(N, C)`` pixel vectors.
+        geometries : sequence of Geometry, optional
+            One per image (stored next to the activations): the maps are then sampled on a
+            concept grid over each original image. Default: each map is its own image.
         grid : (int, int), optional
-            Concept grid; default: the training grid ``grid_``.
+            Concept grid; default: the training grid ``grid_`` with ``geometries``, the
+            activation map ``(h, w)`` without.
 
         Returns
         -------
-        Tensor
-            ``(B, K, Gh, Gw)`` float32 on the activations' device.
+        Tensor or ndarray
+            ``(N, K, Gh, Gw)`` float32 — ``(N, K)`` for pixel vectors — a tensor on the device
+            of a tensor ``X``, an ndarray for an ndarray.
         """
-        check_is_fitted(self, "weight_")
-        self._check_activations(activations)
-        model = _LinearMaps(self.weight_, self.bias_, self._transform())
+        return self._maps(X, geometries, grid, "predict_proba")
+
+    def predict(
+        self, X: torch.Tensor | np.ndarray, geometries: Sequence[Geometry] | None = None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor | np.ndarray:
+        """Binary concept masks, ``probability > 0.5``: the shape of :meth:`predict_proba`, bool."""
+        return self._maps(X, geometries, grid, "predict") > 0.5
+
+    def transform(self, X: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Concept probability maps of plain activations: :meth:`predict_proba` without geometries.
+
+        Parameters
+        ----------
+        X : Tensor or ndarray
+            ``(N, C, h, w)`` activation maps or ``(N, C)`` pixel vectors.
+
+        Returns
+        -------
+        Tensor or ndarray
+            ``(N, K, h, w)`` or ``(N, K)`` float32, the type of ``X``.
+        """
+        return self._maps(X, None, None, "transform")
+
+    @torch.no_grad()
+    def _maps(self, X: Any, geometries: Sequence[Geometry] | None, grid: tuple[int, int] | None, method: str) -> torch.Tensor | np.ndarray:
+        """Check plain activations and return their probabilities, in the type of ``X``."""
+        self._check_fitted(method)
+        if isinstance(X, StoreEntry):
+            raise ArrayInputError(
+                f"store entry {X.key}", "predictions are for activations in memory",
+                "read its items (conceptlens.probes.data.iter_batches), or use evaluate() or to_bank().concept_maps",
+            )
+        activations, pixels = as_activations(X, "X")
+        self._check_channels(tuple(activations.shape[:2] if pixels else activations.shape))
+        if not isinstance(X, torch.Tensor):
+            activations = activations.to(resolve_device(self.device))
+        if geometries is None:
+            geometries = identity_geometries(len(activations), tuple(activations.shape[-2:]))
+            grid = (1, 1) if pixels else tuple(grid or activations.shape[-2:])
+        elif pixels:
+            raise ArrayInputError("geometries with (N, C) pixel vectors", "pixel vectors have no image geometry", "pass (N, C, h, w) maps, or no geometries")
+        probabilities = self._probabilities(activations, geometries, grid)
+        probabilities = probabilities[:, :, 0, 0] if pixels else probabilities
+        return probabilities if isinstance(X, torch.Tensor) else probabilities.cpu().numpy()
+
+    def _probabilities(self, activations: torch.Tensor, geometries: Sequence[Geometry], grid: tuple[int, int] | None) -> torch.Tensor:
+        """Probabilities of checked ``(B, C, h, w)`` activations on ``grid`` (default ``grid_``)."""
+        self._check_channels(tuple(activations.shape))
+        model = _LinearMaps(self.weight_, self.bias_, self._input_transform())
         return torch.sigmoid(model.grid_logits(activations, geometries, tuple(grid or self.grid_)))
 
-    def predict(self, activations: torch.Tensor, geometries: Sequence[Geometry], grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """Binary concept masks on the concept grid, ``probability > 0.5``: ``(B, K, Gh, Gw)`` bool."""
-        return self.predict_proba(activations, geometries, grid) > 0.5
+    def _check_fitted(self, method: str) -> None:
+        if not hasattr(self, "weight_"):
+            raise ProbeNotFittedError(f"{type(self).__name__}.{method}", "this probe is not fitted yet", "call fit(X, y) first")
 
-    def _check_activations(self, activations: torch.Tensor) -> None:
-        if activations.dim() != 4 or activations.shape[1] != self.n_channels_:
-            raise LayerError(
-                f"layer {self.training_data_['layer']!r}",
-                f"the probe expects (B, {self.n_channels_}, h, w) activations, got {tuple(activations.shape)}",
-                "pass native activations of the layer the probe was trained on",
+    def _check_channels(self, shape: tuple[int, ...]) -> None:
+        if len(shape) in (2, 4) and shape[1] != self.n_channels_:
+            layer = self.training_data_["layer"]
+            raise ChannelMismatchError(
+                f"layer {layer!r}" if layer else f"activations of shape {shape}",
+                f"the probe expects (N, {self.n_channels_}, h, w) or (N, {self.n_channels_}) activations, got {shape}: "
+                f"X has {shape[1]} features, but {type(self).__name__} is expecting {self.n_channels_} features as input",
+                "pass activations of the layer the probe was trained on",
             )
 
-    def evaluate(self, activations: StoreEntry, masks: StoreEntry, split: str = "test") -> dict[str, dict[str, Any]]:
-        """Set IoU, mean IoU, AUC-PR and IoU by threshold per concept on a split.
+    def evaluate(
+        self, X: torch.Tensor | np.ndarray | StoreEntry, y: torch.Tensor | np.ndarray | StoreEntry, split: str = "test",
+        *, concepts: Sequence[str] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Set IoU, mean IoU, AUC-PR and IoU by threshold per concept.
+
+        Parameters
+        ----------
+        X, y : Tensor, ndarray or StoreEntry
+            Activations and masks in the forms :meth:`fit` takes.
+        split : str
+            With store entries, the dataset split to evaluate; plain arrays are evaluated whole.
+        concepts : sequence of str, optional
+            Names of the concepts of plain masks; default the probe's own.
 
         Returns
         -------
         dict
             ``{concept: metrics}`` (see :meth:`conceptlens.probes.metrics.SegmentationMetrics.compute`).
         """
-        check_is_fitted(self, "weight_")
-        inputs = _open_inputs(activations, masks)
-        if inputs.concepts != self.concepts_:
-            raise DataError(
-                f"mask entry {masks.key}",
-                f"holds concepts {inputs.concepts}, the probe was trained on {self.concepts_}",
-                "evaluate on masks of the same concepts",
-            )
+        self._check_fitted("evaluate")
+        if isinstance(X, StoreEntry) or isinstance(y, StoreEntry):
+            source = self._store_source(X, y, None, None)
+            indices, culprit = source.split(split), f"mask entry {y.key}"
+        else:
+            activations, pixels = as_activations(X, "X")
+            masks = as_masks(y, activations, pixels, "y")
+            names = list(concepts) if concepts is not None else (self.concepts_ if masks.shape[1] == len(self.concepts_) else None)
+            source = ArraySource(activations, masks, _concept_names(names, masks.shape[1]))
+            indices, culprit = np.arange(len(activations)), "masks y"
+        if source.concepts != self.concepts_:
+            raise DataError(culprit, f"holds concepts {source.concepts}, the probe was trained on {self.concepts_}",
+                            "evaluate on masks of the same concepts")
         metrics = SegmentationMetrics(self.concepts_)
         device = resolve_device(self.device)
-        for batch in iter_batches(activations, masks, _split(masks, split), self._settings().batch_size, device=device):
-            probabilities = self.predict_proba(batch.activations, batch.geometries, inputs.grid)
-            metrics.update(probabilities, batch.masks >= MASK_THRESHOLD, batch.valid)
+        with torch.no_grad():
+            for batch in source.batches(indices, self._settings().batch_size, device=device):
+                probabilities = self._probabilities(batch.activations, batch.geometries, source.grid)
+                metrics.update(probabilities, batch.masks >= MASK_THRESHOLD, batch.valid)
         return metrics.compute()
 
     # ------------------------------------------------------------------------------ export
@@ -440,7 +621,7 @@ class Net2VecProbe(BaseEstimator):
         ConceptBank
             Its ``concept_maps(activations, geometries, grid)`` equals :meth:`predict_proba`.
         """
-        check_is_fitted(self, "weight_")
+        self._check_fitted("to_bank")
         if self.channel_threshold_ is not None:
             raise BankError(
                 f"Net2VecProbe(variant='original') of layer {layer!r}",
@@ -459,6 +640,7 @@ class Net2VecProbe(BaseEstimator):
         }
         return ConceptBank(
             method="net2vec",
+            projection="sigmoid_affine",
             layer=layer,
             concepts=self.concepts_,
             vectors=self.weight_,
@@ -601,9 +783,8 @@ def _warn_without_val_positives(val_iou: list[float | None], concepts: list[str]
 
 
 # ----------------------------------------------------------------------------------- the data
-def _open_inputs(activations: StoreEntry, masks: StoreEntry) -> _Inputs:
-    """Check that the entries fit a pixel probe and collect what it needs from their manifests."""
-    check_aligned(activations, masks)
+def _check_native(activations: StoreEntry) -> None:
+    """Refuse a store entry whose activations are not native ``(C, h, w)`` maps."""
     manifest = activations.manifest()
     request = manifest.get("request", {})
     layer = str(request.get("layer", activations.key))
@@ -612,65 +793,71 @@ def _open_inputs(activations: StoreEntry, masks: StoreEntry) -> _Inputs:
         found = f"reduced with reduce={reduce!r}" if reduce != "native" else f"of shape {tuple(shape)} per image"
         raise LayerError(f"layer {layer!r}", f"its stored activations are {found}; pixel probes need native (C, h, w) maps",
                          "embed the layer with reduce='native'")
-    mask_manifest = masks.manifest()
-    grid = mask_manifest.get("request", {}).get("grid")
-    return _Inputs(
-        activations=activations,
-        masks=masks,
-        concepts=list(mask_manifest["dataset"].get("concepts", [])),
-        grid=(int(grid[0]), int(grid[1])),
-        layer=layer,
-        dataset=str(mask_manifest["dataset"].get("name")),
-        model_hash=request.get("model_hash"),
-    )
 
 
-def _split(masks: StoreEntry, split: str) -> np.ndarray:
-    indices = split_indices(masks, split)
-    if len(indices) == 0:
-        name = masks.manifest()["dataset"].get("name")
-        raise DataError(f"split {split!r} of dataset {name!r}", "holds no image", "add images or change the split fractions")
-    return indices
+def _concept_names(concepts: Sequence[str] | None, k: int) -> list[str]:
+    """The names of K plain concepts: as given (K distinct strings) or ``concept_0 … concept_{K-1}``."""
+    if concepts is None:
+        return [f"concept_{j}" for j in range(k)]
+    names = [concepts] if isinstance(concepts, str) else list(concepts)
+    if len(names) != k or len(set(names)) != k or not all(isinstance(name, str) for name in names):
+        raise ArrayInputError(f"concepts={names!r}", f"the masks hold {k} concepts: need {k} distinct names", f"pass {k} distinct strings, one per mask channel")
+    return names
 
 
-def _check_positives(positive_pixels: torch.Tensor, inputs: _Inputs) -> None:
-    missing = [c for c, count in zip(inputs.concepts, positive_pixels.tolist()) if count == 0]
+def _validation_arrays(validation: Any, activations: torch.Tensor, masks: torch.Tensor, pixels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a validation pair against the training arrays: same form, channels, grid and concepts."""
+    if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
+        raise ArrayInputError("validation", "must be a pair (X_val, y_val)", "pass validation=(X_val, y_val)")
+    val_activations, val_pixels = as_activations(validation[0], "X_val")
+    val_masks = as_masks(validation[1], val_activations, val_pixels, "y_val")
+    if val_pixels != pixels or val_activations.shape[1:] != activations.shape[1:] or val_masks.shape[1:] != masks.shape[1:]:
+        raise ArrayInputError(
+            f"X_val, y_val of shapes {tuple(val_activations.shape)}, {tuple(val_masks.shape)}",
+            f"do not match X, y of shapes {tuple(activations.shape)}, {tuple(masks.shape)} (as maps)",
+            "pass validation items of the same layer, grid and concepts",
+        )
+    return val_activations, val_masks
+
+
+def _check_positives(positive_pixels: torch.Tensor, source: BatchSource) -> None:
+    missing = [c for c, count in zip(source.concepts, positive_pixels.tolist()) if count == 0]
     if missing:
         raise DataError(
             "concept " + ", ".join(repr(c) for c in missing),
-            f"no positive grid cell (covered fraction ≥ {MASK_THRESHOLD}) in the train split of {inputs.dataset!r}",
+            f"no positive grid cell (covered fraction ≥ {MASK_THRESHOLD}) in the train split of {source.description}",
             "add training images that contain it, or drop the concept",
         )
 
 
 def _train_statistics(
-    inputs: _Inputs, indices: np.ndarray, batch_size: int, device: torch.device, standardize: bool, binarise: bool
+    source: BatchSource, indices: np.ndarray, batch_size: int, device: torch.device, standardize: bool, binarise: bool
 ) -> _Statistics:
     """One streaming pass over the train split (a second one for the binarisation thresholds)."""
-    k = len(inputs.concepts)
+    k = len(source.concepts)
     foreground = torch.zeros(k, dtype=torch.float64)
     images = torch.zeros(k, dtype=torch.float64)
     positives = torch.zeros(k, dtype=torch.int64)
     moments = _ChannelMoments()
-    for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+    for batch in source.batches(indices, batch_size, device=device):
         valid = batch.valid
         foreground += (batch.masks.mean(dim=(2, 3)) * valid).sum(dim=0).double().cpu()
         images += valid.sum(dim=0).double().cpu()
         positives += ((batch.masks >= MASK_THRESHOLD) & valid[:, :, None, None]).sum(dim=(0, 2, 3)).cpu()
         moments.update(_image_pixels(batch))
-    _check_positives(positives, inputs)
+    _check_positives(positives, source)
     stats = _Statistics(alpha=(1 - foreground / images).float(), n_channels=moments.channels, pixel_mean=moments.mean.float())
     if standardize:
         stats.channel_mean, stats.channel_std = moments.mean_std()
     if binarise:
-        stats.channel_threshold = _top_quantile(inputs, indices, batch_size, device, moments)
+        stats.channel_threshold = _top_quantile(source, indices, batch_size, device, moments)
     return stats
 
 
 LDA_LOGIT_GAP = 4.0
 
 
-def _lda_start(inputs: _Inputs, indices: np.ndarray, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _lda_start(source: BatchSource, indices: np.ndarray, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Fisher discriminant per concept in raw activation space: ``(weight (K, C), bias (K,))``.
 
     Activations are sampled on a grid over the original image no finer than twice the feature
@@ -678,9 +865,9 @@ def _lda_start(inputs: _Inputs, indices: np.ndarray, batch_size: int, device: to
     """
     total = count = squares = None
     positive_sum = negative_sum = positive_weight = negative_weight = None
-    for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+    for batch in source.batches(indices, batch_size, device=device):
         h, w = batch.activations.shape[-2:]
-        grid = (min(inputs.grid[0], 2 * h), min(inputs.grid[1], 2 * w))
+        grid = (min(source.grid[0], 2 * h), min(source.grid[1], 2 * w))
         pixels = features_to_grid(batch.activations, batch.geometries, grid).movedim(1, -1).reshape(-1, batch.activations.shape[1]).double()
         masks = F.adaptive_avg_pool2d(batch.masks, grid).movedim(1, -1).reshape(-1, batch.masks.shape[1]).double()
         valid = batch.valid.double().repeat_interleave(grid[0] * grid[1], dim=0)
@@ -764,14 +951,14 @@ class _ChannelMoments:
         return self.mean.float(), torch.where(constant, torch.ones_like(std), std).float()
 
 
-def _top_quantile(inputs: _Inputs, indices: np.ndarray, batch_size: int, device: torch.device, moments: _ChannelMoments) -> torch.Tensor:
+def _top_quantile(source: BatchSource, indices: np.ndarray, batch_size: int, device: torch.device, moments: _ChannelMoments) -> torch.Tensor:
     """Per-channel value exceeded by ``TOP_QUANTILE`` of the train pixels, from streamed histograms."""
     low = moments.low.to(device)
     width = ((moments.high.to(device) - low) / QUANTILE_BINS).clamp(min=1e-12)
     channels = moments.channels
     offsets = torch.arange(channels, device=device) * QUANTILE_BINS
     counts = torch.zeros(channels * QUANTILE_BINS, dtype=torch.int64)
-    for batch in iter_batches(inputs.activations, inputs.masks, indices, batch_size, device=device):
+    for batch in source.batches(indices, batch_size, device=device):
         bins = ((_image_pixels(batch) - low) / width).long().clamp(0, QUANTILE_BINS - 1)
         counts += torch.bincount((bins + offsets).flatten(), minlength=channels * QUANTILE_BINS).cpu()
     counts = counts.view(channels, QUANTILE_BINS).double()
@@ -782,8 +969,3 @@ def _top_quantile(inputs: _Inputs, indices: np.ndarray, batch_size: int, device:
     inside = counts.gather(1, last[:, None])[:, 0]
     fraction = (wanted - above) / inside  # share of that bin lying above the threshold (uniform within the bin)
     return (moments.low.double() + (last + 1 - fraction) * width.cpu().double()).float()
-
-
-def _require(condition: bool, culprit: str, problem: str, fix: str) -> None:
-    if not condition:
-        raise ConceptLensError(culprit, problem, fix)

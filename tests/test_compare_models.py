@@ -11,7 +11,8 @@ import torch
 from conceptlens.concepts.models.loading import LoadedModel, load_model
 from conceptlens.concepts.store.activations import ActivationStore
 from conceptlens.concepts.data.synthetic import SyntheticWorld
-from conceptlens.workflow import compare_models, probe_model
+from conceptlens.concepts.compare.workflow import compare_models
+from conceptlens.probes.workflow import probe_model
 
 GRID = (24, 24)
 CONCEPTS = ["car", "house", "tree", "boat", "wheel", "window", "roof", "door", "crown", "hull", "sail", "sky", "ground", "water"]
@@ -52,7 +53,7 @@ def test_channel_permuted_rescaled_copy_scores_one(tmp_path):
     world, store = SyntheticWorld(n_images=100, seed=5).select_concepts(CONCEPTS), ActivationStore(tmp_path / "store")
     params = {"max_epochs": 4, "standardize": True}
     layers = ["backbone.block3", "backbone.block4"]
-    probed = [probe_model(label, model, world, layers, "net2vec", store, tmp_path / "banks", GRID, params)
+    probed = [probe_model(model, world, layers, "net2vec", store, banks_dir=tmp_path / "banks", label=label, grid=GRID, params=params)
               for label, model in (("A", original), ("B", twin))]
     assert probed[0].activations["backbone.block3"].key != probed[1].activations["backbone.block3"].key
     result = compare_models(probed, world, store, "net2vec", GRID)
@@ -74,7 +75,7 @@ def test_channel_permuted_rescaled_copy_scores_one(tmp_path):
 )
 def test_adjacent_layers_are_more_similar_than_distant_ones(tmp_path, spec, layers):
     world, store = SyntheticWorld(n_images=160, seed=6).select_concepts(CONCEPTS), ActivationStore(tmp_path / "store")
-    probed = probe_model("M", load_model(spec), world, layers, "net2vec", store, tmp_path / "banks", GRID, {"max_epochs": 6})
+    probed = probe_model(load_model(spec), world, layers, "net2vec", store, banks_dir=tmp_path / "banks", label="M", grid=GRID, params={"max_epochs": 6})
     matrix = np.array(compare_models([probed], world, store, "net2vec", GRID)["matrix"], dtype=float)
     n = len(layers)
     by_distance = {d: np.mean([matrix[i, j] for i in range(n) for j in range(n) if abs(i - j) == d]) for d in range(1, n)}

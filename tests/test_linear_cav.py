@@ -11,7 +11,9 @@ from sklearn.exceptions import ConvergenceWarning
 
 from conceptlens.concepts.store.activations import ActivationStore
 from conceptlens.concepts.vectors.bank import ConceptBank
-from conceptlens.probes.linear import CAVError, CAVSet, LinearCAV, _newton, pooled_activations, train_cavs, train_layer_cavs
+from conceptlens.probes.linear import CAVError, CAVSet, LinearCAV, pooled_activations, train_cavs, train_layer_cavs
+from conceptlens.probes.linear_solvers import newton
+from conceptlens.probes.params import ParameterError
 from tests.planted import activation_entry
 
 CHANNELS = 32
@@ -58,18 +60,18 @@ def random_sets(n_sets: int, n: int = 20, shape: tuple[int, ...] = (CHANNELS,), 
 def test_recovers_planted_direction_and_points_to_the_concept(classifier, solver):
     direction = unit_direction()
     concept, random = planted_sets(direction, n=800, strength=3.0)
-    cav = LinearCAV(classifier=classifier, solver=solver).fit(concept, random)
-    assert cav.vector_.shape == (CHANNELS,) and cav.n_features_ == CHANNELS
+    cav = LinearCAV(classifier=classifier, solver=solver).fit_sets(concept, random)
+    assert cav.vector_.shape == (CHANNELS,) and cav.n_features_in_ == CHANNELS
     assert abs(float(cav.vector_.norm()) - 1) < 1e-12
     assert cosine(cav.vector_, direction) >= 0.95
     assert cav.accuracy_ >= 0.9
     assert cav.converged_
-    swapped = LinearCAV(classifier=classifier, solver=solver).fit(random, concept)
+    swapped = LinearCAV(classifier=classifier, solver=solver).fit_sets(random, concept)
     assert cosine(swapped.vector_, direction) <= -0.95
     # bias_ makes vector_·a + bias_ the signed distance: positive on the concept side
     distance = concept @ cav.vector_.float() + cav.bias_
     assert (distance > 0).float().mean() > 0.9
-    assert torch.equal(cav.predict(concept), cav.decision_function(concept) > 0)
+    assert torch.equal(cav.predict(concept), (cav.decision_function(concept) > 0).long())
 
 
 @pytest.mark.parametrize("features", ["pooled", "flattened"])
@@ -80,7 +82,7 @@ def test_torch_and_sklearn_backends_agree_on_overlapping_data(classifier, featur
     else:  # (N, C, h, w) maps, D = 128 > n: the Newton system in the span of the rows
         concept, random = planted_sets(unit_direction(channels=128), n=40, strength=0.7, seed=3)
         concept, random = concept.reshape(-1, 8, 4, 4), random.reshape(-1, 8, 4, 4)
-    fits = {solver: LinearCAV(classifier=classifier, solver=solver).fit(concept, random) for solver in SOLVERS}
+    fits = {solver: LinearCAV(classifier=classifier, solver=solver).fit_sets(concept, random) for solver in SOLVERS}
     assert fits["torch"].accuracy_ < 0.95  # overlapping classes: the boundary is not trivial
     assert cosine(fits["torch"].vector_, fits["sklearn"].vector_) >= 0.99
     assert abs(fits["torch"].bias_ - fits["sklearn"].bias_) < 0.05
@@ -92,7 +94,7 @@ def test_standardized_fit_is_reported_in_raw_space_and_backends_agree(classifier
     concept, random = planted_sets(unit_direction(), n=90, strength=1.0, seed=4)
     scales = torch.logspace(-1, 1, CHANNELS)
     concept, random = concept * scales, random * scales
-    fits = {solver: LinearCAV(classifier=classifier, solver=solver, standardize=True).fit(concept, random) for solver in SOLVERS}
+    fits = {solver: LinearCAV(classifier=classifier, solver=solver, standardize=True).fit_sets(concept, random) for solver in SOLVERS}
     assert cosine(fits["torch"].vector_, fits["sklearn"].vector_) >= 0.99
     logits = fits["torch"].decision_function(concept)
     expected = concept.double() @ fits["torch"].coef_ + fits["torch"].intercept_
@@ -107,7 +109,7 @@ def test_fit_many_equals_solving_each_problem_alone(classifier):
     seeds = [0, 1, 2, 3, 4]
     batched = LinearCAV(classifier=classifier).fit_many(problems, seeds=seeds)
     for (concept, random), seed, result in zip(problems, seeds, batched):
-        alone = LinearCAV(classifier=classifier, seed=seed).fit(concept, random)
+        alone = LinearCAV(classifier=classifier, seed=seed).fit_sets(concept, random)
         assert cosine(result.vector, alone.vector_) >= 1 - 1e-6
         assert abs(result.bias - alone.bias_) < 1e-5
         assert result.accuracy == alone.accuracy_
@@ -124,8 +126,8 @@ def test_newton_in_feature_space_and_in_row_span_agree(loss):
     weights[2, 25:] = 0  # a padded problem
     features[2, 25:] = 0
     weights[2, :25] = 1 / 25
-    primal = _newton(features, labels, weights, loss, 1e-2, 100, 1e-10, space="primal")
-    kernel = _newton(features, labels, weights, loss, 1e-2, 100, 1e-10, space="kernel")
+    primal = newton(features, labels, weights, loss, 1e-2, 100, 1e-10, space="primal")
+    kernel = newton(features, labels, weights, loss, 1e-2, 100, 1e-10, space="kernel")
     assert primal.converged.all() and kernel.converged.all()
     torch.testing.assert_close(primal.weights, kernel.weights, atol=1e-8, rtol=0)
     torch.testing.assert_close(primal.bias, kernel.bias, atol=1e-8, rtol=0)
@@ -133,17 +135,17 @@ def test_newton_in_feature_space_and_in_row_span_agree(loss):
 
 def test_same_seed_is_identical_and_the_seed_sets_the_split():
     concept, random = planted_sets(unit_direction(), n=60, strength=1.0, seed=7)
-    first, second = (LinearCAV(seed=0).fit(concept, random) for _ in range(2))
+    first, second = (LinearCAV(seed=0).fit_sets(concept, random) for _ in range(2))
     assert torch.equal(first.vector_, second.vector_) and first.bias_ == second.bias_ and first.accuracy_ == second.accuracy_
-    other = LinearCAV(seed=1).fit(concept, random)
+    other = LinearCAV(seed=1).fit_sets(concept, random)
     assert not torch.equal(first.vector_, other.vector_)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_runs_and_matches_cpu(device):
     concept, random = planted_sets(unit_direction(), n=60, strength=1.0, seed=8)
-    on_device = LinearCAV(device=device).fit(concept.to(device), random.to(device))
-    on_cpu = LinearCAV(device="cpu").fit(concept, random)
+    on_device = LinearCAV(device=device).fit_sets(concept.to(device), random.to(device))
+    on_cpu = LinearCAV(device="cpu").fit_sets(concept, random)
     assert on_device.vector_.device.type == "cpu"
     assert cosine(on_device.vector_, on_cpu.vector_) >= 1 - 1e-9
 
@@ -151,7 +153,7 @@ def test_device_runs_and_matches_cpu(device):
 def test_unconverged_solver_warns():
     concept, random = planted_sets(unit_direction(), n=60, strength=1.0, seed=9)
     with pytest.warns(ConvergenceWarning, match="did not reach tol"):
-        cav = LinearCAV(max_iter=1, tol=1e-12).fit(concept, random)
+        cav = LinearCAV(max_iter=1, tol=1e-12).fit_sets(concept, random)
     assert not cav.converged_
 
 
@@ -184,9 +186,9 @@ def test_train_cavs_run_r_is_a_fit_against_random_set_r_with_seed_plus_r():
     randoms = random_sets(3, n=24)
     cav_set = train_cavs(concepts, randoms, classifier="svm", seed=5)
     for r, name in enumerate(randoms):
-        alone = LinearCAV(classifier="svm", seed=5 + r).fit(concepts["striped"], randoms[name])
+        alone = LinearCAV(classifier="svm", seed=5 + r).fit_sets(concepts["striped"], randoms[name])
         assert cosine(cav_set.vectors[0, r], alone.vector_) >= 1 - 1e-6
-    null = LinearCAV(classifier="svm", seed=5 + 2).fit(randoms["random_2"], randoms["random_0"])
+    null = LinearCAV(classifier="svm", seed=5 + 2).fit_sets(randoms["random_2"], randoms["random_0"])
     assert cosine(cav_set.random_vectors[2], null.vector_) >= 1 - 1e-6
     assert cav_set.settings["classifier"] == "svm" and cav_set.settings["seed"] == 5
 
@@ -300,23 +302,26 @@ def test_pooled_activations_rejects_flattening_maps_of_different_sizes(tmp_path)
 def test_errors_name_the_culprit_and_the_fix():
     good = torch.randn(10, CHANNELS)
     with pytest.raises(CAVError, match="empty") as info:
-        LinearCAV().fit(torch.zeros(0, CHANNELS), good)
+        LinearCAV().fit_sets(torch.zeros(0, CHANNELS), good)
     assert info.value.culprit == "concept activations" and info.value.fix
     with pytest.raises(CAVError, match="at least 2 per class"):
-        LinearCAV().fit(good, torch.randn(1, CHANNELS))
+        LinearCAV().fit_sets(good, torch.randn(1, CHANNELS))
     with pytest.raises(CAVError, match="constant"):
-        LinearCAV().fit(torch.ones(10, CHANNELS), good)
+        LinearCAV().fit_sets(torch.ones(10, CHANNELS), good)
     with pytest.raises(CAVError, match="NaN"):
-        LinearCAV().fit(good, torch.full((10, CHANNELS), float("nan")))
+        LinearCAV().fit_sets(good, torch.full((10, CHANNELS), float("nan")))
     with pytest.raises(CAVError, match=f"{CHANNELS} and 16 features") as info:
-        LinearCAV().fit(good, torch.randn(10, 16))
+        LinearCAV().fit_sets(good, torch.randn(10, 16))
     assert "concept activations" in info.value.culprit and "random activations" in info.value.culprit
-    with pytest.raises(CAVError, match="unknown classifier"):
-        LinearCAV(classifier="tree").fit(good, good + 1)
-    with pytest.raises(CAVError, match="unknown solver"):
-        LinearCAV(solver="adam").fit(good, good + 1)
-    with pytest.raises(CAVError, match="positive"):
-        LinearCAV(regularization=0).fit(good, good + 1)
+    with pytest.raises(ParameterError, match="one of 'logistic', 'svm'") as info:
+        LinearCAV(classifier="tree").fit_sets(good, good + 1)
+    assert info.value.culprit == "LinearCAV(classifier='tree')" and "'logistic', 'svm'" in info.value.fix
+    with pytest.raises(ParameterError, match="one of 'torch', 'sklearn'") as info:
+        LinearCAV(solver="adam").fit_sets(good, good + 1)
+    assert info.value.culprit == "LinearCAV(solver='adam')" and "'torch', 'sklearn'" in info.value.fix
+    with pytest.raises(ParameterError, match="> 0") as info:
+        LinearCAV(regularization=0).fit_sets(good, good + 1)
+    assert info.value.culprit == "LinearCAV(regularization=0)" and "regularization" in info.value.fix
     with pytest.raises(CAVError, match="one seed per problem"):
         LinearCAV().fit_many([(good, good + 1)], seeds=[1, 2])
 

@@ -597,3 +597,44 @@ def test_image_sets_duplicate_stems_in_a_folder(sets_root):
     Image.new("RGB", (4, 4)).save(sets_root / "dots" / "img0.jpg")
     with pytest.raises(DataError, match="img0.jpg"):
         ImageSets(sets_root)
+
+
+# --- generated worlds named by a spec ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "n_images", "world_seed"),
+    [
+        ("synthetic", "synthetic", 200, 5),
+        ("synthetic:12", "synthetic", 12, 5),
+        ("synthetic:12:4", "synthetic", 12, 4),
+        ("real-textures:6:2", "real-textures", 6, 2),
+    ],
+)
+def test_generated_spec_opens_its_world(spec, kind, n_images, world_seed):
+    from conceptlens.data_spec import GENERATED_WORLDS, open_dataset
+
+    if kind == "real-textures":
+        pytest.importorskip("skimage.data", reason="scikit-image is not installed (pip install scikit-image)")
+    world = open_dataset(spec, seed=5)
+    assert type(world) is GENERATED_WORLDS[kind] and world.kind == kind
+    assert (world.n_images, world.seed, len(world)) == (n_images, world_seed, n_images)
+    assert world.name == f"{kind}-s{world_seed}-n{n_images}"
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("synthetic:x", "must be integers"),
+        ("synthetic:10:y", "must be integers"),
+        ("synthetic:1:2:3", "at most N and SEED"),
+        ("real-textures:2:y", "must be integers"),
+    ],
+)
+def test_bad_generated_spec_names_spec_and_form(spec, problem):
+    from conceptlens.data_spec import open_dataset
+
+    with pytest.raises(DataError, match=problem) as error:
+        open_dataset(spec)
+    name = spec.split(":")[0]
+    assert error.value.culprit == spec and f"{name}:N:SEED" in error.value.fix and f"{name}:200:0" in error.value.fix

@@ -1,4 +1,4 @@
-"""Concept maps of single images (attribution/maps.py) and their overlay plot (conceptlens/plots.py)."""
+"""Concept maps of single images (attribution/maps.py) and their overlay plot (conceptlens/report/figures.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conceptlens.attribution.maps import (
 )
 from conceptlens.attribution.targets import ClassLogit, TopDetection
 from conceptlens.attribution.tcav import sensitivities
-from conceptlens.plots import (
+from conceptlens.report.figures import (
     FIGURE_TITLE_PX,
     PANEL_COLORBAR_PX,
     PANEL_MARGIN_PX,

@@ -27,6 +27,7 @@ from conceptlens.concepts.geometry import Geometry
 from conceptlens.concepts.vectors.bank import BankError, ConceptBank
 from conceptlens.probes.data import iter_batches, split_indices
 from conceptlens.probes.net2vec import Net2VecProbe, _EarlyStopping
+from conceptlens.probes.params import ParameterError
 from tests.planted import activation_entry, planted_entries
 
 CONCEPTS = ["door", "wheel"]
@@ -287,12 +288,19 @@ def test_pooled_activations_are_refused(planted, tmp_path):
 
 @pytest.mark.parametrize(
     "params, message",
-    [({"loss": "focal"}, "unknown loss"), ({"variant": "paper"}, "unknown variant"), ({"patience": 0}, "positive integer"),
-     ({"variant": "original", "standardize": True}, "cannot be standardised"), ({"lr": -1.0}, "must be positive")],
+    [({"loss": "focal"}, r"loss='focal'\): must be one of 'net2vec', 'bce', 'dice', 'tversky' — fix: pass loss as one of"),
+     ({"variant": "paper"}, r"variant='paper'\): must be one of 'default', 'original' — fix: pass variant as"),
+     ({"patience": 0}, r"patience=0\): must be an integer >= 1 — fix: pass patience as an integer >= 1"),
+     ({"batch_size": 2.5}, r"batch_size=2\.5\): must be an integer >= 1 or one of None — fix: pass batch_size as"),
+     ({"validation_fraction": 1.0}, r"validation_fraction=1\.0\): must be a number with 0 < value < 1 — fix"),
+     ({"variant": "original", "standardize": True}, r"standardize=True, variant='original'\): .*cannot be standardised — fix: drop one"),
+     ({"tversky_alpha": 0.0, "tversky_beta": 0.0}, r"tversky_alpha=0\.0, tversky_beta=0\.0\): need non-negative weights, not both zero — fix"),
+     ({"lr": -1.0}, r"lr=-1\.0\): must be a number > 0 or one of None — fix: pass lr as a number > 0")],
 )
 def test_bad_hyper_parameters_are_refused(params, message, entries):
-    with pytest.raises(ConceptLensError, match=message):
+    with pytest.raises(ParameterError, match=message) as caught:
         Net2VecProbe(**params).fit(*entries)
+    assert isinstance(caught.value, ConceptLensError) and isinstance(caught.value, ValueError)
 
 
 def test_prediction_needs_a_fit_and_the_right_layer(fitted):

@@ -13,7 +13,8 @@ from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.store.activations import ActivationStore
 from conceptlens.concepts.vectors.bank import ConceptBank
 from conceptlens.probes.data import iter_batches, split_indices
-from conceptlens.probes.nmf import NMFConcepts, NMFError
+from conceptlens.probes.nmf import MiniBatchNMFConcepts, NMFConcepts, NMFError
+from conceptlens.probes.params import ParameterError
 from tests.planted import activation_entry, planted_entries
 
 
@@ -25,6 +26,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def estimator(solver: str = "hals", batch_size: int | None = None, **settings):
+    """The full-batch estimator, or the online one when ``batch_size`` is given."""
+    if batch_size is None:
+        return NMFConcepts(solver=solver, **settings)
+    return MiniBatchNMFConcepts(solver=solver, batch_size=batch_size, **settings)
 
 
 def planted_factors(n: int = 3000, channels: int = 24, k: int = 5, noise: float = 0.01, seed: int = 0):
@@ -81,7 +89,7 @@ def planted_concept_world(n: int = 50, channels: int = 12, size: int = 8, seed: 
 @pytest.mark.parametrize(("solver", "batch_size"), [("hals", None), ("mu", None), ("hals", 500), ("mu", 500), ("sklearn", None)])
 def test_planted_factors_are_recovered(solver, batch_size):
     pixels, components = planted_factors()
-    model = NMFConcepts(n_components=5, solver=solver, batch_size=batch_size, device="cpu").fit(pixels)
+    model = estimator(solver, batch_size, n_components=5, device="cpu").fit(pixels)
     assert model.components_.shape == (5, 24) and model.n_features_in_ == 24 and model.n_pixels_ == 3000
     assert matched_cosines(model.components_, components).min() >= 0.95
     torch.testing.assert_close(model.components_.norm(dim=1), torch.ones(5))
@@ -98,7 +106,7 @@ def sklearn_reference():
 @pytest.mark.parametrize(("solver", "batch_size"), [("hals", None), ("mu", None), ("hals", 1000)])
 def test_torch_error_within_two_percent_of_sklearn(sklearn_reference, solver, batch_size):
     pixels, reference = sklearn_reference
-    model = NMFConcepts(n_components=10, solver=solver, batch_size=batch_size, device="cpu").fit(pixels)
+    model = estimator(solver, batch_size, n_components=10, device="cpu").fit(pixels)
     assert 0.3 < reference.relative_error_ < 0.9  # realistic: far from exactly low rank
     assert model.relative_error_ <= 1.02 * reference.relative_error_
 
@@ -123,8 +131,8 @@ def test_transform_matches_scipy_nnls():
 def test_same_seed_gives_identical_components():
     pixels = relu_features(n=1500, channels=20)
     for batch_size in (None, 300):
-        first = NMFConcepts(n_components=4, batch_size=batch_size, seed=7, device="cpu").fit(pixels)
-        second = NMFConcepts(n_components=4, batch_size=batch_size, seed=7, device="cpu").fit(pixels)
+        first = estimator(batch_size=batch_size, n_components=4, seed=7, device="cpu").fit(pixels)
+        second = estimator(batch_size=batch_size, n_components=4, seed=7, device="cpu").fit(pixels)
         assert torch.equal(first.components_, second.components_) and first.n_iter_ == second.n_iter_
 
 
@@ -154,17 +162,18 @@ def test_negative_input_without_clamp_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"n_components": 0}, "n_components"),
-        ({"solver": "als"}, "solver"),
-        ({"max_iter": 0}, "max_iter"),
-        ({"tol": -1.0}, "tol"),
-        ({"batch_size": 2, "n_components": 3}, "batch_size"),
-        ({"solver": "sklearn", "batch_size": 100}, "in memory"),
+        ({"n_components": 0}, r"NMFConcepts\(n_components=0\).*fix: pass n_components as an integer >= 1"),
+        ({"solver": "als"}, r"NMFConcepts\(solver='als'\).*fix: pass solver as one of 'hals', 'mu', 'sklearn'"),
+        ({"max_iter": 0}, r"NMFConcepts\(max_iter=0\).*fix: pass max_iter"),
+        ({"tol": -1.0}, r"NMFConcepts\(tol=-1.0\).*fix: pass tol as a number >= 0"),
+        ({"batch_size": 2, "n_components": 3}, r"MiniBatchNMFConcepts\(batch_size=2\).*fix: pass batch_size as an integer ≥ n_components \(3\)"),
+        ({"solver": "sklearn", "batch_size": 100}, r"MiniBatchNMFConcepts\(solver='sklearn'\).*fix: pass solver as one of 'hals', 'mu'$"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
-    with pytest.raises(NMFError, match=message):
-        NMFConcepts(**{"device": "cpu", **settings}).fit(torch.rand(50, 8))
+    with pytest.raises(ParameterError, match=message) as caught:
+        estimator(**{"device": "cpu", **settings}).fit(torch.rand(50, 8))
+    assert isinstance(caught.value, ConceptLensError) and isinstance(caught.value, ValueError)
 
 
 def test_bad_input_is_refused():
@@ -195,7 +204,7 @@ def test_fit_from_store_equals_fit_on_image_pixels(tmp_path):
         model = NMFConcepts(n_components=4, device="cpu").fit(entry, indices=subset)
         assert torch.equal(model.components_, expected.components_) and model.n_pixels_ == chosen[:, 0].numel()
     assert model.data_["store_key"] == entry.key and model.data_["model_hash"] == "ab" * 32 and model.data_["n_images"] == 6
-    online = NMFConcepts(n_components=4, batch_size=256, device="cpu").fit(entry)
+    online = MiniBatchNMFConcepts(n_components=4, batch_size=256, device="cpu").fit(entry)
     assert online.n_pixels_ == on_image[:, 0].numel()
     assert online.relative_error_ <= 1.02 * NMFConcepts(n_components=4, device="cpu").fit(entry).relative_error_
 

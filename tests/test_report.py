@@ -14,14 +14,38 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conceptlens.attribution.tcav import (
+    METRICS,
+    TCAVRecord,
+    TCAVResult,
+    bonferroni,
+    holm,
+)
+from conceptlens.concepts.compare.workflow import _blocks
+from conceptlens.concepts.store.artifacts import write_artifact, write_json
 from matplotlib.figure import Figure
 from PIL import Image
 
-from conceptlens.attribution.tcav import METRICS, TCAVRecord, TCAVResult, bonferroni, holm
-from conceptlens.concepts.store.artifacts import write_artifact
-from conceptlens.report import NOT_RUN, SECTIONS, ReportError, findings, grouped_findings, load_results, write_report
+from conceptlens.report import (
+    NOT_RUN,
+    SECTIONS,
+    ReportError,
+    findings,
+    grouped_findings,
+    load_results,
+    write_report,
+)
+from conceptlens.report.results import (
+    BestLayer,
+    Block,
+    Comparison,
+    NCAVLabel,
+    ProbeResults,
+    RunSummary,
+    StepTime,
+    TCAVResults,
+)
 from conceptlens.tcav_step import write_tcav
-from conceptlens.workflow import _blocks, write_json
 
 CONCEPTS = ["sky", "road", "car", "wheel"]
 MODELS = {
@@ -73,7 +97,7 @@ TCAV_P = [
 
 
 def build_results(out: Path, *, real_heatmaps: bool = False) -> Path:
-    """A small results directory laid out exactly as the pipeline writes it (see conceptlens/report.py).
+    """A small results directory laid out exactly as the pipeline writes it (see conceptlens/report/results.py).
 
     2 models × 3 layers, 4 concepts, 2 segmentation examples per model, 3 NCAVs × 4 prototype
     patches per layer, 2 TCAV targets. ``real_heatmaps`` draws the heatmaps with the pipeline's own
@@ -188,7 +212,8 @@ def _write_compare(out: Path, method: str, matrix: np.ndarray, real_heatmaps: bo
     write_json(folder / "compare.json", result)
     if real_heatmaps:
         from conceptlens.compare_output import _write_heatmaps
-        _write_heatmaps(result, folder / "heatmaps", method, {name: spec for name, (spec, _) in MODELS.items()})
+        from conceptlens.report.results import Comparison
+        _write_heatmaps(Comparison.from_json(result), folder / "heatmaps", method, {name: spec for name, (spec, _) in MODELS.items()})
         return
     (folder / "heatmaps").mkdir(parents=True, exist_ok=True)
     for block in result["blocks"]:
@@ -387,9 +412,9 @@ def test_findings_rendered_in_groups(report_text):
 def test_concept_colors_distinct():
     from matplotlib.colors import rgb_to_hsv
 
-    from conceptlens.report import DISTINCT_COLORS, _palette
+    from conceptlens.report.figures import DISTINCT_COLORS, concept_palette
     names = [f"c{i}" for i in range(DISTINCT_COLORS)]
-    colors = _palette({"concepts": names})
+    colors = concept_palette(names)
     rgb = np.array([colors[n][:3] for n in names])
     hsv = rgb_to_hsv(rgb)
     assert (hsv[:, 1] > 0.15).all()  # no greys: the overlays are drawn on a grey image
@@ -448,9 +473,10 @@ def test_unreadable_results(tmp_path):
 
 
 def test_segmentation_title_sits_on_the_first_row(results_dir):
-    from conceptlens.report import _palette, _segmentation_figure
+    from conceptlens.report.figures import concept_palette, segmentation_figure
     results = load_results(results_dir)
-    figure = _segmentation_figure(results["examples"]["vgg"], "vgg", _palette(results))
+    example = results.examples["vgg"]
+    figure = segmentation_figure(example.meta, example.tensors, "vgg", concept_palette(results.concepts))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(figure).get_renderer()
     title = figure._suptitle.get_window_extent(renderer)
@@ -459,10 +485,76 @@ def test_segmentation_title_sits_on_the_first_row(results_dir):
 
 
 def test_heatmap_title_wrapped_to_figure_width():
-    from conceptlens.plots import _text_width, _wrap_title
+    from conceptlens.report.figures import _text_width, _wrap_title
     title = "mean concept set IoU, within vgg = zoo:synthetic_vgg_centernet_with_a_long_name"
     wrapped = _wrap_title(title, 300, 9.5)
     assert wrapped.split("\n")[0] == "mean concept set IoU,"
     assert all(_text_width(line, 9.5) <= 300 for line in wrapped.split("\n"))
     assert wrapped.replace("\n", " ") == title
     assert _wrap_title("short", 300, 9.5) == "short"
+
+
+# ---------------------------------------------------------------------------------------------
+# typed records shared by the writers and the report
+
+
+WRITTEN_FILES = {"probe_vgg_net2vec.json": ProbeResults, "probe_resnet_nmf.json": ProbeResults, "compare_net2vec/compare.json": Comparison,
+                 "compare_nmf/compare.json": Comparison, "tcav.json": TCAVResults}
+
+
+@pytest.mark.parametrize("name", sorted(WRITTEN_FILES))
+def test_records_read_back_exactly_what_was_written(results_dir, tmp_path, name):
+    path = results_dir / name
+    record = WRITTEN_FILES[name].read(path)
+    assert list(record.to_json().items()) == list(json.loads(path.read_text()).items())  # same keys, same order, same values
+    assert record.write(tmp_path / "again.json").read_bytes() == path.read_bytes()
+
+
+def test_records_give_typed_access(results_dir):
+    results = load_results(results_dir)
+    assert isinstance(results.run, RunSummary) and results.run.data.splits == {"train": 200, "val": 50, "test": 50}
+    assert [m.name for m in results.run.models] == ["vgg", "resnet"] and results.run.models[1].layers == ("layer1", "layer2", "layer3")
+    assert [s.skipped for s in results.run.steps[:4]] == [False, True, False, False] and results.run.steps[-1] == StepTime("tcav", 95.0, False)
+    assert results.probe("vgg", "net2vec").best_layer["wheel"] == BestLayer("backbone.block2", 0.5, 0.62)
+    block = results.compare["net2vec"].blocks[1]  # vgg rows, resnet columns
+    assert (block.a, block.b, block.rows) == ("vgg", "resnet", ("backbone.block1", "backbone.block2", "backbone.block3"))
+    assert [(p.a, p.b) for p in block.ridge.pairs] == [(0, 0), (1, 2), (2, 2)]
+    planted = results.tcav.records[2]
+    assert (planted.concept, planted.layer, planted.significant) == ("wheel", "backbone.block3", True)
+    assert planted.metric_means == pytest.approx({metric: 0.91 for metric in METRICS})
+    assert planted.adjusted_p("holm") == pytest.approx(8 * 0.000375) and planted.adjusted_p("bonferroni") == pytest.approx(8 * 0.000375)
+    assert results.tcav.missing_lines == ("2 of 42 inputs have no valid target for resnet:top:1; left out: img_0007, img_0012",)
+    assert results.prototypes["vgg"].meta.ncavs["backbone.block2"][2] == NCAVLabel("ncav_2", "sky", 0.72)
+    assert results.examples["resnet"].meta.best_layers["road"] == "layer3"
+
+
+def test_best_layer_falls_back_to_the_curve(results_dir):
+    data = json.loads((results_dir / "probe_resnet_net2vec.json").read_text())
+    without = ProbeResults.from_json({k: v for k, v in data.items() if k != "best_layer"})
+    assert without.best("sky") == BestLayer("layer2", 0.5, 0.85)
+    assert without.best("car") == BestLayer("layer3", 1.0, 0.61)  # the missing value at layer1 is skipped
+    assert without.curve("car")[2][0] != without.curve("car")[2][0]  # NaN where the file has null
+    assert without.best("unknown") is None
+
+
+def test_bare_ridge_pairs_take_depth_and_score_from_the_block():
+    block = Block.from_json({"a": "A", "b": "B", "rows": ["x", "y"], "columns": ["u", "v"], "similarity": [[0.1, 0.9], [0.4, None]],
+                             "ridge": {"pairs": [[0, 1], [1, 0]], "depth_correlation": None}})
+    assert block.ridge_pairs({"A:x": 0.0, "A:y": 1.0, "B:u": 0.25, "B:v": 0.75}) == [(0, 1, 0.0, 0.75, 0.9), (1, 0, 1.0, 0.25, 0.4)]
+
+
+def test_a_malformed_result_file_names_the_file_and_the_field(results_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(results_dir, broken)
+    compare = broken / "compare_nmf" / "compare.json"
+    data = json.loads(compare.read_text())
+    data["blocks"][1]["ridge"] = "none"
+    write_json(compare, data)
+    with pytest.raises(ReportError) as error:
+        load_results(broken)
+    assert error.value.culprit == str(compare)
+    assert error.value.problem == "Comparison.blocks[1].ridge is a string, not a JSON object"
+    assert error.value.fix == "run the step that writes it again"
+    (broken / "run.json").write_text("[1, 2]")
+    with pytest.raises(ReportError, match="run.json: is not a JSON object"):
+        load_results(broken)

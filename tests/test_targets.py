@@ -63,6 +63,15 @@ def test_class_probability_value_and_gradient():
     torch.testing.assert_close(grad, analytic)
 
 
+def test_classifier_targets_name_and_describe_themselves():
+    logit, prob = ClassLogit(2), ClassProbability(1)
+    assert (logit.k, logit.name, logit.what, repr(logit)) == (2, "logit:2", "logit of class 2", "ClassLogit(2)")
+    assert (prob.k, prob.name, prob.what, repr(prob)) == (1, "prob:1", "probability of class 1", "ClassProbability(1)")
+    assert not isinstance(prob, ClassLogit) and not isinstance(logit, ClassProbability)
+    tv = TargetValues(torch.zeros(2), torch.tensor([True, False]))
+    assert describe_missing(tv, ["a", "b"], prob) == "1 of 2 images have no probability of class 1 (prob:1): b"
+
+
 def test_classifier_target_rejects_bad_output_and_class():
     with pytest.raises(TargetError, match="out of range"):
         ClassLogit(7)(torch.zeros(2, 3))
@@ -209,7 +218,7 @@ def test_zoo_detector_targets(name):
 
 def test_target_from_spec():
     assert isinstance(target_from_spec("logit:3"), ClassLogit) and target_from_spec("logit:3").k == 3
-    assert isinstance(target_from_spec("prob:0"), ClassProbability)
+    assert isinstance(target_from_spec("prob:0"), ClassProbability) and target_from_spec("prob:0").name == "prob:0"
     top = target_from_spec("top:2")
     assert isinstance(top, TopDetection) and top.label == 2 and top.min_score == 0
     assert target_from_spec("top:2:0.3").min_score == pytest.approx(0.3)

@@ -132,7 +132,7 @@ def test_scores_equal_captum_tcav(tmp_path) -> None:
             assert ours["sign_count"][run] == pytest.approx(float(expected["sign_count"][0]), abs=1e-6)
             # captum 0.9.0's "magnitude" is mean(S) (its docstring states Σ_{S>0}S/Σ|S|)
             assert ours["mean_sensitivity"][run] == pytest.approx(float(expected["magnitude"][0]), abs=1e-6)
-    # METHODS.md magnitude from the same sensitivities
+    # docs/METHODS.md §6 magnitude from the same sensitivities
     sens = result.sensitivities[("conv2", "class2")].double()
     magnitude = sens.clamp(min=0).sum(0) / sens.abs().sum(0)
     assert np.allclose(result.get("dots", "conv2", "class2").scores["magnitude"], magnitude[r:2 * r].numpy())

@@ -11,14 +11,16 @@ import pytest
 import scipy.optimize
 import torch
 import torch.nn.functional as F
-
 from conceptlens.concepts.data.dataset import ArrayDataset
+from conceptlens.concepts.embedding.masks import embed_masks
 from conceptlens.concepts.errors import DataError
 from conceptlens.concepts.geometry import Geometry, masks_to_grid
-from conceptlens.concepts.embedding.masks import embed_masks
 from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.store.artifacts import write_artifact
 from conceptlens.concepts.vectors.bank import BankError, ConceptBank, nnls
+from conceptlens.concepts.vectors.concept_maps import bank_fingerprint
 from conceptlens.probes.data import iter_batches, split_indices
+
 from tests.planted import activation_entry, planted_entries
 
 
@@ -110,8 +112,64 @@ def test_corrupt_and_malicious_files_are_rejected(tmp_path):
 def test_bank_validation():
     with pytest.raises(BankError, match="duplicate concept names"):
         ConceptBank("linear", "l", ["a", "a"], torch.zeros(2, 3), torch.zeros(2))
-    with pytest.raises(BankError, match="unknown method"):
+    with pytest.raises(BankError, match="unknown method 'pca' with no projection.*pass projection="):
         ConceptBank("pca", "l", ["a"], torch.zeros(1, 3), torch.zeros(1))
+    with pytest.raises(BankError, match="projection 'softmax', which is not registered.*sigmoid_affine, nnls_codes"):
+        ConceptBank("net2vec", "l", ["a"], torch.zeros(1, 3), torch.zeros(1), projection="softmax")
+
+
+def test_builtin_methods_keep_their_projection_and_others_must_name_one():
+    assert make_bank("net2vec").projection == "sigmoid_affine" and make_bank("linear").projection == "sigmoid_affine"
+    assert make_bank("nmf", standardized=False).projection == "nnls_codes"
+    bank = ConceptBank("pca", "l", ["a"], torch.ones(1, 3), torch.zeros(1), projection="nnls_codes")
+    assert (bank.method, bank.projection, bank.map_kind) == ("pca", "nnls_codes", "ncav")
+    assert make_bank().map_kind == "probability"
+
+
+def test_projection_not_method_decides_the_maps():
+    """A bank of any learner with the nnls_codes projection gives NNLS codes; with sigmoid_affine, probabilities."""
+    vectors = torch.rand(2, 6, generator=torch.Generator().manual_seed(3))
+    coefficients = torch.rand(2, 2, 3, 3, generator=torch.Generator().manual_seed(4))
+    activations = torch.einsum("bkhw,kc->bchw", coefficients, vectors)
+    codes = ConceptBank("net2vec", "l", ["a", "b"], vectors, torch.zeros(2), projection="nnls_codes")
+    torch.testing.assert_close(codes.concept_maps(activations), coefficients, atol=1e-4, rtol=0)
+    affine = ConceptBank("nmf", "l", ["a", "b"], vectors, torch.tensor([0.5, -1.0]), projection="sigmoid_affine")
+    expected = torch.sigmoid(torch.einsum("kc,bchw->bkhw", vectors, activations) + torch.tensor([0.5, -1.0]).view(1, 2, 1, 1))
+    torch.testing.assert_close(affine.concept_maps(activations), expected)
+    assert bank_fingerprint(codes) != bank_fingerprint(ConceptBank("net2vec", "l", ["a", "b"], vectors, torch.zeros(2)))
+
+
+def test_projection_round_trips_through_the_bank_file(tmp_path):
+    bank = ConceptBank("pca", "l", ["a", "b"], torch.rand(2, 4), torch.zeros(2), projection="nnls_codes")
+    json_path = bank.save(tmp_path / "bank")
+    assert json.loads(json_path.read_text())["projection"] == "nnls_codes"
+    loaded = ConceptBank.load(json_path)
+    assert (loaded.method, loaded.projection) == ("pca", "nnls_codes")
+    activations = torch.rand(1, 4, 2, 3)
+    torch.testing.assert_close(loaded.concept_maps(activations), bank.concept_maps(activations))
+
+
+def _old_format_bank(path, method: str, vectors: torch.Tensor) -> None:
+    """A bank file exactly as written before banks recorded their projection (no ``projection`` key)."""
+    metadata = {"method": method, "layer": "layer2", "concepts": ["wheel", "window"], "n_channels": vectors.shape[1],
+                "standardized": False, "metrics": {}, "provenance": {"seed": 0}}
+    write_artifact(path, "concept bank", 1, {"vectors": vectors, "biases": torch.zeros(2)}, metadata)
+
+
+def test_old_bank_files_load_with_their_methods_projection(tmp_path):
+    vectors = torch.rand(2, 6, generator=torch.Generator().manual_seed(5))
+    _old_format_bank(tmp_path / "old.nmf", "nmf", vectors)
+    _old_format_bank(tmp_path / "old.net2vec", "net2vec", vectors)
+    assert "projection" not in json.loads((tmp_path / "old.nmf.json").read_text())
+    nmf, net2vec = ConceptBank.load(tmp_path / "old.nmf"), ConceptBank.load(tmp_path / "old.net2vec")
+    assert (nmf.projection, net2vec.projection) == ("nnls_codes", "sigmoid_affine")
+    coefficients = torch.rand(1, 2, 2, 2)
+    activations = torch.einsum("bkhw,kc->bchw", coefficients, vectors)
+    torch.testing.assert_close(nmf.concept_maps(activations), coefficients, atol=1e-4, rtol=0)
+    torch.testing.assert_close(net2vec.concept_maps(activations), torch.sigmoid(torch.einsum("kc,bchw->bkhw", vectors, activations)))
+    _old_format_bank(tmp_path / "old.pca", "pca", vectors)
+    with pytest.raises(BankError, match="unknown method 'pca' with no projection"):
+        ConceptBank.load(tmp_path / "old.pca")
 
 
 def test_mask_entry_holds_grid_masks_and_is_reused(tmp_path):

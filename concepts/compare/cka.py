@@ -1,4 +1,4 @@
-"""Linear CKA (Kornblith et al. 2019), the representation-similarity baseline (METHODS.md §7).
+"""Linear CKA (Kornblith et al. 2019), the representation-similarity baseline (docs/METHODS.md §7).
 
 * :func:`linear_cka`: the closed form ``‖YᵀX‖_F² / (‖XᵀX‖_F ‖YᵀY‖_F)`` on centred features.
 * :class:`MinibatchCKA`: CKA accumulated over minibatches with the unbiased HSIC estimator

@@ -1,7 +1,7 @@
 """Layer-wise concept similarity within one model and across models (Mikriukov et al. 2023).
 
 Concept vectors of different layers live in different spaces, so they are compared through their
-maps on the same test images, on the common concept grid (METHODS.md §5):
+maps on the same test images, on the common concept grid (docs/METHODS.md §5):
 
 * supervised banks: per concept, set IoU of the binarised maps, soft IoU ``Σmin/Σmax`` and
   Pearson r of the soft maps; a layer pair's score is the mean over concepts;

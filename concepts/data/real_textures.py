@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.data.generated import GeneratedDataset, check_integer, scene_cache
 from conceptlens.concepts.errors import DataError
 
 __all__ = ["GENERATOR_VERSION", "TEXTURE_CONCEPTS", "PHOTO_CONCEPTS", "CONCEPTS", "PHOTO_CROPS", "MIN_VISIBLE", "RealTextureWorld"]
@@ -283,12 +283,7 @@ def _render(seed: int, index: int, size: int) -> _Scene:
     return _Scene(image, masks, background, labels, tuple(pastes))
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_scene(seed: int, index: int, size: int) -> _Scene:
-    scene = _render(seed, index, size)
-    for array in (scene.image, scene.masks, scene.background, scene.labels):
-        array.setflags(write=False)
-    return scene
+_cached_scene = scene_cache(_render)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,14 +291,7 @@ def _cached_scene(seed: int, index: int, size: int) -> _Scene:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise DataError(f"{name}={value!r}", f"must be an integer {bounds}", f"pass an int {bounds}")
-    return int(value)
-
-
-class RealTextureWorld(ConceptDataset):
+class RealTextureWorld(GeneratedDataset):
     """Scenes of real textures and real photo crops on real backgrounds, with exact concept masks.
 
     Concepts: :data:`CONCEPTS` (``brick``, ``grass``, ``gravel``, ``cat``, ``cup``, ``rocket``,
@@ -314,9 +302,11 @@ class RealTextureWorld(ConceptDataset):
     n_images : int
         Number of scenes (>= 1).
     seed : int
-        World seed (>= 0); it also seeds the train/val/test split.
+        World seed (>= 0); it also seeds the train/val/test split unless ``split_seed`` is given.
     size : int
         Image side in pixels (32 … 2048).
+    split_seed : int or None, optional
+        Seed of the train/val/test split; ``None`` uses ``seed``.
 
     Raises
     ------
@@ -324,39 +314,23 @@ class RealTextureWorld(ConceptDataset):
         If an argument is out of range, or scikit-image is not installed.
     """
 
-    def __init__(self, n_images: int = 200, seed: int = 0, size: int = 224) -> None:
-        self.n_images = _check_int("n_images", n_images, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.size = _check_int("size", size, MIN_SIZE, MAX_SIZE)
+    kind = "real-textures"
+
+    def __init__(self, n_images: int = 200, seed: int = 0, size: int = 224, split_seed: int | None = None) -> None:
+        super().__init__(CONCEPTS, n_images, seed, split_seed)
+        self.size = check_integer("size", size, MIN_SIZE, MAX_SIZE)
         _sources()  # fail now, with the install command, when scikit-image is missing
-        self.name = f"real-textures-s{self.seed}-n{self.n_images}"
-        self.concepts = list(CONCEPTS)
-        self.ids = [f"{index:06d}" for index in range(self.n_images)]
-        self.splits = assign_splits(self.ids, self.seed)
 
     def _scene(self, index: int) -> _Scene:
         return _cached_scene(self.seed, self.check_index(index), self.size)
 
-    def image(self, index: int) -> np.ndarray:
-        """Return image ``index`` as a writable ``uint8`` array (size, size, 3)."""
-        return self._scene(index).image.copy()
+    def _generator_version(self) -> str:
+        return GENERATOR_VERSION
 
-    def masks(self, index: int) -> np.ndarray:
-        """Return the concept masks of image ``index``, a writable ``bool`` array (K, size, size)."""
-        return self._scene(index).masks.copy()
+    def _fingerprint_fields(self) -> dict[str, Any]:
+        return {"size": self.size, "sources": _sources().digest}
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Return (size, size) without rendering."""
         self.check_index(index)
         return self.size, self.size
-
-    def image_fingerprint(self) -> str:
-        """sha256 of the generator version, seed, number of images, size and the source images."""
-        key = {
-            "generator": GENERATOR_VERSION,
-            "seed": self.seed,
-            "n_images": self.n_images,
-            "size": self.size,
-            "sources": _sources().digest,
-        }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

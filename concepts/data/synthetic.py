@@ -25,16 +25,13 @@ builds torch tensors.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.data.generated import GeneratedDataset, check_integer, scene_cache
 from conceptlens.concepts.errors import DataError
 
 __all__ = [
@@ -671,13 +668,6 @@ def _check_size_range(size_range: Any) -> tuple[int, int]:
     return low, high
 
 
-def _check_seed_index(seed: Any, index: Any) -> tuple[int, int]:
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise DataError(f"{name}={value!r}", "must be a non-negative integer", f"pass an int >= 0 as {name}")
-    return int(seed), int(index)
-
-
 def _scene_size(seed: int, index: int, size_range: tuple[int, int]) -> tuple[int, int]:
     """(height, width) of a scene without drawing it (the first draws of the scene's generator)."""
     rng = np.random.default_rng([seed, index])
@@ -697,7 +687,7 @@ def _render(
         ``int8`` (H, W): index into ``scene.objects`` of the object visible at each pixel, -1 on
         background (None unless ``with_instances``).
     """
-    seed, index = _check_seed_index(seed, index)
+    seed, index = check_integer("seed", seed, 0), check_integer("index", index, 0)
     low, high = _check_size_range(size_range)
     rng = np.random.default_rng([seed, index])
     height, width = (int(v) for v in rng.integers(low, high + 1, size=2))
@@ -810,13 +800,21 @@ def render_scene(seed: int, index: int, size_range: tuple[int, int] = (96, 128))
     ------
     DataError
         If ``seed``, ``index`` or ``size_range`` is invalid.
+
+    Examples
+    --------
+    >>> scene = render_scene(seed=0, index=2, size_range=(96, 96))
+    >>> scene.image.shape, scene.masks.shape
+    ((96, 96, 3), (26, 96, 96))
+    >>> scene.objects
+    (SceneObject(label='boat', box=(19.0, 16.0, 61.0, 69.0)),)
+    >>> [concept for concept, mask in zip(CONCEPTS, scene.masks) if mask.any()]
+    ['boat', 'hull', 'sail', 'mast', 'green', 'blue', 'white', 'sky', 'water']
     """
     return _render(seed, index, size_range)[0]
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_scene(seed: int, index: int, size_range: tuple[int, int]) -> Scene:
-    return render_scene(seed, index, size_range)
+_cached_scene = scene_cache(render_scene)
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,8 +822,8 @@ def _cached_scene(seed: int, index: int, size_range: tuple[int, int]) -> Scene:
 # --------------------------------------------------------------------------------------------
 
 
-class SyntheticWorld(ConceptDataset):
-    """A :class:`~conceptlens.concepts.data.dataset.ConceptDataset` of procedurally rendered scenes.
+class SyntheticWorld(GeneratedDataset):
+    """A :class:`~conceptlens.concepts.data.generated.GeneratedDataset` of procedurally rendered scenes.
 
     Parameters
     ----------
@@ -842,7 +840,17 @@ class SyntheticWorld(ConceptDataset):
     ------
     DataError
         If an argument is out of range.
+
+    Examples
+    --------
+    >>> world = SyntheticWorld(n_images=4, seed=0)
+    >>> world.name, len(world), len(world.concepts)
+    ('synthetic-s0-n4', 4, 26)
+    >>> world.image_size(0) == world.image(0).shape[:2]
+    True
     """
+
+    kind = "synthetic"
 
     def __init__(
         self,
@@ -851,54 +859,29 @@ class SyntheticWorld(ConceptDataset):
         size_range: tuple[int, int] = (96, 128),
         split_seed: int | None = None,
     ) -> None:
-        if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
-            raise DataError(f"n_images={n_images!r}", "must be an integer >= 1", "pass n_images >= 1")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DataError(f"seed={seed!r}", "must be a non-negative integer", "pass an int >= 0 as seed")
-        if split_seed is not None and (
-            isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or split_seed < 0
-        ):
-            raise DataError(
-                f"split_seed={split_seed!r}", "must be a non-negative integer or None", "pass an int >= 0 or None"
-            )
-        self.n_images = int(n_images)
-        self.seed = int(seed)
+        super().__init__(CONCEPTS, n_images, seed, split_seed)
         self.size_range = _check_size_range(size_range)
-        self.split_seed = self.seed if split_seed is None else int(split_seed)
-        self.name = f"synthetic-s{self.seed}-n{self.n_images}"
-        self.concepts = list(CONCEPTS)
-        self.ids = [f"{index:06d}" for index in range(self.n_images)]
-        self.splits = assign_splits(self.ids, self.split_seed)
+
+    def _scene(self, index: int) -> Scene:
+        return _cached_scene(self.seed, self.check_index(index), self.size_range)
+
+    def _generator_version(self) -> str:
+        return GENERATOR_VERSION
+
+    def _fingerprint_fields(self) -> dict[str, Any]:
+        return {"size_range": list(self.size_range)}
 
     def scene(self, index: int) -> Scene:
         """Return scene ``index`` (cached: the last 64 scenes rendered are kept; arrays read-only)."""
-        return _cached_scene(self.seed, self.check_index(index), self.size_range)
-
-    def image(self, index: int) -> np.ndarray:
-        """Return image ``index`` as a writable ``uint8`` array (H, W, 3)."""
-        return self.scene(index).image.copy()
-
-    def masks(self, index: int) -> np.ndarray:
-        """Return the concept masks of image ``index``, a writable ``bool`` array (K, H, W)."""
-        return self.scene(index).masks.copy()
+        return self._scene(index)
 
     def objects(self, index: int) -> tuple[SceneObject, ...]:
         """Return the visible objects of scene ``index``, back to front."""
-        return self.scene(index).objects
+        return self._scene(index).objects
 
     def image_size(self, index: int) -> tuple[int, int]:
         """Return (height, width) of image ``index`` without rendering it."""
         return _scene_size(self.seed, self.check_index(index), self.size_range)
-
-    def image_fingerprint(self) -> str:
-        """Return a sha256 hex digest of the generator version, seed, size and size range."""
-        key = {
-            "generator": GENERATOR_VERSION,
-            "seed": self.seed,
-            "n_images": self.n_images,
-            "size_range": list(self.size_range),
-        }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def detection_target(self, index: int) -> dict[str, Any]:
         """Return the torchvision-style detection target of scene ``index``.

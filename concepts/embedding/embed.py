@@ -8,6 +8,7 @@ pass and resumes partial ones from their verified shards.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from conceptlens.concepts.geometry import GRID_SAMPLING, Geometry, features_to_g
 from conceptlens.concepts.models.hooks import LayerCapture, LayerRef, resolve_layers
 from conceptlens.concepts.models.loading import LoadedModel
 from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, StoreEntry
+from conceptlens.concepts.store.temporary import open_store
 
 __all__ = ["REDUCTIONS", "EmbedResult", "embed", "embed_request", "reduce_features"]
 
@@ -85,7 +87,7 @@ def embed(
     model: LoadedModel,
     dataset: ConceptDataset,
     layers: Sequence[str],
-    store: ActivationStore,
+    store: ActivationStore | str | os.PathLike | None = None,
     *,
     reduce: str = "native",
     grid: tuple[int, int] = (100, 100),
@@ -104,8 +106,9 @@ def embed(
         Images to embed (masks are not needed here).
     layers : sequence of str
         Layer names (dotted module paths, ``:key`` for tuple/dict outputs).
-    store : ActivationStore
-        Where to write.
+    store : ActivationStore, str, PathLike or None
+        Where to write: a store or its folder; None: the session's temporary store
+        (:func:`conceptlens.concepts.store.temporary.temporary_store`).
     reduce : {'native', 'grid', 'mean', 'max'}
         Keep the feature map, sample it on the concept grid, or pool it per image.
     grid : (int, int)
@@ -124,6 +127,7 @@ def embed(
     EmbedResult
     """
     _check_arguments(reduce, dtype, batch_size, dataset)
+    store = open_store(store)
     refs = resolve_layers(model.module, layers)
     torch_device = resolve_device(device)
     model.to(torch_device)

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.errors import DataError
 from conceptlens.concepts.geometry import masks_to_grid
-from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, StoreEntry
+from conceptlens.concepts.store.activations import FORMAT_VERSION, StoreEntry
+from conceptlens.concepts.store.temporary import StoreLike, open_store
 
 __all__ = ["embed_masks", "mask_request"]
 
@@ -35,18 +36,19 @@ def mask_request(dataset: ConceptDataset, grid: tuple[int, int]) -> dict:
 
 def embed_masks(
     dataset: ConceptDataset,
-    store: ActivationStore,
+    store: StoreLike = None,
     grid: tuple[int, int] = (100, 100),
     batch_size: int = 64,
     progress: bool | None = None,
 ) -> StoreEntry:
     """Area-downsample every concept mask of ``dataset`` to ``grid`` and store them (once).
 
-    Returns the complete entry; an existing one is reused, a partial one resumed.
+    Returns the complete entry; an existing one is reused, a partial one resumed. ``store``: a
+    store or its folder; None: the session's temporary store.
     """
     if not dataset.concepts:
         raise DataError(f"dataset {dataset.name!r}", "has no concept masks", "use a dataset with masks/ (or COCO categories)")
-    entry = store.entry(mask_request(dataset, grid))
+    entry = open_store(store).entry(mask_request(dataset, grid))
     shards = entry.valid_shards()
     if entry.is_complete:
         return entry

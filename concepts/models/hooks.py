@@ -127,9 +127,16 @@ class LayerCapture:
 
     Examples
     --------
-    >>> with LayerCapture(model, resolve_layers(model, ["layer2"])) as capture:
-    ...     adapter.forward(model, inputs, sizes)
-    >>> capture.outputs["layer2"].shape
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    >>> with LayerCapture(model, resolve_layers(model, ["1"])) as capture:
+    ...     try:
+    ...         model(torch.zeros(2, 3, 8, 8))
+    ...     except StopForward:  # the last requested layer ran: the rest of the model is skipped
+    ...         pass
+    >>> tuple(capture.outputs["1"].shape)
+    (2, 4, 8, 8)
     """
 
     def __init__(self, model: nn.Module, refs: Sequence[LayerRef], stop_early: bool = True, detach: bool = True) -> None:

@@ -78,13 +78,16 @@ def model_hash(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | None = None) -> LoadedModel:
+def load_model(spec: str | nn.Module | LoadedModel, weights: str = "none", input_size: tuple[int, int] | None = None) -> LoadedModel:
     """Load the model a spec string names, in eval mode, with its adapter.
 
     Parameters
     ----------
-    spec : str
-        See the module docstring.
+    spec : str, nn.Module or LoadedModel
+        A spec string (see the module docstring); or your own module, put in eval mode and given
+        the default adapter (torchvision detectors: the detector adapter; anything else: a
+        classifier adapter with ImageNet normalisation at ``input_size``); a loaded model is
+        returned as it is.
     weights : str
         ``none``, ``default`` (torchvision only) or a path to a state dict (``.pth``/``.pt`` loaded
         with ``weights_only=True``, or ``.safetensors``).
@@ -97,9 +100,17 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
         When the spec cannot be resolved or the weights are missing; the message says what to
         install or where to put the file.
     """
+    if isinstance(spec, LoadedModel):
+        return spec
     if input_size is not None:
         _check_input_size(input_size)
-    if spec.startswith("torchvision:"):
+    if isinstance(spec, nn.Module):
+        module, adapter, spec = spec, default_adapter(spec, input_size), _module_spec(spec)
+        if weights not in ("none", "default"):
+            _load_weights_into(module, weights, spec)
+    elif not isinstance(spec, str):
+        raise ModelSpecError(f"model {spec!r}", f"is a {type(spec).__name__}", f"pass an nn.Module or a spec string ({SPEC_FORMS})")
+    elif spec.startswith("torchvision:"):
         module = _torchvision_model(spec.split(":", 1)[1], weights)
         adapter = default_adapter(module, input_size)
     elif spec.startswith("zoo:"):
@@ -121,6 +132,11 @@ def load_model(spec: str, weights: str = "none", input_size: tuple[int, int] | N
         raise ModelSpecError(f"model {spec!r}", _not_a_spec(spec), f"{_spec_hint(spec)}use {SPEC_FORMS}")
     module.eval()
     return LoadedModel(module=module, adapter=adapter, spec=spec, weights=weights)
+
+
+def _module_spec(module: nn.Module) -> str:
+    """The spec recorded for a module passed in directly: its class, e.g. ``ResNet (torchvision.models.resnet)``."""
+    return f"{type(module).__qualname__} ({type(module).__module__})"
 
 
 def _check_input_size(input_size: Any) -> None:

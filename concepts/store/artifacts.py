@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -19,7 +20,7 @@ from safetensors.torch import save as save_tensors
 from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
 from conceptlens.concepts.errors import ConceptLensError
 
-__all__ = ["artifact_paths", "write_artifact", "read_artifact", "file_sha256"]
+__all__ = ["artifact_paths", "write_artifact", "read_artifact", "file_sha256", "read_json", "write_json"]
 
 MAX_JSON_BYTES = 32 * 1024 * 1024
 
@@ -41,6 +42,40 @@ def artifact_paths(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     base = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
     return base.parent / f"{base.name}.json", base.parent / f"{base.name}.safetensors"
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically; non-finite floats become ``null``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (its folder is created).
+    data : Any
+        JSON-able data; numpy scalars and arrays are converted, dict keys become strings.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    atomic_write_text(Path(path), json.dumps(_finite(data), indent=1))
+    return Path(path)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None and numpy values as Python ones (strict JSON)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
 
 
 def write_artifact(path: str | Path, kind: str, format_version: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -67,7 +102,7 @@ def read_artifact(
     were recorded.
     """
     json_path, tensor_path = artifact_paths(path)
-    metadata = _read_json(json_path, error)
+    metadata = read_json(json_path, error)
     found_kind = metadata.get("kind")
     if found_kind != kind and not (accept_missing_kind and found_kind is None):
         raise error(str(json_path), f"holds a {found_kind or 'unknown artifact'}, not a {kind}", "load it with the class that saved it")
@@ -89,18 +124,36 @@ def read_artifact(
     return metadata, tensors
 
 
-def _read_json(path: Path, error: type[ConceptLensError]) -> dict[str, Any]:
+def read_json(path: str | Path, error: type[ConceptLensError] = ConceptLensError, *, fix: str = "save it again") -> dict[str, Any]:
+    """Read a JSON object from a file written by conceptlens (UTF-8, at most ``MAX_JSON_BYTES``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The JSON file.
+    error : type of ConceptLensError
+        Raised, naming the file, when it cannot be read, is too large, is not valid JSON or does
+        not hold a JSON object.
+    fix : str
+        What the user should do when the file's content is bad (write it again, run a step again).
+
+    Returns
+    -------
+    dict
+        The object, as :func:`json.loads` returns it.
+    """
+    path = Path(path)
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
-            raise error(str(path), "file is implausibly large for artifact metadata", "save it again")
-        metadata = json.loads(path.read_text())
+            raise error(str(path), f"file is implausibly large for conceptlens JSON (over {MAX_JSON_BYTES} bytes)", fix)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as problem:
         raise error(str(path), f"cannot read ({problem.strerror})", "check the path") from problem
     except ValueError as problem:
-        raise error(str(path), f"not valid JSON ({problem})", "save it again") from problem
-    if not isinstance(metadata, dict):
-        raise error(str(path), "is not a JSON object", "save it again")
-    return metadata
+        raise error(str(path), f"not valid JSON ({problem})", fix) from problem
+    if not isinstance(data, dict):
+        raise error(str(path), "is not a JSON object", fix)
+    return data
 
 
 def _json_default(value: Any) -> Any:

@@ -1,12 +1,15 @@
 """Concept vectors of one (model, layer, method): the :class:`ConceptBank`.
 
 A bank holds K concept vectors over the C channels of a layer, their biases, an optional
-per-channel standardisation, per-concept metrics and the provenance of everything. Linear banks
-(Net2Vec pixel probes, image-level CAVs) project activations to logits and probabilities; NMF
-banks (NCAVs) project them to non-negative concept maps by non-negative least squares.
+per-channel standardisation, per-concept metrics, the provenance of everything, and the name of
+its *projection* (:mod:`conceptlens.concepts.vectors.projections`): how activations become
+concept maps. ``sigmoid_affine`` banks (Net2Vec pixel probes, image-level CAVs) give
+probabilities ``σ(w·a + b)``; ``nnls_codes`` banks (NMF, NCAVs) give the non-negative
+least-squares codes of each pixel vector. ``method`` only records which learner produced the bank.
 
 Saved as ``<name>.safetensors`` (tensors) + ``<name>.json`` (metadata and the tensor file's
-sha256); loading never unpickles and checks format version, checksum and shapes.
+sha256); loading never unpickles and checks format version, checksum and shapes. Bank files
+written before banks recorded their projection load with the projection their method always had.
 """
 
 from __future__ import annotations
@@ -17,15 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conceptlens.concepts.store.artifacts import artifact_paths, read_artifact, write_artifact
 from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.geometry import Geometry, features_to_grid
+from conceptlens.concepts.store.artifacts import (
+    artifact_paths,
+    read_artifact,
+    write_artifact,
+)
+from conceptlens.concepts.vectors.projections import (
+    ProjectionError,
+    get_projection,
+    projection_names,
+)
 
-__all__ = ["BankError", "ConceptBank", "METHODS", "BANK_FORMAT_VERSION", "nnls"]
+__all__ = ["BANK_FORMAT_VERSION", "LEGACY_PROJECTIONS", "BankError", "ConceptBank", "nnls"]
 
-METHODS = ("net2vec", "linear", "nmf")
 BANK_FORMAT_VERSION = 1
 BANK_KIND = "concept bank"
+# The projection of each method from before banks recorded one: what a bank file without a
+# ``projection`` key (or a bank built without one) of these methods has always meant.
+LEGACY_PROJECTIONS = {"net2vec": "sigmoid_affine", "linear": "sigmoid_affine", "nmf": "nnls_codes"}
 
 
 class BankError(ConceptLensError):
@@ -38,8 +52,9 @@ class ConceptBank:
 
     Attributes
     ----------
-    method : {'net2vec', 'linear', 'nmf'}
-        The learner that produced the vectors.
+    method : str
+        The learner that produced the vectors (a name of the probe registry,
+        :mod:`conceptlens.probes.registry`: ``'net2vec'``, ``'linear'``, ``'nmf'`` or a registered one).
     layer : str
         Layer name the vectors live in.
     concepts : list of str
@@ -54,6 +69,10 @@ class ConceptBank:
         Per concept name: metric name -> value.
     provenance : dict
         Store key, model hash, method hyper-parameters, seed, data split, package versions.
+    projection : str
+        How :meth:`concept_maps` turns activations into maps: a name registered in
+        :mod:`conceptlens.concepts.vectors.projections` (``'sigmoid_affine'``, ``'nnls_codes'``).
+        Default: the method's projection in ``LEGACY_PROJECTIONS`` (required for other methods).
     """
 
     method: str
@@ -65,17 +84,33 @@ class ConceptBank:
     channel_std: torch.Tensor | None = None
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    projection: str | None = None
 
     def __post_init__(self) -> None:
         self.vectors = torch.as_tensor(self.vectors, dtype=torch.float32).detach().cpu()
         self.biases = torch.as_tensor(self.biases, dtype=torch.float32).detach().cpu()
         self.concepts = list(self.concepts)
+        self.projection = self._resolved_projection()
         self._check()
+
+    def _resolved_projection(self) -> str:
+        name = f"concept bank ({self.method}, layer {self.layer!r})"
+        if not isinstance(self.method, str) or not self.method:
+            raise BankError(name, f"has method {self.method!r}", "name the learner that produced the bank, e.g. 'net2vec'")
+        if self.projection is None and self.method not in LEGACY_PROJECTIONS:
+            raise BankError(
+                name, f"unknown method {self.method!r} with no projection",
+                f"pass projection= (one of {', '.join(projection_names())}), or use a method of {', '.join(LEGACY_PROJECTIONS)}",
+            )
+        projection = LEGACY_PROJECTIONS[self.method] if self.projection is None else self.projection
+        try:
+            get_projection(projection)
+        except ProjectionError as error:
+            raise BankError(name, f"has projection {projection!r}, which is not registered", error.fix) from None
+        return projection
 
     def _check(self) -> None:
         name = f"concept bank ({self.method}, layer {self.layer!r})"
-        if self.method not in METHODS:
-            raise BankError(name, f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
         if self.vectors.dim() != 2 or self.vectors.shape[0] != len(self.concepts):
             raise BankError(name, f"vectors have shape {tuple(self.vectors.shape)} for {len(self.concepts)} concepts", "give a (K, C) tensor")
         if self.biases.shape != (len(self.concepts),):
@@ -128,19 +163,23 @@ class ConceptBank:
     ) -> torch.Tensor:
         """Project activations (B, C, h, w) to concept maps (B, K, h, w), or on the concept grid.
 
-        Linear banks: probabilities ``σ(w·a + b)``; on a grid, the logits are upsampled first
-        (bilinear resampling commutes with the linear map, so this equals probing upsampled
-        activations). NMF banks: non-negative least-squares coefficients of each pixel vector.
+        The bank's projection decides the maps: ``sigmoid_affine`` gives probabilities
+        ``σ(w·a + b)`` (on a grid the logits are upsampled first: bilinear resampling commutes with
+        the affine map, so this equals probing upsampled activations); ``nnls_codes`` gives the
+        non-negative least-squares codes of each pixel vector.
         """
-        if self.method == "nmf":
-            maps = self.nmf_maps(activations)
-        else:
-            maps = self.logits(activations)
+        projection = get_projection(self.projection)
+        maps = projection.scores(self, activations)
         if grid is not None:
             if geometries is None:
                 raise BankError("concept_maps", "a grid needs the images' geometries", "pass geometries from the store")
             maps = features_to_grid(maps, geometries, grid)
-        return maps if self.method == "nmf" else torch.sigmoid(maps)
+        return projection.finish(maps)
+
+    @property
+    def map_kind(self) -> str:
+        """What a value of :meth:`concept_maps` is: ``'probability'``, ``'ncav'`` (non-negative codes), …"""
+        return get_projection(self.projection).map_kind
 
     def nmf_maps(self, activations: torch.Tensor) -> torch.Tensor:
         """Non-negative coefficients ``S(x) = argmin_{S≥0} ‖A(x) − S·P‖`` per pixel: (B, K, h, w)."""
@@ -159,6 +198,7 @@ class ConceptBank:
             tensors["channel_std"] = self.channel_std.float()
         metadata = {
             "method": self.method,
+            "projection": self.projection,
             "layer": self.layer,
             "concepts": self.concepts,
             "n_channels": self.n_channels,
@@ -197,6 +237,7 @@ class ConceptBank:
             channel_std=tensors.get("channel_std"),
             metrics=metadata.get("metrics", {}),
             provenance=metadata.get("provenance", {}),
+            projection=metadata.get("projection"),  # absent from files written before banks recorded it
         )
         if bank.n_channels != metadata["n_channels"]:
             raise BankError(str(tensor_path), f"holds {bank.n_channels} channels, its JSON says {metadata['n_channels']}", "save the bank again")

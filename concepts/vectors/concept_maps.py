@@ -2,7 +2,8 @@
 
 Comparisons read every layer's maps several times (NCAV maps twice: their maximum over the test
 set normalises them before they are binarised), so the maps go to the store instead of being
-recomputed. Linear banks store probabilities, NMF banks non-negative coefficients, both float16.
+recomputed. The maps are whatever the bank's projection gives (``sigmoid_affine``: probabilities,
+``nnls_codes``: non-negative coefficients), stored as float16.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from conceptlens.concepts.geometry import GRID_SAMPLING, Geometry
-from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, EntryReader, StoreEntry
+from conceptlens.concepts.store.activations import (
+    FORMAT_VERSION,
+    ActivationStore,
+    EntryReader,
+    StoreEntry,
+)
 from conceptlens.concepts.vectors.bank import ConceptBank
+from tqdm.auto import tqdm
 
 __all__ = ["bank_fingerprint", "concept_map_entry"]
 
 
 def bank_fingerprint(bank: ConceptBank) -> str:
-    """sha256 over a bank's tensors and the fields that shape its maps."""
-    digest = hashlib.sha256(json.dumps([bank.method, bank.layer, bank.concepts]).encode())
+    """sha256 over a bank's tensors and the fields that shape its maps (its projection among them)."""
+    digest = hashlib.sha256(json.dumps([bank.method, bank.projection, bank.layer, bank.concepts]).encode())
     for tensor in (bank.vectors, bank.biases, bank.channel_mean, bank.channel_std):
         if tensor is not None:
             digest.update(tensor.float().contiguous().numpy().tobytes())
@@ -71,5 +76,5 @@ def concept_map_entry(
             maps = bank.concept_maps(rows["activations"].to(device=device, dtype=torch.float32), geometries, grid)
         entry.write_shard(start, end, {"maps": maps.half().cpu()})
     ids = activations.manifest()["dataset"]["ids"]
-    entry.finalize({"request": request, "layer": bank.layer, "concepts": bank.concepts, "dataset": {"ids": [ids[i] for i in indices]}}, len(indices))
+    entry.finalize({"request": request, "layer": bank.layer, "concepts": bank.concepts, "projection": bank.projection, "dataset": {"ids": [ids[i] for i in indices]}}, len(indices))
     return entry

