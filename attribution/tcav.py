@@ -8,11 +8,23 @@ Conceptual sensitivity of input ``x`` to CAV ``v`` at layer ``L`` for target sca
 - ``mean_sensitivity`` — ``mean S``. This is what captum 0.9.0's ``TCAV.interpret`` actually
   returns under the key ``"magnitude"`` (``torch.mean(tcav_score, dim=1)``), despite its docstring.
 
-Significance: the R scores of a concept's CAVs (one per random set) against the R scores of the
-random-vs-random CAVs of :class:`conceptlens.probes.linear.CAVSet` (the null), two-sided Student
-t-test (``scipy.stats.ttest_ind``, equal variances, as the TCAV reference code does), then Holm
-and Bonferroni adjustment over every (concept, layer, target) hypothesis of one call. Bootstrap
-confidence intervals resample the inputs (seeded) and recompute the mean over runs of the score.
+Significance (``test='permutation'``, the default): an exact rank test. Under the null the concept
+set is exchangeable with the R random sets, so the concept's statistic ``T_c = mean_k s(c, r_k)``
+ranks uniformly among the R + 1 statistics ``T_X = mean_{Y≠X} s(X, Y)`` of all sets, where
+``s(X, Y)`` is the score of the CAV "X vs Y" and ``s(Y, X)`` the score of the opposite CAV
+(sensitivities negated). ``p = (1 + #{j: |T_j − m| ≥ |T_c − m|}) / (R + 1)`` with ``m`` the
+score's neutral value (0.5 for ``sign_count``/``magnitude``, 0 for ``mean_sensitivity``); valid
+whatever the dependence between runs (they share the concept set), exact when the CAV set holds
+the random-vs-random CAV of every pair of random sets (``fit_image_cavs(null_pairs='all')``),
+conservative with fewer pairs. ``test='ttest'`` is the reference code's two-sided Student t-test
+of the R concept scores against the null scores (anti-conservative: the runs are not
+independent). Then Holm and Bonferroni adjustment over every (concept, layer, target) hypothesis
+of one call. Confidence intervals: a two-level bootstrap (inputs resampled, then CAV runs
+resampled) of the mean over runs; the inputs-only interval is kept as ``ci_naive_*``. Power: the
+number of random sets the permutation test needs for the correction in use and the observed
+effect. Degenerate layers (zero gradients, CAVs at chance, every score 0 or 1) are flagged.
+:func:`tcav_variants` and :func:`mark_robust` rerun the test for CAV variants in one gradient pass
+and mark which findings survive every variant (docs/METHODS.md §6).
 
 Pooled vs flattened CAVs. Flattened CAVs (``D = C·h·w``) are dotted with the flattened layer
 gradient, exactly as captum does. Pooled CAVs (``D = C``, trained on ``a = mean_hw A``) are
@@ -54,10 +66,16 @@ __all__ = [
     "bonferroni",
     "holm",
     "layer_gradients",
+    "mark_robust",
     "merge_results",
+    "null_statistics",
+    "permutation_p",
+    "power",
     "run_scores",
     "sensitivities",
+    "tcav_robustness",
     "tcav_scores",
+    "tcav_variants",
 ]
 
 METRICS = ("sign_count", "magnitude", "mean_sensitivity")
@@ -65,7 +83,15 @@ CSV_FIELDS = (
     "concept", "layer", "target", "statistic", "n_inputs", "n_runs", "mean", "std", "null_mean", "null_std",
     "t", "p", "p_holm", "p_bonferroni", "significant", "ci_low", "ci_high",
     "sign_count_mean", "magnitude_mean", "mean_sensitivity_mean",
+    "test", "run_std", "ci_naive_low", "ci_naive_high", "degenerate_layer", "robust", "random_sets_needed",
 )
+TESTS = ("permutation", "ttest")
+#: The neutral value of each score: no concept sensitivity (half the inputs positive, or a zero mean).
+CENTERS = {"sign_count": 0.5, "magnitude": 0.5, "mean_sensitivity": 0.0}
+#: A layer's CAVs are "at chance" when the best concept's mean held-out accuracy is at most 0.5 + this.
+CHANCE_MARGIN = 0.05
+#: Gradients whose largest absolute entry over every input is at most this count as zero.
+GRADIENT_TOL = 1e-12
 
 
 class TCAVError(ConceptLensError):
@@ -187,8 +213,15 @@ class TCAVRecord:
     """One hypothesis: a concept's TCAV scores at a layer for a target, against the null.
 
     ``scores[metric]`` has the R per-run scores (run r = CAV against random set r),
-    ``null_scores[metric]`` the scores of the R random-vs-random CAVs. ``mean``, ``t``, ``p``,
+    ``null_scores[metric]`` the scores of the random-vs-random CAVs. ``mean``, ``t``, ``p``,
     the adjusted p-values, ``significant`` and the CI refer to ``statistic``.
+
+    ``p`` is the p-value of ``test``; ``t`` is Student's t (informative under either test).
+    ``null_statistics`` are the R exchangeable null statistics ``T_j`` of the permutation test,
+    ``null_complete`` whether every pair of random sets had its CAV (exact test). ``ci_low`` /
+    ``ci_high`` come from the two-level bootstrap (inputs and CAV runs), ``ci_naive_*`` from
+    inputs only. ``robust`` is None until :func:`mark_robust` ran; ``variants`` then holds each
+    variant's verdict. ``power`` is filled by the multiple-testing correction (:func:`power`).
     """
 
     concept: str
@@ -205,10 +238,26 @@ class TCAVRecord:
     significant: bool = False
     ci_low: float = math.nan
     ci_high: float = math.nan
+    test: str = "permutation"
+    null_statistics: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    null_complete: bool = False
+    ci_naive_low: float = math.nan
+    ci_naive_high: float = math.nan
+    degenerate_layer: bool = False
+    degenerate_reason: str = ""
+    robust: bool | None = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    power: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
         return float(np.mean(self.scores[self.statistic]))
+
+    @property
+    def run_std(self) -> float:
+        """Standard deviation of ``statistic`` over the CAV runs (ddof 1; NaN for one run)."""
+        s = self.scores[self.statistic]
+        return float(np.std(s, ddof=1)) if s.size > 1 else math.nan
 
     @property
     def null_mean(self) -> float:
@@ -227,12 +276,22 @@ class TCAVRecord:
         }
         for metric in METRICS:
             row[f"{metric}_mean"] = float(np.mean(self.scores[metric]))
+        row.update({
+            "test": self.test, "run_std": self.run_std, "ci_naive_low": self.ci_naive_low, "ci_naive_high": self.ci_naive_high,
+            "degenerate_layer": bool(self.degenerate_layer), "robust": self.robust,
+            "random_sets_needed": self.power.get("random_sets_needed"),
+        })
         return row
 
     def to_dict(self) -> dict[str, Any]:
         out = self.row()
         out["scores"] = {m: _floats(v) for m, v in self.scores.items()}
         out["null_scores"] = {m: _floats(v) for m, v in self.null_scores.items()}
+        out.update({
+            "null_statistics": _floats(self.null_statistics), "null_complete": bool(self.null_complete),
+            "degenerate_reason": self.degenerate_reason, "variants": {name: dict(v) for name, v in self.variants.items()},
+            "power": {k: _finite(v) for k, v in self.power.items()},
+        })
         return out
 
 
@@ -244,12 +303,16 @@ def _json_value(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 @dataclass
 class TCAVResult:
     """All hypotheses of one :func:`tcav_scores` call.
 
-    ``sensitivities[(layer, target)]`` keeps the per-input sensitivities ``(n_inputs, K·R + R)``
-    (concept CAVs in (K, R) order, then the R null CAVs) of the inputs with a valid target, for
+    ``sensitivities[(layer, target)]`` keeps the per-input sensitivities ``(n_inputs, K·R + P)``
+    (concept CAVs in (K, R) order, then the P null CAVs) of the inputs with a valid target, for
     further analysis; ``missing[target]`` lists the inputs (ids or positions) left out because a
     detector target found no matching detection on them.
     """
@@ -262,6 +325,7 @@ class TCAVResult:
     seed: int
     sensitivities: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     missing: dict[str, list[Any]] = field(default_factory=dict)
+    test: str = "permutation"
 
     def missing_lines(self) -> list[str]:
         """One line per target with inputs that have no valid target (detections not found)."""
@@ -282,7 +346,7 @@ class TCAVResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "statistic": self.statistic, "correction": self.correction, "alpha": self.alpha,
-            "n_bootstrap": self.n_bootstrap, "seed": self.seed, "n_hypotheses": len(self.records),
+            "n_bootstrap": self.n_bootstrap, "seed": self.seed, "n_hypotheses": len(self.records), "test": self.test,
             "missing": {target: list(ids) for target, ids in self.missing.items()},
             "records": [{k: _json_value(v) for k, v in r.to_dict().items()} for r in self.records],
         }
@@ -302,6 +366,28 @@ class TCAVResult:
 # main entry
 
 
+@dataclass(frozen=True)
+class _Settings:
+    statistic: str = "sign_count"
+    correction: str = "holm"
+    alpha: float = 0.05
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    pooling: str = "auto"
+    test: str = "permutation"
+
+    def check(self) -> None:
+        if self.statistic not in METRICS:
+            raise TCAVError("statistic", f"is {self.statistic!r}", f"use one of {METRICS}")
+        if self.correction not in ("holm", "bonferroni"):
+            raise TCAVError("correction", f"is {self.correction!r}", "use 'holm' or 'bonferroni'")
+        if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
+            raise TCAVError("alpha/ci", f"are {self.alpha}, {self.ci}", "use values in (0, 1)")
+        if self.test not in TESTS:
+            raise TCAVError("test", f"is {self.test!r}", f"use one of {TESTS}")
+
+
 def tcav_scores(
     model: nn.Module | LoadedModel,
     inputs: Any,
@@ -318,6 +404,7 @@ def tcav_scores(
     seed: int = 0,
     pooling: str = "auto",
     input_ids: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None,
+    test: str = "permutation",
 ) -> TCAVResult:
     """TCAV scores and significance for every concept × layer × target.
 
@@ -344,53 +431,152 @@ def tcav_scores(
         Score tested for significance.
     correction : {'holm', 'bonferroni'}
         Which adjusted p decides ``significant`` (``p_adj < alpha``); both are reported.
-    n_bootstrap, ci, seed : bootstrap over inputs (0 disables); percentile interval.
+    n_bootstrap, ci, seed : bootstrap over inputs and CAV runs (0 disables); percentile interval.
     pooling : see :func:`sensitivities`.
     input_ids : sequence or mapping of str to sequence, optional
         Names of the inputs (default: positions), used to report inputs without a target.
+    test : {'permutation', 'ttest'}
+        The exact rank test against the random sets (default; see the module docstring), or the
+        reference code's t-test (anti-conservative, kept for comparison).
     """
-    if statistic not in METRICS:
-        raise TCAVError("statistic", f"is {statistic!r}", f"use one of {METRICS}")
-    if correction not in ("holm", "bonferroni"):
-        raise TCAVError("correction", f"is {correction!r}", "use 'holm' or 'bonferroni'")
-    if not 0 < alpha < 1 or not 0 < ci < 1:
-        raise TCAVError("alpha/ci", f"are {alpha}, {ci}", "use values in (0, 1)")
-    modules = layer_modules_of(model, list(cav_sets) if layer_modules is None else layer_modules)
-    missing_layers = [layer for layer in cav_sets if layer not in modules]
+    settings = _Settings(statistic, correction, alpha, n_bootstrap, ci, seed, pooling, test)
+    return _score_variants(model, inputs, layer_modules, {"": cav_sets}, targets, settings, batch_size, input_ids)[""]
+
+
+def tcav_variants(
+    model: nn.Module | LoadedModel,
+    inputs: Any,
+    layer_modules: Mapping[str, nn.Module] | Sequence[str] | None,
+    variants: Mapping[str, Mapping[str, CAVSet]],
+    targets: Mapping[str, Target | int],
+    *,
+    batch_size: int = 32,
+    input_ids: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None,
+    **settings: Any,
+) -> dict[str, TCAVResult]:
+    """:func:`tcav_scores` for several CAV variants of the same layers, in one gradient pass.
+
+    Sensitivities are gradient · CAV, so one forward/backward pass per batch serves every
+    variant (pooled and flattened CAVs both use the full layer gradient).
+
+    Parameters
+    ----------
+    variants : mapping of str to mapping of str to CAVSet
+        Variant name → layer → CAVs (e.g. from
+        :func:`conceptlens.probes.image_cavs.fit_cav_variants`).
+    **settings
+        ``statistic``, ``correction``, ``alpha``, ``n_bootstrap``, ``ci``, ``seed``, ``pooling``,
+        ``test`` as for :func:`tcav_scores`; each variant is corrected over its own hypotheses.
+
+    Returns
+    -------
+    dict of str to TCAVResult
+    """
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(_Settings)})
+    if unknown:
+        raise TCAVError(", ".join(unknown), "are not TCAV settings", f"use {', '.join(f.name for f in dataclasses.fields(_Settings))}")
+    if not variants:
+        raise TCAVError("variants", "is empty", "give at least one variant's CAV sets")
+    return _score_variants(model, inputs, layer_modules, variants, targets, _Settings(**settings), batch_size, input_ids)
+
+
+def tcav_robustness(
+    model: nn.Module | LoadedModel,
+    inputs: Any,
+    layer_modules: Mapping[str, nn.Module] | Sequence[str] | None,
+    variants: Mapping[str, Mapping[str, CAVSet]],
+    targets: Mapping[str, Target | int],
+    *,
+    base: str | None = None,
+    **kwargs: Any,
+) -> TCAVResult:
+    """The ``base`` variant's result (default: the first) with every record's ``variants`` and
+    ``robust`` filled (:func:`tcav_variants` then :func:`mark_robust`)."""
+    results = tcav_variants(model, inputs, layer_modules, variants, targets, **kwargs)
+    base = next(iter(results)) if base is None else base
+    if base not in results:
+        raise TCAVError(f"base={base!r}", f"is not a variant ({', '.join(results)})", "name one of the variants")
+    mark_robust(results[base], results)
+    return results[base]
+
+
+def mark_robust(result: TCAVResult, variant_results: Mapping[str, TCAVResult]) -> TCAVResult:
+    """Fill each record's ``variants`` (per variant: ``significant``, ``p_value``, ``p_adjusted``,
+    ``mean``) and ``robust``: significant in ``result`` and in every variant. A hypothesis that a
+    variant does not have counts as not significant there. Call it after :func:`merge_results`
+    (on the merged result of every variant), since merging redoes the correction."""
+    index = {name: {(r.concept, r.layer, r.target): r for r in res.records} for name, res in variant_results.items()}
+    for record in result.records:
+        key = (record.concept, record.layer, record.target)
+        record.variants = {}
+        for name, res in variant_results.items():
+            other = index[name].get(key)
+            if other is None:
+                record.variants[name] = {"significant": False, "p_value": None, "p_adjusted": None, "mean": None}
+                continue
+            adjusted = other.p_holm if res.correction == "holm" else other.p_bonferroni
+            record.variants[name] = {"significant": bool(other.significant), "p_value": _finite(float(other.p)),
+                                     "p_adjusted": _finite(float(adjusted)), "mean": _finite(other.mean)}
+        record.robust = bool(record.significant and all(v["significant"] for v in record.variants.values()))
+    return result
+
+
+def _score_variants(
+    model: nn.Module | LoadedModel, inputs: Any, layer_modules: Mapping[str, nn.Module] | Sequence[str] | None,
+    variants: Mapping[str, Mapping[str, CAVSet]], targets: Mapping[str, Target | int], settings: _Settings,
+    batch_size: int, input_ids: Any,
+) -> dict[str, TCAVResult]:
+    settings.check()
+    layers = list(dict.fromkeys(layer for cav_sets in variants.values() for layer in cav_sets))
+    modules = layer_modules_of(model, layers if layer_modules is None else layer_modules)
+    missing_layers = [layer for layer in layers if layer not in modules]
     if missing_layers:
         raise TCAVError(", ".join(missing_layers), "has CAVs but no module", "add it to layer_modules")
     if not targets:
         raise TCAVError("targets", "is empty", "give at least one target")
-    layers = list(cav_sets)
     modules = {layer: modules[layer] for layer in layers}
-    all_cavs = {layer: torch.cat([cav_sets[layer].vectors.reshape(-1, cav_sets[layer].vectors.shape[-1]), cav_sets[layer].random_vectors]) for layer in layers}
+    groups = {(name, layer): _all_cavs(cav_set) for name, cav_sets in variants.items() for layer, cav_set in cav_sets.items()}
 
-    records: list[TCAVRecord] = []
-    kept: dict[tuple[str, str], torch.Tensor] = {}
+    records: dict[str, list[TCAVRecord]] = {name: [] for name in variants}
+    kept: dict[str, dict[tuple[str, str], torch.Tensor]] = {name: {} for name in variants}
     missing: dict[str, list[Any]] = {}
     for target_name, target in targets.items():
         x = _per_target(inputs, target_name, "inputs")
         ids = _per_target(input_ids, target_name, "input_ids") if input_ids is not None else None
-        sens, valid = _target_sensitivities(model, x, modules, all_cavs, target, target_name, batch_size, pooling)
+        sens, valid, grad_max = _target_sensitivities(model, x, modules, groups, target, target_name, batch_size, settings.pooling)
         missing[target_name] = [int(i) if ids is None else ids[int(i)] for i in torch.nonzero(~valid).flatten()]
         if not bool(valid.any()):
             raise TCAVError(target_name, f"no input has a valid target ({len(valid)} inputs, none with a matching detection)",
                             "choose inputs that show the target class, or lower the score threshold")
-        for layer in layers:
-            kept[(layer, target_name)] = sens[layer][valid]
-            records.extend(_layer_records(cav_sets[layer], layer, target_name, kept[(layer, target_name)], statistic, n_bootstrap, ci, seed))
+        for name, cav_sets in variants.items():
+            for layer, cav_set in cav_sets.items():
+                kept[name][(layer, target_name)] = sens[(name, layer)][valid]
+                largest = float(grad_max[layer][valid].max())
+                records[name].extend(_layer_records(cav_set, layer, target_name, kept[name][(layer, target_name)], settings, largest))
 
-    _correct(records, correction, alpha)
-    return TCAVResult(records, statistic, correction, alpha, n_bootstrap, seed, kept, missing)
+    out = {}
+    for name in variants:
+        _correct(records[name], settings.correction, settings.alpha)
+        out[name] = TCAVResult(records[name], settings.statistic, settings.correction, settings.alpha, settings.n_bootstrap,
+                               settings.seed, kept[name], dict(missing), settings.test)
+    return out
+
+
+def _all_cavs(cav_set: CAVSet) -> torch.Tensor:
+    """The K·R concept CAVs (in (K, R) order), then the null CAVs: ``(K·R + P, D)``."""
+    return torch.cat([cav_set.vectors.reshape(-1, cav_set.vectors.shape[-1]), cav_set.random_vectors])
 
 
 def _correct(records: list[TCAVRecord], correction: str, alpha: float) -> None:
-    """Holm and Bonferroni adjustment over every record; ``significant`` from the chosen one."""
+    """Holm and Bonferroni adjustment over every record; ``significant`` from the chosen one;
+    ``power`` for the number of hypotheses corrected over."""
     p = np.array([r.p for r in records])
+    n_hypotheses = int((~np.isnan(p)).sum()) if p.size else 0
     for record, ph, pb in zip(records, holm(p), bonferroni(p)):
         record.p_holm, record.p_bonferroni = float(ph), float(pb)
         chosen = ph if correction == "holm" else pb
         record.significant = bool(not math.isnan(chosen) and chosen < alpha)
+        record.power = power(record.mean, record.null_statistics, CENTERS[record.statistic], alpha, max(n_hypotheses, 1))
 
 
 def merge_results(results: Sequence[TCAVResult]) -> TCAVResult:
@@ -399,7 +585,7 @@ def merge_results(results: Sequence[TCAVResult]) -> TCAVResult:
     if not results:
         raise TCAVError("results", "is empty", "merge at least one result")
     first = results[0]
-    settings = {(r.statistic, r.correction, r.alpha, r.n_bootstrap, r.seed) for r in results}
+    settings = {(r.statistic, r.correction, r.alpha, r.n_bootstrap, r.seed, r.test) for r in results}
     if len(settings) > 1:
         raise TCAVError("results", f"were computed with different settings {sorted(settings)}", "merge results of one configuration")
     targets = [t for r in results for t in r.missing]
@@ -409,7 +595,7 @@ def merge_results(results: Sequence[TCAVResult]) -> TCAVResult:
     _correct(records, first.correction, first.alpha)
     sensitivities = {key: value for r in results for key, value in r.sensitivities.items()}
     missing = {target: ids for r in results for target, ids in r.missing.items()}
-    return TCAVResult(records, first.statistic, first.correction, first.alpha, first.n_bootstrap, first.seed, sensitivities, missing)
+    return TCAVResult(records, first.statistic, first.correction, first.alpha, first.n_bootstrap, first.seed, sensitivities, missing, first.test)
 
 
 def _per_target(values: Any, target_name: str, what: str) -> Any:
@@ -421,26 +607,37 @@ def _per_target(values: Any, target_name: str, what: str) -> Any:
 
 
 def _target_sensitivities(
-    model: nn.Module | LoadedModel, x: Any, modules: dict[str, nn.Module], all_cavs: dict[str, torch.Tensor],
+    model: nn.Module | LoadedModel, x: Any, modules: dict[str, nn.Module], groups: dict[tuple[str, str], torch.Tensor],
     target: Target | int, target_name: str, batch_size: int, pooling: str,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Sensitivities ``(n, n_cavs)`` per layer and the ``(n,)`` valid mask of one target."""
+) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """Sensitivities ``(n, n_cavs)`` per (variant, layer), the ``(n,)`` valid mask of one target,
+    and per layer each input's largest absolute gradient entry ``(n,)``."""
     n = x.shape[0] if isinstance(x, torch.Tensor) else len(x)
     if n == 0:
         raise TCAVError(target_name, "has no inputs", "give at least one input")
-    sens = {layer: torch.empty(n, cavs.shape[0], dtype=torch.float32) for layer, cavs in all_cavs.items()}
+    sens = {key: torch.empty(n, cavs.shape[0], dtype=torch.float32) for key, cavs in groups.items()}
+    grad_max = {layer: torch.zeros(n, dtype=torch.float64) for layer in modules}
     valid = torch.empty(n, dtype=torch.bool)
     for batch in iter_layer_gradients(model, x, modules, target, batch_size):
         valid[batch.rows] = batch.valid
-        for layer, cavs in all_cavs.items():
-            sens[layer][batch.rows] = sensitivities(batch.gradients[layer], cavs, pooling).cpu()
-    return sens, valid
+        for layer in modules:
+            gradient = batch.gradients[layer]
+            grad_max[layer][batch.rows] = gradient.reshape(gradient.shape[0], -1).abs().amax(1).double().cpu()
+        for (name, layer), cavs in groups.items():
+            sens[(name, layer)][batch.rows] = sensitivities(batch.gradients[layer], cavs, pooling).cpu()
+    return sens, valid, grad_max
 
 
-def _layer_records(cav_set: CAVSet, layer: str, target: str, sens: torch.Tensor, statistic: str, n_bootstrap: int, ci: float, seed: int) -> list[TCAVRecord]:
+def _layer_records(cav_set: CAVSet, layer: str, target: str, sens: torch.Tensor, settings: _Settings, grad_max: float) -> list[TCAVRecord]:
     k, r = len(cav_set.concepts), len(cav_set.random_sets)
+    statistic = settings.statistic
     scores = {m: v.numpy() for m, v in run_scores(sens).items()}
-    boot = _bootstrap(sens, statistic, n_bootstrap, seed) if n_bootstrap > 0 else None  # (n_boot, N)
+    opposite = run_scores(-sens)[statistic].numpy()  # s(Y, X): the CAV "Y vs X" is −(CAV "X vs Y")
+    pairs, complete = _pair_index(cav_set)
+    degenerate, reason = _degenerate(cav_set, scores["sign_count"], grad_max)
+    boot = _bootstrap(sens, statistic, settings.n_bootstrap, settings.seed) if settings.n_bootstrap > 0 else None  # (n_boot, N)
+    run_draws = np.random.default_rng([settings.seed, 1]).integers(0, r, size=(settings.n_bootstrap, r))
+    tail = (1 - settings.ci) / 2 * 100
     out = []
     for i, concept in enumerate(cav_set.concepts):
         runs = slice(i * r, (i + 1) * r)
@@ -448,16 +645,137 @@ def _layer_records(cav_set: CAVSet, layer: str, target: str, sens: torch.Tensor,
             concept, layer, target, statistic, int(sens.shape[0]),
             scores={m: v[runs].copy() for m, v in scores.items()},
             null_scores={m: v[k * r:].copy() for m, v in scores.items()},
+            test=settings.test, null_complete=complete, degenerate_layer=degenerate, degenerate_reason=reason,
         )
+        record.null_statistics = null_statistics(opposite[runs], scores[statistic][k * r:], opposite[k * r:], pairs, r)
         concept_scores, null = record.scores[statistic], record.null_scores[statistic]
         if concept_scores.size >= 2 and null.size >= 2:
-            record.t, record.p = _t_test(concept_scores, null)
+            record.t, p_t = _t_test(concept_scores, null)
+            if settings.test == "ttest":
+                record.p = p_t
+        if settings.test == "permutation":
+            record.p = permutation_p(record.mean, record.null_statistics, CENTERS[statistic])
         if boot is not None:
-            means = boot[:, runs].mean(1)
-            tail = (1 - ci) / 2 * 100
-            record.ci_low, record.ci_high = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
+            per_run = boot[:, runs]
+            record.ci_naive_low, record.ci_naive_high = (float(v) for v in np.percentile(per_run.mean(1), [tail, 100 - tail]))
+            two_level = np.take_along_axis(per_run, run_draws, axis=1).mean(1)
+            record.ci_low, record.ci_high = (float(v) for v in np.percentile(two_level, [tail, 100 - tail]))
         out.append(record)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the permutation test, its power, degenerate layers
+
+
+def null_statistics(concept_opposite: np.ndarray, pair_scores: np.ndarray, pair_opposite: np.ndarray, pairs: np.ndarray, n_random: int) -> np.ndarray:
+    """The exchangeable null statistics ``T_j = mean_{Y ≠ r_j} s(r_j, Y)`` of the R random sets.
+
+    Parameters
+    ----------
+    concept_opposite : ndarray
+        ``(R,)``: ``s(r_j, c)``, the score of the concept's run ``j`` with its CAV negated.
+    pair_scores, pair_opposite : ndarray
+        ``(P,)``: ``s(a, b)`` and ``s(b, a)`` of each random-vs-random CAV.
+    pairs : ndarray
+        ``(P, 2)`` int: the random-set indices ``(a, b)`` of each null CAV (rows with a negative
+        index or ``a = b`` are skipped).
+    n_random : int
+        R.
+
+    Returns
+    -------
+    ndarray
+        ``(R,)``. With every pair present each ``T_j`` averages R scores, like ``T_c``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> null_statistics(np.array([0.4, 0.6]), np.array([0.7]), np.array([0.3]), np.array([[0, 1]]), 2)
+    array([0.55, 0.45])
+    """
+    sums = np.asarray(concept_opposite, dtype=np.float64).copy()
+    counts = np.ones(n_random)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    use = (pairs >= 0).all(1) & (pairs[:, 0] != pairs[:, 1])
+    a, b = pairs[use, 0], pairs[use, 1]
+    np.add.at(sums, a, np.asarray(pair_scores, dtype=np.float64)[use])
+    np.add.at(sums, b, np.asarray(pair_opposite, dtype=np.float64)[use])
+    np.add.at(counts, a, 1.0)
+    np.add.at(counts, b, 1.0)
+    return sums / counts
+
+
+def permutation_p(statistic: float, null: np.ndarray, center: float) -> float:
+    """Two-sided rank p-value ``(1 + #{j: |T_j − m| ≥ |T − m|}) / (R + 1)`` (ties count against).
+
+    Examples
+    --------
+    >>> permutation_p(0.9, np.array([0.5, 0.6, 0.1, 0.45]), 0.5)  # 0.1 is as far from 0.5 as 0.9
+    0.4
+    """
+    null = np.asarray(null, dtype=np.float64)
+    distance = abs(float(statistic) - center)
+    tolerance = 1e-12 * max(1.0, distance)
+    return float((1 + np.sum(np.abs(null - center) >= distance - tolerance)) / (null.size + 1))
+
+
+def power(statistic: float, null: np.ndarray, center: float, alpha: float, n_hypotheses: int) -> dict[str, Any]:
+    """How many random sets the permutation test needs, for the correction and the observed effect.
+
+    The smallest p is ``1/(R + 1)``, and Holm's (or Bonferroni's) first step needs
+    ``p < α/H``: ``min_for_correction = ⌊H/α⌋``. The effect ``z = |T − m| / rms_j(T_j − m)``
+    gives ``q = 2(1 − Φ(z))``, the chance that a null statistic is as extreme; the expected p
+    ``(1 + Rq)/(R + 1)`` is below ``α/H`` from ``R = ⌊(1 − a)/(a − q)⌋ + 1`` on (``a = α/H``),
+    ``random_sets_needed`` (None when ``q ≥ a``: no number of random sets suffices at this
+    spread). The null spread shrinks as runs grow, so the estimate is conservative.
+
+    Examples
+    --------
+    >>> power(0.5, np.array([0.4, 0.6]), 0.5, 0.05, 1)["random_sets_needed"] is None
+    True
+    >>> power(1.0, np.array([0.45, 0.55]), 0.5, 0.05, 2)["random_sets_needed"]  # z = 10: q ≈ 0
+    40
+    """
+    null = np.asarray(null, dtype=np.float64)
+    a = alpha / n_hypotheses
+    minimum = int(math.floor(n_hypotheses / alpha + 1e-9))
+    distance = abs(float(statistic) - center)
+    spread = float(np.sqrt(np.mean((null - center) ** 2))) if null.size else math.nan
+    if not math.isfinite(spread):
+        effect = math.nan
+    elif spread > 0:
+        effect = distance / spread
+    else:
+        effect = math.inf if distance > 0 else 0.0
+    q = 2 * float(stats.norm.sf(effect)) if math.isfinite(effect) else (0.0 if effect == math.inf else 1.0)
+    needed = int(math.floor((1 - a) / (a - q) + 1e-9)) + 1 if q < a else None
+    return {"random_sets_needed": needed, "effect": effect, "min_for_correction": minimum, "n_random_sets": int(null.size),
+            "alpha_per_test": a}
+
+
+def _pair_index(cav_set: CAVSet) -> tuple[np.ndarray, bool]:
+    """``(P, 2)`` random-set indices of the null CAVs (−1 for a set not among the runs) and
+    whether every unordered pair of the R random sets has a CAV."""
+    position = {name: i for i, name in enumerate(cav_set.random_sets)}
+    pairs = np.array([[position.get(a, -1), position.get(b, -1)] for a, b in cav_set.random_pairs], dtype=np.int64).reshape(-1, 2)
+    r = len(cav_set.random_sets)
+    present = {frozenset((int(a), int(b))) for a, b in pairs if a >= 0 and b >= 0 and a != b}
+    return pairs, len(present) == r * (r - 1) // 2
+
+
+def _degenerate(cav_set: CAVSet, sign_scores: np.ndarray, grad_max: float) -> tuple[bool, str]:
+    """Whether a layer's test means nothing, and why: zero gradients for every input, the
+    concepts' CAVs at chance on held-out rows, or every CAV's sign-count score 0 or 1."""
+    reasons = []
+    if grad_max <= GRADIENT_TOL:
+        reasons.append("the target's gradient is zero at this layer for every input")
+    accuracy = cav_set.accuracies.double().mean(1)
+    if accuracy.numel() and float(accuracy.max()) <= 0.5 + CHANCE_MARGIN:
+        reasons.append(f"the CAVs' held-out accuracy is at chance (best concept {float(accuracy.max()):.2f})")
+    if sign_scores.size and bool(np.all((sign_scores == 0) | (sign_scores == 1))):
+        reasons.append("every CAV's TCAV score is 0 or 1 (the gradient's direction does not vary over the inputs)")
+    return bool(reasons), "; ".join(reasons)
 
 
 def _t_test(sample: np.ndarray, null: np.ndarray) -> tuple[float, float]:

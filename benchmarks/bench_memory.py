@@ -57,7 +57,7 @@ def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
         return wrapper
 
     stage_names = {probe_workflow: ("embed", "embed_masks", "fit_bank", "layer_order"),
-                   compare_workflow: ("embed_masks", "concept_map_entry", "supervised_similarity", "cka_matrix")}
+                   compare_workflow: ("embed_masks", "concept_map_entry", "supervised_similarity", "cka_statistics")}
     for module, names in stage_names.items():
         for name in names:
             setattr(module, name, traced(name, getattr(module, name)))
@@ -70,7 +70,7 @@ def worker(n_images: int, folder: str, quick: bool = False) -> dict[str, Any]:
     probed = probe_workflow.probe_model(model, dataset, layers, "net2vec", store, banks_dir=Path(folder) / "banks", label="A", grid=GRID,
                                         params={"max_epochs": epochs}, device="cpu", input_size=(128, 128))
     peak_probe = peak_rss_mib()
-    result = compare_workflow.compare_models([probed], dataset, store, "net2vec", grid=GRID)
+    result = compare_workflow.compare_models([probed], dataset, store, "net2vec", grid=GRID, n_permutations=0, n_bootstrap=0)
     seconds = time.perf_counter() - start
     assert len(result["matrix"]) == len(layers)
     return {

@@ -48,6 +48,11 @@ def _common(parser: argparse.ArgumentParser, device_default: str | None = "auto"
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _no_controls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-controls", action="store_true",
+                        help="skip controls, nulls and confidence intervals (overrides the config's controls.enabled; raw numbers unchanged)")
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="torchvision:<builder>, <module>:<callable>, <file.py>:<callable>, .onnx or TorchScript file")
     parser.add_argument("--weights", default="none", help="none, default (torchvision, from the local hub cache) or a state-dict path")
@@ -139,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run every step of a YAML config (reusing the store, skipping finished steps)", epilog=EXAMPLES["run"], formatter_class=raw)
     run.add_argument("config", help="a YAML config (see configs/)")
     run.add_argument("--out", help="output folder (default: the config's out, else ./conceptlens-<name>)")
+    _no_controls(run)
     _common(run, device_default=None)
 
     report = commands.add_parser("report", help="write report.html again from a results folder (no model runs)", epilog=EXAMPLES["report"], formatter_class=raw)
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run configs/demo.yaml: the synthetic concept world and the two shipped detectors", epilog=EXAMPLES["demo"], formatter_class=raw)
     demo.add_argument("--out", default="conceptlens-demo", help="output folder (default ./conceptlens-demo)")
+    _no_controls(demo)
     _common(demo, device_default=None)
     return parser
 
@@ -200,10 +207,40 @@ def _method_params(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``conceptlens`` console command."""
+    """Entry point of the ``conceptlens`` console command.
+
+    Ctrl-C ends it with one line, ``interrupted; rerun to resume``, and exit code 130 (every step
+    resumes from what it finished). A closed standard output (``conceptlens layers … | head``)
+    ends it silently, the standard way: the rest of the output goes to the null device, exit 1.
+    """
+    try:
+        code = _run_command(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+        return code
+    except KeyboardInterrupt:
+        print("interrupted; rerun to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _stdout_to_null()
+        return 1
+
+
+def _stdout_to_null() -> None:
+    """Point standard output at the null device, so that flushing it at exit raises nothing more."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream)
+        pass
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command; bad input becomes one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        raise
     except ConceptLensError as error:
         if args.debug:
             raise
@@ -429,14 +466,36 @@ def cmd_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SYNTH_SCENES = 1_000_000
+SYNTH_PARTS = ("masks", "concepts.json", "invalid_masks.json", "splits.json", "images")  # images/ last: no images, no dataset
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
+    """Write the world into a temporary folder beside ``out`` and move it into place only when complete."""
     from conceptlens.concepts.data.folder import write_folder_dataset
     from conceptlens.concepts.data.synthetic import SyntheticWorld
+    from conceptlens.concepts.store.atomic import atomic_folder
 
+    out = _synth_target(args)
     world = SyntheticWorld(n_images=args.n, seed=args.seed)
-    path = write_folder_dataset(world, args.out, seed=args.seed, overwrite=args.overwrite, progress=_progress(args))
-    print(f"wrote {len(world)} scenes with {len(world.concepts)} concepts to {path}")
+    with atomic_folder(out, parts=SYNTH_PARTS) as partial:
+        write_folder_dataset(world, partial, seed=args.seed, progress=_progress(args))
+    print(f"wrote {len(world)} scenes with {len(world.concepts)} concepts to {out}")
     return 0
+
+
+def _synth_target(args: argparse.Namespace) -> Path:
+    """Check ``synth``'s flags and output folder, naming the flag at fault; return the folder."""
+    if not 1 <= args.n <= MAX_SYNTH_SCENES:
+        raise ConceptLensError(f"--n {args.n}", f"must be between 1 and {MAX_SYNTH_SCENES} scenes", "pass e.g. --n 500")
+    if args.seed < 0:
+        raise ConceptLensError(f"--seed {args.seed}", "must be 0 or more", "pass e.g. --seed 0")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConceptLensError(str(out), "exists and is not a folder", "choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ConceptLensError(str(out), "output folder is not empty", "choose a new folder, or pass --overwrite to replace its dataset")
+    return out
 
 
 def cmd_train_zoo(args: argparse.Namespace) -> int:
@@ -460,8 +519,12 @@ def _run_config(config, source: str, out: str | None, args: argparse.Namespace) 
 
     from conceptlens.pipeline import run_pipeline
 
+    from conceptlens.config import without_controls
+
     if args.device is not None:
         config = dataclasses.replace(config, device=args.device)
+    if getattr(args, "no_controls", False):
+        config = without_controls(config)
     started = time.perf_counter()
     result = run_pipeline(config, out, progress=_progress(args), verbose=not args.quiet, source=str(source))
     skipped = sum(step["skipped"] for step in result.steps)

@@ -28,6 +28,7 @@ from conceptlens.concepts.errors import ConceptLensError
 __all__ = [
     "CompareConfig",
     "ConfigError",
+    "ControlsConfig",
     "DataConfig",
     "EmbedConfig",
     "ModelConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "load_config",
     "missing_paths",
     "parse_config",
+    "without_controls",
 ]
 
 
@@ -157,6 +159,27 @@ class ReportConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ControlsConfig:
+    """``controls:`` — controls, nulls and uncertainty for every measure (README, "Controls").
+
+    ``enabled: false`` (or ``--no-controls``) turns all of them off: the raw numbers stay exactly
+    what they are with controls on, only the extra keys are left out.
+    """
+
+    enabled: bool = True
+    probe_controls: list[Literal["random_weights", "permuted_masks"]] = field(
+        default_factory=lambda: ["random_weights", "permuted_masks"], metadata={"unique": True})
+    control_epochs: int = field(default=3, metadata={"ge": 1})
+    n_permutations: int = field(default=499, metadata={"ge": 1})
+    n_bootstrap: int = field(default=200, metadata={"ge": 0})
+    alpha: float = field(default=0.05, metadata={"gt": 0.0, "lt": 1.0})
+    margin: float = field(default=0.05, metadata={"ge": 0.0, "le": 1.0})
+    tcav_robustness: bool = True
+    effect: float = field(default=0.1, metadata={"gt": 0.0, "le": 1.0})
+    power: float = field(default=0.8, metadata={"gt": 0.0, "lt": 1.0})
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """A whole pipeline run: data, models, and the settings of each stage."""
 
@@ -172,6 +195,7 @@ class PipelineConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     tcav: TcavConfig = field(default_factory=TcavConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
 
 
 def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
@@ -247,6 +271,11 @@ def config_to_dict(config: Any) -> Any:
     if isinstance(config, (list, tuple)):
         return [config_to_dict(item) for item in config]
     return config
+
+
+def without_controls(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with ``controls.enabled`` false (the CLI's ``--no-controls``); the rest unchanged."""
+    return dataclasses.replace(config, controls=dataclasses.replace(config.controls, enabled=False))
 
 
 def config_hash(config: PipelineConfig) -> str:

@@ -201,13 +201,92 @@ def _probe_one(run: _Run, dataset: ConceptDataset, model: LoadedModel, name: str
     config = run.config
     probed = probe_model(model, dataset, layers, method, run.store, banks_dir=run.out / "banks", label=name, grid=tuple(config.embed.grid),
                          params=params, batch_size=config.embed.batch_size, device=config.device, progress=run.progress,
-                         input_size=_input_size(config, name), dtype=config.embed.dtype)
+                         input_size=_input_size(config, name), dtype=config.embed.dtype, controls=_probe_controls(config, method))
     supervised = get_method(method).comparison == "supervised"  # named concepts: the layer each is found best at
+    size = _sample_size(config, dataset, probed.metrics, len(dataset.concepts) * len(layers)) if _probe_controls(config, method) else None
     result = ProbeResults(model=name, spec=model.spec, method=method, layers=list(layers), depths=probed.depths, module_depths=probed.module_depths,
                           metrics=probed.metrics, provenance={layer: bank.provenance for layer, bank in probed.banks.items()},
-                          best_layer=_best_layers(probed) if supervised else None)
+                          best_layer=_best_layers(probed) if supervised else None, sample_size=size)
     result.write(run.out / f"probe_{name}_{method}.json")
     return probed
+
+
+def _probe_controls(config: PipelineConfig, method: str) -> dict[str, Any] | bool:
+    """``probe_model``'s ``controls`` argument: the config's probe controls for Net2Vec, else False."""
+    controls = config.controls
+    if not controls.enabled or not controls.probe_controls or method != "net2vec":
+        return False
+    return {"kinds": list(controls.probe_controls), "epochs": controls.control_epochs, "n_bootstrap": controls.n_bootstrap,
+            "margin": controls.margin, "seed": config.seed}
+
+
+def _compare_controls(config: PipelineConfig) -> dict[str, Any] | None:
+    """``write_comparison``'s ``controls`` argument (None with controls off)."""
+    controls = config.controls
+    if not controls.enabled:
+        return None
+    return {"n_permutations": controls.n_permutations, "n_bootstrap": controls.n_bootstrap, "seed": config.seed, "alpha": controls.alpha}
+
+
+def _sample_size(config: PipelineConfig, dataset: ConceptDataset, metrics: dict[str, dict[str, Any]] | None, n_hypotheses: int) -> dict[str, Any]:
+    """The ``sample_size`` record: whether the test split supports ``n_hypotheses`` claims.
+
+    The per-image standard deviation comes from the probe controls' selectivity CIs when there are
+    any (median over concepts and layers, :func:`sigma_from_ci`), else the module's default.
+    """
+    from conceptlens.concepts.data.sample_size import DEFAULT_SIGMA, sigma_from_ci
+
+    n_test = len(dataset.split_indices("test"))
+    sigmas = [sigma_from_ci(float(ci[0]), float(ci[1]), n_test) for by_concept in (metrics or {}).values() for entry in by_concept.values()
+              if isinstance(entry, dict) and isinstance(ci := entry.get("selectivity_ci"), (list, tuple)) and len(ci) == 2
+              and all(isinstance(v, (int, float)) and np.isfinite(v) for v in ci) and ci[1] >= ci[0] and n_test > 0]
+    sigma = float(np.median(sigmas)) if sigmas else DEFAULT_SIGMA
+    return _size_record(config, n_test, n_hypotheses, sigma)
+
+
+def _size_record(config: PipelineConfig, n_test: int, n_hypotheses: int, sigma: float | None = None, alpha: float | None = None) -> dict[str, Any]:
+    """:func:`sample_size_check` with the config's ``controls`` settings (``alpha`` overrides theirs; ``sigma`` None: the default)."""
+    from conceptlens.concepts.data.sample_size import DEFAULT_SIGMA, sample_size_check
+
+    controls = config.controls
+    check = sample_size_check(n_test, max(1, n_hypotheses), controls.alpha if alpha is None else alpha, effect=controls.effect,
+                              sigma=DEFAULT_SIGMA if sigma is None else sigma, power=controls.power)
+    return check.to_json()
+
+
+def _compare_sample_size(config: PipelineConfig, result: Any) -> dict[str, Any]:
+    """The comparison's ``sample_size``: whether its test images support the largest Holm family of a block.
+
+    Each block is corrected on its own (:func:`~conceptlens.concepts.compare.workflow.add_similarity_statistics`):
+    within a model the cells above the diagonal, across two models every cell; the family counts the cells
+    that were tested (``significant`` not None; all cells when there is no null). The per-image standard
+    deviation comes from the bootstrap CIs of the tested cells (median, :func:`sigma_from_ci`), else the default.
+    """
+    from conceptlens.concepts.data.sample_size import sigma_from_ci
+
+    n_test = int(result.n_test_images or 0)
+    families, sigmas = [], []
+    for block in result.blocks:
+        controls = block.controlled("") or {}
+        n_rows, n_columns = len(block.rows), len(block.columns)
+        significant = controls.get("significant")
+        if significant is not None:
+            tested = [(i, j) for i in range(n_rows) for j in range(n_columns) if significant[i][j] is not None]
+            families.append(len([1 for i, j in tested if block.a != block.b or i < j]))
+        else:
+            families.append(n_rows * (n_rows - 1) // 2 if block.a == block.b else n_rows * n_columns)
+            tested = [(i, j) for i in range(n_rows) for j in range(n_columns) if block.a != block.b or i != j]
+        low, high = controls.get("ci_low"), controls.get("ci_high")
+        if low is not None and high is not None and n_test > 0:
+            sigmas += [sigma_from_ci(float(low[i][j]), float(high[i][j]), n_test) for i, j in tested
+                       if low[i][j] is not None and high[i][j] is not None and high[i][j] >= low[i][j]]
+    return _size_record(config, n_test, max(families, default=1), float(np.median(sigmas)) if sigmas else None)
+
+
+def _tcav_sample_size(config: PipelineConfig, result: Any, n_inputs: list[int]) -> dict[str, Any]:
+    """TCAV's ``sample_size``: whether the fewest scored inputs of any target support every hypothesis of the
+    test (``n_hypotheses``, corrected together at ``tcav.alpha``)."""
+    return _size_record(config, min(n_inputs, default=0), len(result.records), alpha=config.tcav.alpha)
 
 
 def _best_layers(probed: ProbedModel) -> dict[str, BestLayer]:
@@ -234,11 +313,22 @@ def _compare_all(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str,
             models = list(probed[method].values())
             cka = "cka" in config.compare.methods
             key = _step_key("compare", method, config.embed.grid, [(m.label, {layer: b.provenance for layer, b in m.banks.items()}) for m in models],
-                            dataset.image_fingerprint(), dataset.mask_fingerprint(), cka)
+                            dataset.image_fingerprint(), dataset.mask_fingerprint(), cka, _compare_controls(config),
+                            (config.controls.effect, config.controls.power) if config.controls.enabled else None)
             folder = run.out / f"compare_{method}"
-            run.step(f"compare {method}", lambda models=models, method=method, key=key, folder=folder, cka=cka: _mark_current(
-                write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress, cka)["json"], key),
-                skipped=lambda key=key, folder=folder: _current(folder / "compare.json", key))
+            run.step(f"compare {method}", lambda models=models, method=method, key=key, folder=folder, cka=cka: _write_compare(
+                run, dataset, models, method, folder, cka, key), skipped=lambda key=key, folder=folder: _current(folder / "compare.json", key))
+
+
+def _write_compare(run: _Run, dataset: ConceptDataset, models: list[ProbedModel], method: str, folder: Path, cka: bool, key: str) -> None:
+    """One comparison's files; with controls on, its ``sample_size`` goes into compare.json before the step's key."""
+    config = run.config
+    written = write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress, cka, _compare_controls(config))
+    if config.controls.enabled:
+        data = json.loads(written["json"].read_text())
+        data["sample_size"] = _compare_sample_size(config, written["result"])
+        write_json(written["json"], data)
+    _mark_current(written["json"], key)
 
 
 # ---------------------------------------------------------------------------------------------- TCAV
@@ -277,7 +367,7 @@ def _mark_current(path: Path, key: str) -> None:
 
 def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> None:
     config = run.config
-    key = _step_key(config_to_dict(config.tcav), config_to_dict(config.data), config.seed, config.embed.batch_size,
+    key = _step_key(config_to_dict(config.tcav), config_to_dict(config.data), config.seed, config.embed.batch_size, config_to_dict(config.controls),
                     {name: (m.hash, next(c.layers for c in config.models if c.name == name)) for name, m in models.items()}, dataset.image_fingerprint(),
                     _folder_fingerprint(Path(config.data.image_sets)) if config.data.image_sets else None)
     path = run.out / "tcav.json"
@@ -286,13 +376,19 @@ def _tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) ->
 
 def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel], key: str) -> None:
     from conceptlens.attribution.targets import target_from_spec
-    from conceptlens.attribution.tcav import merge_results, tcav_scores
-    from conceptlens.probes.image_cavs import fit_image_cavs
+    from conceptlens.attribution.tcav import mark_robust, merge_results, tcav_scores, tcav_variants
+    from conceptlens.probes.image_cavs import fit_cav_variants, fit_image_cavs
     from conceptlens.tcav_step import write_tcav
 
     settings = run.config.tcav
+    controls = run.config.controls
+    robustness = controls.enabled and controls.tcav_robustness
+    # controls off: the reference t-test, exactly as before the controls; on: the permutation test
+    test = {"test": "permutation" if controls.enabled else "ttest"}
     sources = _tcav_sources(run.config, dataset)
     results, provenance = [], {"sets": sources.provenance, "models": {}}
+    by_variant: dict[str, list[Any]] = {}
+    n_inputs: list[int] = []  # scored inputs per target and model: the TCAV score is a fraction over them
     for spec in run.config.models:
         targets = [t for t in settings.targets if t.models is None or spec.name in t.models]
         layers = [layer for layer in (settings.layers or spec.layers) if layer in spec.layers]
@@ -300,21 +396,38 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
             continue
         model = models[spec.name]
         by_set = sources.activations(model, layers, run)
-        cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, provenance={"model_hash": model.hash})
         named = {f"{spec.name}:{t.spec}": t for t in targets}
         scored = {name: sources.inputs(t.inputs, t.max_inputs) for name, t in named.items()}
         images = {name: [source.image(i) for i in range(len(source))] for name, source in scored.items()}
         ids = {name: list(source.ids) for name, source in scored.items()}
-        results.append(tcav_scores(
-            model, images, None, cav_sets, {name: target_from_spec(t.spec) for name, t in named.items()}, batch_size=run.config.embed.batch_size,
-            statistic=settings.statistic, correction=settings.correction, alpha=settings.alpha, n_bootstrap=settings.n_bootstrap,
-            seed=run.config.seed, input_ids=ids,
-        ))
+        n_inputs += [len(source) for source in scored.values()]
+        score_settings = {"statistic": settings.statistic, "correction": settings.correction, "alpha": settings.alpha,
+                          "n_bootstrap": settings.n_bootstrap, "seed": run.config.seed, **test}
+        chosen = {name: target_from_spec(t.spec) for name, t in named.items()}
+        cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, provenance={"model_hash": model.hash})
+        results.append(tcav_scores(model, images, None, cav_sets, chosen, batch_size=run.config.embed.batch_size, input_ids=ids, **score_settings))
+        if robustness:
+            # a linear SVM and half the random sets, in one gradient pass of their own: the base (pooled) scores
+            # stay bit-identical to a run without controls (scoring variants together rounds differently)
+            # flattened maps (C·h·w) where every image gives one map size; without them the variant is left out
+            variants = fit_cav_variants(by_set, sources.flattened(model, layers, run), sources.concepts, sources.randoms, seed=run.config.seed,
+                                        provenance={"model_hash": model.hash}, variants=("svm", "half_random_sets", "flattened"))
+            by_variant.setdefault("pooled", []).append(results[-1])
+            for name, result in tcav_variants(model, images, None, variants, chosen, batch_size=run.config.embed.batch_size, input_ids=ids,
+                                              **score_settings).items():
+                by_variant.setdefault(name, []).append(result)
         provenance["models"][spec.name] = {"spec": spec.spec, "hash": model.hash, "layers": layers, "accuracy": {
             layer: cavs.to_bank(layer).metrics for layer, cavs in cav_sets.items()}}
     if not results:
         raise ConceptLensError("tcav.targets", "no target applies to any model layer", "check tcav.targets[].models and tcav.layers")
-    paths = write_tcav(merge_results(results), run.out, provenance)  # tcav.json first, without its key; then tcav.csv
+    merged = merge_results(results)
+    if by_variant:  # after merging: the correction runs over every model's hypotheses, in each variant alike
+        mark_robust(merged, {name: merge_results(parts) for name, parts in by_variant.items()})
+    paths = write_tcav(merged, run.out, provenance)  # tcav.json first, without its key; then tcav.csv
+    if controls.enabled:
+        data = json.loads(paths["json"].read_text())
+        data["sample_size"] = _tcav_sample_size(run.config, merged, n_inputs)
+        write_json(paths["json"], data)
     _mark_current(paths["json"], key)
 
 
@@ -339,6 +452,21 @@ class _DatasetSets:
                        device=config.device, progress=run.progress)
         pooled = {layer: pooled_activations(result.entries[layer]) for layer in layers}
         return {layer: {name: pooled[layer][idx] for name, idx in self.sets.items()} for layer in layers}
+
+    def flattened(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The same stored maps flattened to ``(n, C·h·w)`` (the flattened-CAV variant); None when their
+        map sizes differ between images (:func:`pooled_activations` cannot flatten them)."""
+        from conceptlens.concepts.embedding.embed import embed
+        from conceptlens.probes.linear import CAVError, pooled_activations
+
+        config = run.config
+        result = embed(model, self.dataset, layers, run.store, dtype=config.embed.dtype, batch_size=config.embed.batch_size,
+                       device=config.device, progress=run.progress)
+        try:
+            flat = {layer: pooled_activations(result.entries[layer], flatten=True) for layer in layers}
+        except CAVError:
+            return None
+        return {layer: {name: flat[layer][idx] for name, idx in self.sets.items()} for layer in layers}
 
     def inputs(self, concept: str | None, limit: int) -> ConceptDataset:
         return self.dataset.subset(self.scored[concept or "test"][:limit])
@@ -365,6 +493,17 @@ class _FolderSets:
 
         sets = {name: self.folders.dataset(name) for name in [*self.concepts, *self.randoms]}
         return set_activations(model, sets, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress)
+
+    def flattened(self, model: LoadedModel, layers: list[str], run: _Run) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The sets' native maps flattened to ``(n, C·h·w)``; None when their sizes differ between images."""
+        from conceptlens.probes.image_cavs import set_activations
+        from conceptlens.probes.linear import CAVError
+
+        sets = {name: self.folders.dataset(name) for name in [*self.concepts, *self.randoms]}
+        try:
+            return set_activations(model, sets, layers, run.store, run.config.embed.batch_size, run.config.device, run.progress, flatten=True)
+        except CAVError:
+            return None
 
     def inputs(self, name: str | None, limit: int) -> ConceptDataset:
         from conceptlens.concepts.data.image_sets import ImageFolderDataset
@@ -542,5 +681,14 @@ def _summary(config: PipelineConfig, dataset: ConceptDataset, models: dict[str, 
                           depths=depths[m.name].depths if m.name in depths else None,
                           module_depths=depths[m.name].module_depths if m.name in depths else None) for m in config.models],
         steps=[StepTime.from_json(step) for step in steps], started=started.strftime("%Y-%m-%dT%H:%M:%SZ"), total_seconds=round(seconds, 3),
-        results_key=results_key,
+        results_key=results_key, sample_size=_run_sample_size(config, dataset, probed),
     )
+
+
+def _run_sample_size(config: PipelineConfig, dataset: ConceptDataset, probed: dict[str, dict[str, ProbedModel]]) -> dict[str, Any] | None:
+    """The run's ``sample_size``: the probes' claims, every concept at every probed layer of every model (None with controls off)."""
+    if not config.controls.enabled:
+        return None
+    n_layers = sum(len(m.layers) for m in config.models)
+    metrics = {f"{name}:{layer}": by_concept for name, model in probed.get("net2vec", {}).items() for layer, by_concept in model.metrics.items()}
+    return _sample_size(config, dataset, metrics, len(dataset.concepts) * n_layers)

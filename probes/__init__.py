@@ -4,7 +4,8 @@ Estimators — ``Net2VecProbe`` (pixel-level CAVs, all concepts of a layer at on
 (image-level CAVs; ``train_cavs`` / ``fit_image_cavs`` train many at once into a ``CAVSet``) and
 ``NMFConcepts`` / ``MiniBatchNMFConcepts`` (unsupervised NCAVs; the online estimator for data
 larger than memory). Workflows — ``probe_model`` (model + dataset → one bank per
-layer), ``set_activations`` (image sets → image-level activations). The method registry
+layer; ``controls=True`` adds ``probe_controls``: random-weights and permuted-masks controls,
+selectivity and "encoded"), ``set_activations`` (image sets → image-level activations). The method registry
 (``get_method``, ``register_method``) says how each method fits, projects and compares. Names are
 imported on first use; nothing here depends on attribution or the application.
 """
@@ -30,6 +31,8 @@ _EXPORTS = {
     "bank_path": "conceptlens.probes.workflow",
     "layer_order": "conceptlens.probes.workflow",
     "probe_model": "conceptlens.probes.workflow",
+    "ProbeControls": "conceptlens.probes.controls",
+    "probe_controls": "conceptlens.probes.controls",
     "fit_image_cavs": "conceptlens.probes.image_cavs",
     "set_activations": "conceptlens.probes.image_cavs",
     "ConceptMethod": "conceptlens.probes.registry",

@@ -142,7 +142,12 @@ class Net2VecProbe(TransformerMixin, BaseEstimator):
     variant : {'default', 'original'}
         ``original`` is the paper's setting: each channel binarised at its top 0.5 % quantile on
         the train split (streamed per-channel histogram, linear interpolation inside the bin), no
-        bias, SGD with momentum 0.9.
+        bias, SGD with momentum 0.9. It keeps the default's per-concept early stopping, which the
+        paper does not have: after each epoch the validation split's set IoU decides, a concept
+        stops after ``patience`` epochs without improvement, and its best validation epoch's
+        weights are kept (model selection on the val split; the test split never enters). With
+        ``patience >= max_epochs`` every epoch runs, as in the paper, but the best validation
+        epoch is still the one kept, not the last.
     init : {'lda', 'zeros'}
         Starting weights. ``lda`` (default): one streaming pass gives each concept Fisher's
         discriminant ``Σ⁻¹(μ₊ − μ₋)`` (total pixel covariance Σ, class means on the concept grid),

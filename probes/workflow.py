@@ -9,6 +9,7 @@ banks stay in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from conceptlens.concepts.vectors.bank import BankError, ConceptBank
 from conceptlens.concepts.vectors.probed import ProbedModel
 from conceptlens.probes.registry import fit_bank, get_method, method_names
 
-__all__ = ["ProbedModel", "bank_path", "layer_order", "probe_model"]
+__all__ = ["ProbedModel", "bank_path", "layer_bank", "layer_order", "probe_model"]
 
 
 def probe_model(
@@ -49,6 +50,7 @@ def probe_model(
     progress: bool = False,
     input_size: tuple[int, int] | None = None,
     dtype: str = "float16",
+    controls: bool | dict[str, Any] = False,
 ) -> ProbedModel:
     """Embed ``dataset`` at ``layers`` and fit one concept bank per layer.
 
@@ -90,12 +92,18 @@ def probe_model(
         its modules; default: the adapter's input size, else 224 × 224.
     dtype : {'float16', 'float32'}
         Storage dtype of the activations.
+    controls : bool or dict
+        Also fit the probe controls (Net2Vec only; :func:`conceptlens.probes.controls.probe_controls`:
+        a random-weights copy of the model and masks permuted across images) and add
+        ``controls``, ``selectivity``, ``selectivity_ci``, ``encoded`` and ``verdict`` to every
+        concept's metrics. A dict is passed to ``probe_controls`` (``seed``, ``epochs``,
+        ``kinds``, ``margin``, ``n_bootstrap``); False (default): no controls.
 
     Returns
     -------
     ProbedModel
         With the banks' test metrics (set IoU etc. for Net2Vec; matched concept, IoU and fidelity
-        for NMF).
+        for NMF), and the control records when ``controls`` is on.
 
     Examples
     --------
@@ -117,12 +125,18 @@ def probe_model(
     masks = embed_masks(dataset, store, grid=grid, progress=progress)
     banks, metrics = {}, {}
     for layer in layers:
-        bank = _layer_bank(method, layer, label, result.entries[layer], masks, params, banks_dir, device, progress)
+        bank = layer_bank(method, layer, label, result.entries[layer], masks, params, banks_dir, device, progress)
         banks[layer], metrics[layer] = bank, bank.metrics
     order = layer_order(model, input_size or _adapter_input_size(model), store)
-    return ProbedModel(
+    probed = ProbedModel(
         label, model, layers, result.entries, banks, relative_depths(layers), relative_depths(layers, order), metrics, tuple(grid), entry.comparison
     )
+    if controls:
+        from conceptlens.probes.controls import probe_controls  # imports this module
+
+        options = {"batch_size": batch_size, "device": device, "progress": progress, "banks_dir": banks_dir, **(controls if isinstance(controls, dict) else {})}
+        probed.metrics = probe_controls(probed, dataset, store, params=params, **options).merge_into(probed.metrics)
+    return probed
 
 
 def _default_label(model: LoadedModel) -> str:
@@ -132,7 +146,14 @@ def _default_label(model: LoadedModel) -> str:
 
 
 def bank_path(banks_dir: str | Path, label: str, layer: str, method: str) -> Path:
-    """File base name of a bank: ``<banks_dir>/<label>__<layer>.<method>`` (unsafe characters replaced).
+    """File base name of a bank: ``<banks_dir>/<label>__<layer>.<method>``, one per (label, layer).
+
+    A name made of letters, digits, ``_``, ``.`` and ``-`` only, whose label neither holds ``__``
+    nor ends with ``_``, is used as it is (the names banks always had; the label ends at the first
+    ``__``). Any other name, one with characters a file name
+    cannot hold (``/``, ``:``, spaces …) or over 120 characters, has them replaced by ``_`` and
+    gains ``+`` and the first 12 hex digits of the sha256 of the exact label and layer; ``+`` never
+    occurs in an unchanged name, so two different layers never share a bank file.
 
     Parameters
     ----------
@@ -145,8 +166,19 @@ def bank_path(banks_dir: str | Path, label: str, layer: str, method: str) -> Pat
     -------
     Path
         The base name; the bank is saved as ``<base>.json`` + ``<base>.safetensors``.
+
+    Examples
+    --------
+    >>> bank_path("banks", "vgg", "features.7", "net2vec").as_posix()
+    'banks/vgg__features.7.net2vec'
+    >>> bank_path("banks", "m", "fpn:0", "nmf") != bank_path("banks", "m", "fpn/0", "nmf")
+    True
     """
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}__{layer}")
+    name = f"{label}__{layer}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if safe != name or "__" in label or label.endswith("_") or len(name) > 120:
+        exact = hashlib.sha256(json.dumps([label, layer]).encode()).hexdigest()[:12]
+        safe = f"{safe[:120]}+{exact}"
     return Path(banks_dir) / f"{safe}.{method}"
 
 
@@ -196,11 +228,14 @@ def _adapter_input_size(model: LoadedModel) -> tuple[int, int]:
     return tuple(size) if size else (224, 224)
 
 
-def _layer_bank(
+def layer_bank(
     method: str, layer: str, label: str, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any],
     banks_dir: str | Path | None, device: str, progress: bool,
 ) -> ConceptBank:
-    """The saved bank when it matches the request, else a new one (saved when there is a banks folder)."""
+    """The saved bank ``<banks_dir>/<label>__<layer>.<method>`` when its provenance matches the request, else a new one.
+
+    A new bank is saved when there is a banks folder (``banks_dir=None``: in memory only).
+    """
     path = bank_path(banks_dir, label, layer, method) if banks_dir is not None else None
     bank = _reusable_bank(path, activations, masks, params) if path is not None else None
     if bank is None:

@@ -12,6 +12,7 @@ import pytest
 from conceptlens.config import (
     CompareConfig,
     ConfigError,
+    ControlsConfig,
     EmbedConfig,
     PipelineConfig,
     ReportConfig,
@@ -22,6 +23,7 @@ from conceptlens.config import (
     load_config,
     missing_paths,
     parse_config,
+    without_controls,
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -85,6 +87,30 @@ def test_empty_section_means_defaults():
     assert parse_config(data, SOURCE).tcav == TcavConfig()
     data["data"] = None
     assert parse_error(data).culprit == f"{SOURCE}: data.spec"
+
+
+def test_controls_defaults_and_validation():
+    config = parse_config(minimal(), SOURCE)
+    assert config.controls == ControlsConfig() and config.controls.enabled
+    assert config.controls.probe_controls == ["random_weights", "permuted_masks"]
+    assert (config.controls.n_permutations, config.controls.n_bootstrap, config.controls.alpha, config.controls.margin) == (499, 200, 0.05, 0.05)
+    chosen = parse_config(with_value(("controls",), {"enabled": False, "probe_controls": ["permuted_masks"], "n_permutations": 50}), SOURCE)
+    assert not chosen.controls.enabled and chosen.controls.probe_controls == ["permuted_masks"] and chosen.controls.n_permutations == 50
+    error = parse_error(with_value(("controls", "probe_controls"), ["random_weight"]))
+    assert error.culprit == f"{SOURCE}: controls.probe_controls[0]" and "random_weights" in error.fix
+    assert parse_error(with_value(("controls", "alpha"), 1.5)).culprit == f"{SOURCE}: controls.alpha"
+    assert parse_error(with_value(("controls", "n_permutations"), 0)).culprit == f"{SOURCE}: controls.n_permutations"
+    assert parse_error(with_value(("controls", "margin"), -0.1)).culprit == f"{SOURCE}: controls.margin"
+    assert "allowed keys" in parse_error(with_value(("controls", "permutations"), 10)).fix
+
+
+def test_no_controls_switch_changes_only_controls_enabled_and_the_hash():
+    config = parse_config(minimal(), SOURCE)
+    off = without_controls(config)
+    assert not off.controls.enabled and config.controls.enabled
+    assert off.controls == ControlsConfig(enabled=False) and off.models == config.models and off.probes == config.probes
+    assert config_hash(off) != config_hash(config)
+    assert config_hash(off) == config_hash(parse_config(with_value(("controls",), {"enabled": False}), SOURCE))
 
 
 def test_configs_are_frozen():

@@ -35,6 +35,7 @@ def reference(config, tmp_path_factory):
     return run_pipeline(load_config(config), tmp_path_factory.mktemp("first") / "out", source=str(config)).out
 
 
+@pytest.mark.slow
 def test_two_fresh_runs_agree_on_every_number(config, reference, tmp_path):
     out = tmp_path / "second"
     hash_seed = "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"  # another set/dict string order
@@ -58,6 +59,7 @@ def test_two_fresh_runs_agree_on_every_number(config, reference, tmp_path):
     assert store_contents(reference / "store") == store_contents(out / "store")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_results(config, reference, tmp_path):
     out = tmp_path / "killed"
     # killed after compare_net2vec/compare.json is written, before its heatmaps

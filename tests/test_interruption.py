@@ -68,6 +68,7 @@ def reference_store(tmp_path_factory):
     return store
 
 
+@pytest.mark.slow
 def test_killed_embedding_resumes_to_identical_activations(tmp_path, reference_store, capsys):
     store = tmp_path / "store"
     # 1. killed from inside a shard write: half the bytes reached the temporary file
@@ -95,6 +96,7 @@ def test_killed_embedding_resumes_to_identical_activations(tmp_path, reference_s
         assert torch.equal(ours[layer].read_all(), theirs[layer].read_all())
 
 
+@pytest.mark.slow
 def test_concurrent_writers_leave_one_valid_entry(tmp_path, reference_store):
     store = tmp_path / "store"
     processes = [run_hooked({"marker_dir": str(tmp_path), "barrier": [name, 2], "slow_shards": 0.05}, embed_argv(store)) for name in "ab"]
@@ -174,6 +176,7 @@ def bank_files(out: Path) -> list[Path]:
     return sorted(p for p in (out / "banks").iterdir() if not p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_killed_probe_training_resumes_to_identical_banks(tmp_path, reference_probe):
     store, out = tmp_path / "store", tmp_path / "out"
     # 1. killed while writing the first bank's JSON (its tensors are already in place)

@@ -46,6 +46,7 @@ tcav:
     - {spec: "top:1", inputs: car, max_inputs: 5}
   n_bootstrap: 40
 report: {examples: 2, prototypes: 2}
+controls: {n_permutations: 19, n_bootstrap: 20, control_epochs: 1}
 """
 
 SECTIONS = ("summary", "probe-quality", "segmentation", "ncavs", "similarity", "tcav", "findings")
@@ -171,6 +172,7 @@ def test_missing_files_of_a_config_are_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_tcav_sets_from_an_image_sets_folder(tmp_path):
     from conceptlens.concepts.data.synthetic import SyntheticWorld
 
@@ -202,3 +204,66 @@ def test_comparison_without_cka(tmp_path):
     assert heatmaps and not any(name.startswith("cka") for name in heatmaps)
     html = (tmp_path / "out" / "report.html").read_text()
     assert 'id="similarity"' in html and "linear CKA (pooled)" not in html
+
+
+def _raw(out):
+    """The raw numbers of a run: probe metrics without the controls' keys, the comparisons' raw matrices, TCAV means."""
+    control_keys = {"controls", "selectivity", "selectivity_ci", "encoded", "verdict"}
+    probe = json.loads((out / "probe_vgg_net2vec.json").read_text())["metrics"]
+    probes = {layer: {c: {k: v for k, v in m.items() if k not in control_keys} for c, m in by.items()} for layer, by in probe.items()}
+    compares = {}
+    for method in ("net2vec", "nmf"):
+        data = json.loads((out / f"compare_{method}" / "compare.json").read_text())
+        compares[method] = (data["matrix"], data["cka"], [(b["similarity"], b["cka_pooled"], b["ridge"]["pairs"]) for b in data["blocks"]])
+    records = json.loads((out / "tcav.json").read_text())["records"]
+    tcav = [(r["concept"], r["layer"], r["target"], r["mean"], r["null_mean"], r["scores"]["sign_count"], r["null_scores"]["sign_count"]) for r in records]
+    # gradient magnitudes: the same up to float32 rounding (runs in one process may pick other kernels; separate processes agree bit for bit)
+    magnitudes = [pytest.approx(r["scores"][m], rel=1e-5) for r in records for m in ("magnitude", "mean_sensitivity")]
+    return probes, compares, tcav, magnitudes
+
+
+@pytest.mark.slow
+def test_controls_sit_beside_unchanged_raw_values_and_switch_off(small_run, tmp_path, capsys):
+    config_path, out, _ = small_run
+    # controls on (the default): every result carries them
+    probe = json.loads((out / "probe_vgg_net2vec.json").read_text())
+    entry = probe["metrics"]["backbone.block4"]["sky"]
+    assert set(entry["controls"]) == {"random_weights", "permuted_masks"} and isinstance(entry["encoded"], bool) and entry["verdict"]
+    assert entry["selectivity"] == pytest.approx(entry["set_iou"] - max(c["set_iou"] for c in entry["controls"].values()))
+    compare = json.loads((out / "compare_net2vec" / "compare.json").read_text())
+    assert compare["null"] == {"kind": "image_permutation", "n_permutations": 19, "seed": 0} and compare["bootstrap"]["n"] == 20
+    block = compare["blocks"][1]
+    for key in ("null_mean", "corrected", "p_value", "ci_low", "ci_high", "significant", "cka_pooled_corrected", "cka_spatial_significant"):
+        assert len(block[key]) == len(block["rows"]), key
+    s, null, corrected = block["similarity"][0][0], block["null_mean"][0][0], block["corrected"][0][0]
+    assert corrected == pytest.approx((s - null) / (1 - null), abs=1e-5)
+    assert "similarity_corrected" in (out / "compare_net2vec" / "compare.csv").read_text().splitlines()[0]
+    tcav = json.loads((out / "tcav.json").read_text())
+    assert all(isinstance(r["robust"], bool) and set(r["variants"]) == {"pooled", "svm", "half_random_sets", "flattened"} for r in tcav["records"])
+    size = json.loads((out / "run.json").read_text())["sample_size"]
+    # 48 images, 20 % test; 6 concepts × 4 layers: far too few
+    assert (size["n_test"], size["n_hypotheses"], size["adequate"]) == (9, 24, False) and size["needed"] > 9
+    assert "Sample size." in (out / "report.html").read_text()
+    # compare.json: its largest Holm family (the 2 × 2 cross-model block) over the 9 test images
+    compare_size = compare["sample_size"]
+    from conceptlens.concepts.data.sample_size import DEFAULT_SIGMA, sample_size_check
+    assert (compare_size["n_test"], compare_size["n_hypotheses"], compare_size["alpha"]) == (9, 4, 0.05)
+    assert compare_size["sigma"] != DEFAULT_SIGMA  # from the bootstrap CIs of the tested cells
+    assert compare_size == sample_size_check(9, 4, 0.05, sigma=compare_size["sigma"]).to_json()
+    # tcav.json: every hypothesis (2 concepts × 2 layers × 2 models) over the fewest scored inputs (≤ max_inputs 5)
+    tcav_size = tcav["sample_size"]
+    assert tcav_size["n_hypotheses"] == 8 == tcav["n_hypotheses"] and 1 <= tcav_size["n_test"] <= 5 and tcav_size["adequate"] is False
+    # --no-controls: the same raw numbers, no control keys
+    off = tmp_path / "off"
+    assert main(["run", str(config_path), "--out", str(off), "--no-controls", "--quiet"]) == 0
+    raw_off, raw_on = _raw(off), _raw(out)
+    assert raw_off[:3] == raw_on[:3]
+    assert [value.expected for value in raw_off[3]] == raw_on[3]
+    assert "controls" not in json.loads((off / "probe_vgg_net2vec.json").read_text())["metrics"]["backbone.block4"]["sky"]
+    plain = json.loads((off / "compare_net2vec" / "compare.json").read_text())
+    assert "null" not in plain and "corrected" not in plain["blocks"][1] and "sample_size" not in plain
+    assert "sample_size" not in json.loads((off / "tcav.json").read_text())
+    assert "sample_size" not in json.loads((off / "run.json").read_text())
+    assert json.loads((off / "run.json").read_text())["config"]["controls"]["enabled"] is False
+    report = (off / "report.html").read_text()
+    assert "Not distinguishable from control" not in report and "Sample size." not in report

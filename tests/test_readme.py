@@ -71,6 +71,7 @@ def test_quick_starts_name_only_prepared_files() -> None:
         assert named <= PREPARED, f"prepare {named - PREPARED} in the workdir fixture"
 
 
+@pytest.mark.slow
 def test_quick_start_probe_maps_tcav(workdir: Path) -> None:
     code = next(code for code in quick_starts() if "tcav_scores" in code)
     metrics, scores, records = (ast.literal_eval(line) for line in run_block(code, workdir))
@@ -81,6 +82,7 @@ def test_quick_start_probe_maps_tcav(workdir: Path) -> None:
     assert 0.0 <= records[0][2] <= 1.0 and isinstance(records[0][3], bool)
 
 
+@pytest.mark.slow
 def test_quick_start_compare(workdir: Path) -> None:
     code = next(code for code in quick_starts() if "compare_models" in code)
     lines = run_block(code, workdir)

@@ -558,3 +558,191 @@ def test_a_malformed_result_file_names_the_file_and_the_field(results_dir, tmp_p
     (broken / "run.json").write_text("[1, 2]")
     with pytest.raises(ReportError, match="run.json: is not a JSON object"):
         load_results(broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# controls, nulls and sample size (keys of the shared result schema)
+
+#: Planted controls: the random-weights control of resnet's sky sits above the trained probe, vgg's road likewise.
+CONTROL_IOU = {("resnet", "sky"): [0.72, 0.86, 0.83], ("vgg", "road"): [0.42, 0.57, 0.62]}
+
+
+def add_controls(out: Path) -> Path:
+    """Add the controls' keys to a :func:`build_results` folder (as a run with controls on writes them)."""
+    for model, (_, layers) in MODELS.items():
+        path = out / f"probe_{model}_net2vec.json"
+        data = json.loads(path.read_text())
+        for i, layer in enumerate(layers):
+            for concept, entry in data["metrics"][layer].items():
+                iou = entry["set_iou"]
+                control = CONTROL_IOU.get((model, concept), [0.1, 0.1, 0.1])[i]
+                selectivity = None if iou is None else iou - control
+                entry["controls"] = {"random_weights": {"set_iou": control}, "permuted_masks": {"set_iou": 0.05}}
+                entry["selectivity"] = selectivity
+                entry["selectivity_ci"] = None if selectivity is None else [selectivity - 0.03, selectivity + 0.03]
+                entry["encoded"] = selectivity is not None and selectivity >= 0.05
+                entry["verdict"] = "encoded" if entry["encoded"] else "below random-weights control" if control > 0.1 else "within the margin of the controls"
+        write_json(path, data)
+    for method in MATRICES:
+        path = out / f"compare_{method}" / "compare.json"
+        data = json.loads(path.read_text())
+        for block in data["blocks"]:
+            s = np.array(block["similarity"], dtype=float)
+            cross = block["a"] != block["b"]
+            block["null_mean"] = np.full(s.shape, 0.3).tolist()
+            block["corrected"] = ((s - 0.3) / 0.7).tolist()
+            block["p_value"] = np.full(s.shape, 0.5 if cross else 0.001).tolist()
+            block["ci_low"], block["ci_high"] = (s - 0.05).tolist(), (s + 0.05).tolist()
+            block["significant"] = np.full(s.shape, not cross).tolist()  # nothing across the models clears its null
+            block["ridge"]["depth_correlation_ci"] = [-0.2, 0.95]
+            for mode in ("pooled", "spatial"):
+                c = np.array(block[f"cka_{mode}"], dtype=float)
+                block[f"cka_{mode}_corrected"] = ((c - 0.8) / 0.2).tolist()
+                block[f"cka_{mode}_significant"] = (c > 0.85).tolist()
+        data["null"] = {"kind": "image_permutation", "n_permutations": 199, "seed": 0}
+        data["bootstrap"] = {"n": 200, "level": 0.95}
+        write_json(path, data)
+    path = out / "tcav.json"
+    data = json.loads(path.read_text())
+    for record in data["records"]:
+        record["run_std"] = 0.02
+        record["ci_naive_low"], record["ci_naive_high"] = record["ci_low"], record["ci_high"]
+        record["degenerate_layer"] = False
+        planted = record["significant"]
+        record["robust"] = not planted  # the one significant hypothesis fails the flattened-CAV variant
+        record["variants"] = {"pooled": {"significant": planted, "p_value": 0.001}, "flattened": {"significant": False, "p_value": 0.3}}
+        record["power"] = {"random_sets_needed": 12, "effect": 0.4}
+    write_json(path, data)
+    run = json.loads((out / "run.json").read_text())
+    run["sample_size"] = {"n_test": 50, "adequate": False, "needed": 116, "reason": "50 test images are too few for 24 hypotheses: needs 116"}
+    write_json(out / "run.json", run)
+    return out
+
+
+@pytest.fixture(scope="module")
+def controlled_dir(results_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("controlled") / "results"
+    shutil.copytree(results_dir, out)
+    (out / "report.html").unlink(missing_ok=True)
+    return add_controls(out)
+
+
+def test_findings_are_stated_only_when_they_clear_their_controls(controlled_dir):
+    from conceptlens.report.findings import not_distinguishable
+
+    results = load_results(controlled_dir)
+    sentences = findings(results)
+    # resnet's sky is below its random-weights control everywhere: only vgg's half of the sentence survives
+    assert "the concept sky is best encoded at relative depth 0.00 in vgg (backbone.block1, set IoU 0.91)" in sentences
+    # wheel clears the controls at every layer: unchanged
+    assert ("the concept wheel is best encoded at relative depth 0.50 in vgg (backbone.block2, set IoU 0.62) and 1.00 in resnet "
+            "(layer3, set IoU 0.55)") in sentences
+    assert not any("road is best encoded" in s or "ridge of vgg vs resnet" in s for s in sentences)
+    assert "1 of 8 TCAV hypotheses are significant at α = 0.05 after holm correction; 0 of them also robust to every variant and on a non-degenerate layer" in sentences
+    assert not any(s.startswith("for target") for s in sentences)
+    # within-model similarity is judged on the chance-corrected scale: (0.7 + 0.6)/2 → (0.65 − 0.3)/0.7 = 0.5, 0.4 → 0.14
+    assert any("mean chance-corrected similarity 0.50 between neighbours vs 0.14 otherwise" in s for s in sentences)
+    rejected = dict(not_distinguishable(results))
+    assert rejected["the concept sky is encoded in resnet (best raw set IoU 0.85 at layer2)"] == "below random-weights control"
+    assert rejected["the concept road is encoded in vgg (best raw set IoU 0.60 at backbone.block3)"] == "below random-weights control"
+    assert rejected["the concept road is encoded in resnet (best raw set IoU 0.08 at layer3)"] == "within the margin of the controls"
+    assert rejected["the cross-model ridge of vgg vs resnet (supervised, Net2Vec)"] == "no best-match cell is above its permutation null after Holm correction"
+    assert rejected["for target vgg:top:1, wheel at backbone.block3 is significant"] == "not significant in every robustness variant (fails: flattened)"
+    assert len(rejected) == 6  # + the NMF cross-model ridge
+
+
+def test_without_controls_nothing_is_rejected(results_dir):
+    from conceptlens.report.findings import not_distinguishable, sample_size_notices
+
+    results = load_results(results_dir)
+    assert not_distinguishable(results) == [] and sample_size_notices(results) == []
+
+
+@pytest.mark.slow
+def test_report_with_controls(controlled_dir, report_text):
+    from conceptlens.compare_output import _write_heatmaps
+
+    for method in MATRICES:  # real heatmaps: corrected units, non-significant cells hatched
+        folder = controlled_dir / f"compare_{method}"
+        _write_heatmaps(Comparison.read(folder / "compare.json"), folder / "heatmaps", method, {name: spec for name, (spec, _) in MODELS.items()})
+    text = write_report(controlled_dir).read_text(encoding="utf-8")
+    parsed = parse(text)
+    assert parsed.errors == [] and parsed.section_ids == [sid for sid, _ in SECTIONS]
+    findings_text = " ".join(parsed.section_text["findings"])
+    assert "Not distinguishable from control" in findings_text and "Resnet" not in findings_text
+    assert "<li>The concept sky is encoded in resnet (best raw set IoU 0.85 at layer2): below random-weights control.</li>" in text
+    summary = " ".join(parsed.section_text["summary"])
+    assert "test split too small for the run: 50 test images are too few for 24 hypotheses: needs 116" in summary.lower()
+    assert "Probe vs controls across depth" in " ".join(parsed.section_text["probe-quality"])
+    assert "chance-corrected" in " ".join(parsed.section_text["similarity"])
+    assert "run sd" in " ".join(parsed.section_text["tcav"])
+    assert write_report(controlled_dir).read_text(encoding="utf-8") == text  # deterministic
+    for absent in ("Not distinguishable from control", "Probe vs controls", "Sample size."):  # controls off: as before
+        assert absent not in report_text
+
+
+def test_controls_keys_read_back_and_reach_the_csv(controlled_dir, tmp_path):
+    from conceptlens.compare_output import _write_tables
+
+    path = controlled_dir / "compare_net2vec" / "compare.json"
+    record = Comparison.read(path)
+    assert list(record.to_json().items()) == list(json.loads(path.read_text()).items())
+    block = record.blocks[1]
+    assert block.controlled("")["significant"][0][0] is False and block.ridge.depth_correlation_ci == (-0.2, 0.95)
+    assert block.controlled("cka_spatial_")["corrected"] is not None and block.controlled("cka_pooled_")["p_value"] is None
+    tcav = TCAVResults.read(controlled_dir / "tcav.json")
+    assert tcav.records[2].robust is False and tcav.records[2].variants["flattened"]["significant"] is False and tcav.records[0].run_std == 0.02
+    _write_tables(record, tmp_path / "pairs.csv", tmp_path / "concepts.csv")
+    rows = list(__import__("csv").DictReader((tmp_path / "pairs.csv").open()))
+    assert {"similarity_corrected", "similarity_p_value", "similarity_significant", "cka_pooled_corrected", "cka_spatial_significant"} <= set(rows[0])
+    cell = next(r for r in rows if r["a"] == "vgg:backbone.block2" and r["b"] == "resnet:layer1")
+    assert float(cell["similarity_corrected"]) == pytest.approx((0.2 - 0.3) / 0.7) and cell["similarity_significant"] == "False"
+    mirrored = next(r for r in rows if r["a"] == "resnet:layer1" and r["b"] == "vgg:backbone.block2")
+    assert mirrored["similarity_corrected"] == cell["similarity_corrected"]
+    plain = tmp_path / "plain"
+    _write_tables(Comparison.from_json({**json.loads(path.read_text()), "blocks": []}), plain.with_suffix(".csv"), tmp_path / "c2.csv")
+    assert plain.with_suffix(".csv").read_text().splitlines()[0] == "a,b,depth_a,depth_b,similarity,cka_pooled,cka_spatial"
+
+
+def test_tcav_power_notice(controlled_dir):
+    import dataclasses
+
+    from conceptlens.report.findings import sample_size_notices
+
+    results = load_results(controlled_dir)
+    power = {"random_sets_needed": None, "effect": 0.8, "min_for_correction": 840, "n_random_sets": 6, "alpha_per_test": 0.05 / 42}
+    short = dataclasses.replace(results.tcav, records=tuple(dataclasses.replace(r, power=power) for r in results.tcav.records))
+    notices = sample_size_notices(dataclasses.replace(results, tcav=short))
+    assert ("too few TCAV random sets: with 6 the permutation test cannot reach the corrected level (α per test 0.0012) for any of 8 "
+            "hypotheses; at least 840 are needed") in notices
+    enough = dataclasses.replace(results.tcav, records=tuple(dataclasses.replace(r, power={**power, "n_random_sets": 900}) for r in results.tcav.records))
+    assert not any("TCAV" in n for n in sample_size_notices(dataclasses.replace(results, tcav=enough)))
+
+
+def test_adjacency_is_stated_only_over_significant_best_matches(controlled_dir, tmp_path):
+    from conceptlens.report.findings import not_distinguishable
+
+    out = tmp_path / "results"
+    shutil.copytree(controlled_dir, out)
+    path = out / "compare_net2vec" / "compare.json"
+    data = json.loads(path.read_text())
+    blocks = {(b["a"], b["b"]): b for b in data["blocks"]}
+    vgg = blocks[("vgg", "vgg")]
+    vgg["significant"] = [[None if i == j else False for j in range(len(row))] for i, row in enumerate(vgg["significant"])]
+    resnet = blocks[("resnet", "resnet")]
+    first, match = resnet["ridge"]["pairs"][0]["a"], resnet["ridge"]["pairs"][0]["b"]
+    resnet["significant"][first][match] = resnet["significant"][match][first] = False  # one best match no longer clears its null
+    write_json(path, data)
+    results = load_results(out)
+    sentences = findings(results)
+    assert not any(s.startswith("within vgg") and "Net2Vec" in s for s in sentences)
+    rejected = dict(not_distinguishable(results))
+    assert rejected["within vgg, adjacent layers are the most similar (supervised, Net2Vec)"] == (
+        "none of the 3 best-match cells is above its permutation null after Holm correction")
+    resnet_sentences = [s for s in sentences if s.startswith("within resnet") and "Net2Vec" in s]
+    assert len(resnet_sentences) == 1 and "2 of 3 best matches significant" in resnet_sentences[0]
+    claims = [claim for claim in rejected if claim.startswith("within resnet, the best match of 1 of 3 layers (supervised, Net2Vec")]
+    assert len(claims) == 1 and rejected[claims[0]] == "its cell is not above its permutation null after Holm correction"
+    assert "the within-model ridge of vgg vs vgg (supervised, Net2Vec)" not in rejected  # judged once, as adjacency
+    # the untouched NMF blocks keep their adjacency findings
+    assert [s for s in sentences if s.startswith("within") and "NMF" in s] == [s for s in findings(load_results(controlled_dir)) if s.startswith("within") and "NMF" in s]

@@ -207,7 +207,8 @@ def test_planted_direction_is_significant_random_concept_is_not() -> None:
     cav_set = train_cavs(concepts, randoms, layer="conv")
     assert (cav_set.vectors[0] @ w_star).min() > 0.5  # the planted CAVs ≈ w*
 
-    result = tcav_scores(model, inputs, {"conv": model.conv}, {"conv": cav_set}, {"logit": 0}, batch_size=16, n_bootstrap=200)
+    # the reference t-test (the default permutation test's smallest p with 10 random sets is 1/11)
+    result = tcav_scores(model, inputs, {"conv": model.conv}, {"conv": cav_set}, {"logit": 0}, batch_size=16, n_bootstrap=200, test="ttest")
     planted, noise = result.get("planted", "conv", "logit"), result.get("noise", "conv", "logit")
     assert planted.mean > 0.95
     assert planted.p_holm < 0.01 and planted.significant
@@ -215,7 +216,7 @@ def test_planted_direction_is_significant_random_concept_is_not() -> None:
     assert planted.ci_low <= planted.mean <= planted.ci_high
 
     # magnitude statistic and Bonferroni agree on the verdicts here
-    result_m = tcav_scores(model, inputs, {"conv": model.conv}, {"conv": cav_set}, {"logit": 0}, statistic="magnitude", correction="bonferroni", n_bootstrap=0)
+    result_m = tcav_scores(model, inputs, {"conv": model.conv}, {"conv": cav_set}, {"logit": 0}, statistic="magnitude", correction="bonferroni", n_bootstrap=0, test="ttest")
     assert result_m.get("planted", "conv", "logit").significant
     assert not result_m.get("noise", "conv", "logit").significant
 
@@ -295,8 +296,8 @@ def test_merge_results_corrects_over_all_hypotheses() -> None:
     gen = torch.Generator().manual_seed(5)
     cav_set = _cav_set("conv2", ["a", "b"], ["r0", "r1", "r2", "r3"], _unit(torch.randn(2, 4, 5, generator=gen)), _unit(torch.randn(4, 5, generator=gen)), [5])
     args = (model, inputs, {"conv2": model.conv2}, {"conv2": cav_set})
-    together = tcav_scores(*args, {"t0": 0, "t1": 1}, n_bootstrap=0, statistic="mean_sensitivity")
-    apart = [tcav_scores(*args, {name: k}, n_bootstrap=0, statistic="mean_sensitivity") for name, k in (("t0", 0), ("t1", 1))]
+    together = tcav_scores(*args, {"t0": 0, "t1": 1}, n_bootstrap=0, statistic="mean_sensitivity", test="ttest")
+    apart = [tcav_scores(*args, {name: k}, n_bootstrap=0, statistic="mean_sensitivity", test="ttest") for name, k in (("t0", 0), ("t1", 1))]
     merged = merge_results(apart)
     for key in ("p_holm", "p_bonferroni", "significant"):
         assert [getattr(r, key) for r in merged.records] == pytest.approx([getattr(r, key) for r in together.records])

@@ -35,8 +35,8 @@ from conceptlens.report.results import (
 )
 
 __all__ = [
-    "DISTINCT_COLORS", "DPI", "MAX_EXAMPLE_CONCEPTS", "MAX_PROBE_LINES", "STYLE", "FigureSink", "concept_color", "concept_palette",
-    "flow_figure", "ncav_figure", "overlay_concept_maps", "overlay_layout", "probe_figure", "segmentation_figure",
+    "CONTROL_STYLES", "DISTINCT_COLORS", "DPI", "MAX_EXAMPLE_CONCEPTS", "MAX_PROBE_LINES", "STYLE", "FigureSink", "concept_color", "concept_palette",
+    "flow_figure", "ncav_figure", "overlay_concept_maps", "overlay_layout", "probe_controls_figure", "probe_figure", "segmentation_figure",
     "similarity_heatmap", "tcav_figure",
 ]
 
@@ -67,12 +67,14 @@ def similarity_heatmap(
     path: Path,
     ridge_pairs: Sequence[RidgePair] | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
+    hatched: np.ndarray | None = None,
 ) -> Path:
     """Draw a layer × layer similarity matrix with both axes ordered by relative depth.
 
     Cells are placed at their layers' relative depths (a non-uniform grid), so a ridge near the
     diagonal means similar semantics at similar relative depth. Undefined cells are grey; the
-    ridge (best match per row, ``ridge_pairs``) is marked with dots. The PNG goes to ``path``.
+    ridge (best match per row, ``ridge_pairs``) is marked with dots; cells where ``hatched`` (a bool
+    matrix like ``matrix``) is true are hatched (not significant). The PNG goes to ``path``.
     """
     row_order = np.argsort(row_depths, kind="stable")
     column_order = np.argsort(column_depths, kind="stable")
@@ -94,6 +96,11 @@ def similarity_heatmap(
     axes.set_xlabel("relative depth (columns)", fontsize=9)
     axes.set_ylabel("relative depth (rows)", fontsize=9)
     axes.plot([0, 1], [0, 1], color="white", linewidth=0.8, linestyle="--", alpha=0.7)
+    if hatched is not None:
+        marks = np.ma.masked_where(~np.asarray(hatched, dtype=bool)[np.ix_(row_order, column_order)], np.ones(data.shape))
+        axes.pcolor(column_edges, row_edges, marks, hatch="///", alpha=0.0, shading="flat", edgecolor="white", linewidth=0.0)
+        axes.add_artist(axes.legend(handles=[Patch(facecolor="#888", hatch="///", edgecolor="white", label="not significant")],
+                                    loc="upper left", fontsize=7.5, framealpha=0.8))
     if ridge_pairs:
         axes.scatter([p.depth_b for p in ridge_pairs], [p.depth_a for p in ridge_pairs], s=18, color="#ff5a36", zorder=3, label="best match per row")
         axes.legend(loc="lower right", fontsize=7.5, framealpha=0.8)
@@ -425,6 +432,53 @@ def probe_figure(probe: ProbeResults, model: str, concepts: Sequence[str], color
     return figure
 
 
+#: Line styles of the probe controls in :func:`probe_controls_figure`.
+CONTROL_STYLES = {"random_weights": ("random-weights model", "--"), "permuted_masks": ("permuted masks", ":")}
+
+
+def probe_controls_figure(probe: ProbeResults, model: str, concepts: Sequence[str], colors: Mapping[str, Any], columns: int = 4) -> Figure | None:
+    """Per concept, the trained probe's test set IoU across depth beside its controls' (small multiples).
+
+    Solid: the probe; dashed: the same probe on a random-weights model; dotted: on masks permuted
+    across images. A filled marker is a layer where the concept counts as encoded. None when the
+    probe file has no controls.
+    """
+    panels = []
+    for concept in concepts:
+        layers, depths, ious = probe.curve(concept)
+        entries = [(probe.metrics.get(layer, {}).get(concept) or {}) for layer in layers]
+        controls = {kind: [number(((e.get("controls") or {}).get(kind) or {}).get("set_iou")) for e in entries] for kind in CONTROL_STYLES}
+        if any(math.isfinite(v) for values in controls.values() for v in values):
+            panels.append((concept, depths, ious, controls, [e.get("encoded") is True for e in entries]))
+    if not panels:
+        return None
+    columns = min(columns, len(panels))
+    n_rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(1.2 + 2.2 * columns, 0.6 + 1.9 * n_rows), layout="constrained")
+    grid = figure.subplots(n_rows, columns, squeeze=False, sharex=True, sharey=True)
+    for index, (concept, depths, ious, controls, encoded) in enumerate(panels):
+        axes = grid[index // columns][index % columns]
+        color = concept_color(colors, concept)
+        axes.plot(depths, ious, color=color, linewidth=1.6, label="trained")
+        for x, y, filled in zip(depths, ious, encoded):
+            axes.plot([x], [y], marker="o", markersize=4.5, color=color, markerfacecolor=color if filled else "white", linestyle="none")
+        for kind, (label, style) in CONTROL_STYLES.items():
+            if any(math.isfinite(v) for v in controls[kind]):
+                axes.plot(depths, controls[kind], color="#555", linestyle=style, linewidth=1.2, label=label)
+        axes.set_title(concept, fontsize=9)
+        axes.set_ylim(0, 1.02)
+        axes.grid(axis="y", color="#e4e4e4", linewidth=0.7)
+    for index in range(len(panels), n_rows * columns):
+        grid[index // columns][index % columns].set_visible(False)
+    handles = [Line2D([], [], color="#333", linewidth=1.6, marker="o", markersize=4.5, label="trained (filled: encoded)")]
+    handles += [Line2D([], [], color="#555", linestyle=style, linewidth=1.2, label=label) for label, style in CONTROL_STYLES.values()]
+    figure.legend(handles=handles, loc="outside upper center", ncols=3, frameon=False)
+    figure.supxlabel("relative depth", fontsize=9)
+    figure.supylabel("test set IoU", fontsize=9)
+    figure.suptitle(f"{model}: probe vs controls across depth", fontsize=10)
+    return figure
+
+
 def _probe_heatmap(curves: dict[str, tuple[list[str], list[float], list[float]]], model: str, layers: Sequence[str], depths: Sequence[float]) -> Figure:
     """Many concepts: a concept × layer grid of set IoU instead of one line per concept."""
     concepts = list(curves)
@@ -629,8 +683,13 @@ def tcav_figure(records: Sequence[TCAVRow], target: str, statistic: str, colors:
             axes.vlines(null, y - 0.42, y + 0.42, colors="black", linewidth=2.2)
         edge = np.nanmax([mean, high, null, 0.0])
         top = max(top, edge)
+        spread = number(record.run_std)
+        if math.isfinite(spread):
+            axes.plot([mean - spread, mean + spread], [y - 0.25, y - 0.25], color="#8a2be2", linewidth=2.4, solid_capstyle="butt")
         if record.significant:
-            axes.text(edge + (0.015 if bounded else 0.02 * max(abs(edge), 1e-12)), y, "*", va="center", ha="left", fontsize=14, fontweight="bold")
+            mark = "*" if record.robust is not False else "(*)"
+            axes.text(edge + (0.015 if bounded else 0.02 * max(abs(edge), 1e-12)), y, mark + ("R" if record.robust else ""), va="center", ha="left",
+                      fontsize=14 if mark == "*" else 11, fontweight="bold")
     axes.set_yticks(ys, [label for label, _ in rows])
     for tick, (_, record) in zip(axes.get_yticklabels(), rows):
         if record is None:
@@ -647,6 +706,13 @@ def tcav_figure(records: Sequence[TCAVRow], target: str, statistic: str, colors:
         Line2D([], [], color="#222", marker="|", markersize=6, linewidth=1.1, label="bootstrap CI"),
         Line2D([], [], color="none", marker="$*$", markersize=9, markerfacecolor="black", markeredgecolor="black", label=f"significant{test}"),
     ]
+    if any(math.isfinite(number(r.run_std)) for r in records):
+        handles.insert(2, Line2D([], [], color="#8a2be2", linewidth=2.4, label="± sd across CAV runs"))
+    if any(r.robust is not None for r in records):
+        handles += [Line2D([], [], color="none", marker="$*R$", markersize=13, markerfacecolor="black", markeredgecolor="black",
+                           label="significant in every variant (robust)"),
+                    Line2D([], [], color="none", marker="$(*)$", markersize=13, markerfacecolor="black", markeredgecolor="black",
+                           label="significant here, not in every variant")]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     axes.set_title(f"target {target}")
     return figure

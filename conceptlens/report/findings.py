@@ -23,7 +23,8 @@ from conceptlens.report.formatting import (
 from conceptlens.report.loading import Results
 from conceptlens.report.results import BestLayer, TCAVResults
 
-__all__ = ["MAX_TCAV_FINDINGS", "NCAV_MATCH_IOU", "NEAR_DIAGONAL", "WELL_ENCODED_IOU", "findings", "grouped_findings"]
+__all__ = ["MAX_TCAV_FINDINGS", "NCAV_MATCH_IOU", "NEAR_DIAGONAL", "WELL_ENCODED_IOU", "findings", "grouped_findings", "not_distinguishable",
+           "sample_size_notices"]
 
 #: A shallowest layer is "already well encoded" at set IoU ≥ this and ≥ 90 % of the concept's best.
 WELL_ENCODED_IOU = 0.5
@@ -58,7 +59,11 @@ def findings(results: Results) -> list[str]:
 
 def grouped_findings(results: Results) -> list[tuple[str, list[str]]]:
     """:func:`findings` under their topics: (heading, sentences) for the non-empty ones of
-    "Probes", "Similarity", "TCAV" and "NCAVs", in that order."""
+    "Probes", "Similarity", "TCAV" and "NCAVs", in that order.
+
+    Where the results carry controls, a finding is stated only when it clears them; the others are
+    listed by :func:`not_distinguishable`.
+    """
     groups = [
         ("Probes", _probe_findings(results)),
         ("Similarity", _ridge_findings(results) + _adjacency_findings(results)),
@@ -68,6 +73,122 @@ def grouped_findings(results: Results) -> list[tuple[str, list[str]]]:
     return [(heading, sentences) for heading, sentences in groups if sentences]
 
 
+def not_distinguishable(results: Results) -> list[tuple[str, str]]:
+    """Claims the numbers would suggest but the controls do not support: (claim, reason) pairs.
+
+    Probes: a concept encoded at no layer of a model by the controls' rule (the probe's
+    ``verdict``); similarity: a model pair whose ridge has no significant cell, and within a model
+    the layers whose best match is not significant (all of them: the adjacency claim itself); TCAV: significant
+    hypotheses on a degenerate layer or not significant in every robustness variant. Empty when the
+    results carry no controls (controls off, older results).
+    """
+    return _probe_rejections(results) + _similarity_rejections(results) + _adjacency_rejections(results) + _tcav_rejections(results.tcav)
+
+
+def sample_size_notices(results: Results) -> list[str]:
+    """One sentence per result whose ``sample_size`` record says the test split is too small."""
+    records = [("the run", results.run.sample_size if results.run else None)]
+    records += [(f"the {method} comparison", compare.sample_size) for method, compare in results.compare.items()]
+    records += [(f"the {method} probe of {model}", probe.sample_size) for model, by_method in results.probes.items() for method, probe in by_method.items()]
+    records.append(("TCAV", results.tcav.sample_size if results.tcav else None))
+    notices = []
+    for what, record in records:
+        if isinstance(record, dict) and record.get("adequate") is False:
+            reason = record.get("reason") or f"{record.get('n_test')} test images, {record.get('needed')} needed"
+            notices.append(f"test split too small for {what}: {reason}")
+    notices += _tcav_power_notices(results.tcav)
+    return list(dict.fromkeys(notices))
+
+
+def _tcav_power_notices(tcav: TCAVResults | None) -> list[str]:
+    """A sentence when TCAV's random sets are too few for any hypothesis to reach the corrected level (``power`` records)."""
+    powers = [r.power for r in (tcav.records if tcav and tcav.test == "permutation" else ()) if isinstance(r.power, dict)]
+    short = [p for p in powers if isinstance(p.get("min_for_correction"), (int, float)) and isinstance(p.get("n_random_sets"), (int, float))
+             and p["n_random_sets"] < p["min_for_correction"]]
+    if not short:
+        return []
+    first = short[0]
+    level = number(first.get("alpha_per_test"))
+    at = f" (α per test {level:.2g})" if math.isfinite(level) else ""
+    return [f"too few TCAV random sets: with {int(first['n_random_sets'])} the permutation test cannot reach the corrected "
+            f"level{at} for any of {len(tcav.records)} hypotheses; at least {int(first['min_for_correction'])} are needed"]
+
+
+def _controlled(entry: dict) -> bool:
+    return "encoded" in entry
+
+
+def _encoded_best(probe, concept: str) -> tuple[BestLayer | None, bool]:
+    """``concept``'s best layer among those where it counts as encoded, and whether the probe has controls for it."""
+    layers, depths, ious = probe.curve(concept)
+    entries = [(probe.metrics.get(layer, {}).get(concept) or {}) for layer in layers]
+    if not any(_controlled(e) for e in entries):
+        return probe.best(concept), False
+    kept = [(ious[i], -i) for i, e in enumerate(entries) if e.get("encoded") is True and math.isfinite(ious[i])]
+    if not kept:
+        return None, True
+    _, i = max(kept)
+    return BestLayer(layers[-i], depths[-i], ious[-i]), True
+
+
+def _probe_rejections(results: Results) -> list[tuple[str, str]]:
+    out = []
+    for model in results.models:
+        probe = results.probe(model, "net2vec")
+        if not probe:
+            continue
+        for concept in results.concepts:
+            best, controlled = _encoded_best(probe, concept)
+            if not controlled or best is not None:
+                continue
+            raw = probe.best(concept)
+            verdict = ((probe.metrics.get(raw.layer, {}).get(concept) or {}).get("verdict") if raw else None) or "does not clear its controls at any layer"
+            where = f" (best raw set IoU {raw.set_iou:.2f} at {raw.layer})" if raw and math.isfinite(raw.set_iou) else ""
+            out.append((f"the concept {concept} is encoded in {model}{where}", verdict))
+    return out
+
+
+def _significant_cell(block, i: int, j: int) -> bool | None:
+    """Whether cell (i, j) of ``block`` is significant; None when the block has no controls."""
+    if block.significant is None:
+        return None
+    return block.significant[i][j] is True
+
+
+def _similarity_rejections(results: Results) -> list[tuple[str, str]]:
+    out = []
+    for method, compare in results.compare.items():
+        for block in compare.blocks:
+            pairs = block.ridge_pairs(compare.depth_of())
+            if block.significant is None or not pairs or (block.a == block.b and len(block.rows) >= 3):
+                continue  # within-model blocks of three or more layers: judged as adjacency (_adjacency_rejections)
+            kept = [p for p in pairs if _significant_cell(block, p[0], p[1])]
+            if not kept:
+                kind = "cross-model ridge" if block.a != block.b else "within-model ridge"
+                out.append((f"the {kind} of {block.a} vs {block.b} ({METHOD_NAMES.get(method, method)})",
+                            "no best-match cell is above its permutation null after Holm correction"))
+    return out
+
+
+def _tcav_controlled(tcav: TCAVResults | None) -> bool:
+    """Whether TCAV ran with controls (the permutation test); the reference t-test or an older file: as before them."""
+    return tcav is not None and tcav.test not in (None, "ttest")
+
+
+def _tcav_rejections(tcav: TCAVResults | None) -> list[tuple[str, str]]:
+    out = []
+    for r in (tcav.records if _tcav_controlled(tcav) else ()):
+        if not r.significant:
+            continue
+        claim = f"for target {r.target}, {r.concept} at {r.layer} is significant"
+        if r.degenerate_layer:
+            out.append((claim, f"degenerate layer: {r.degenerate_reason or 'its CAVs do not separate concept from random images better than random sets do'}"))
+        elif r.robust is False:
+            failed = [name for name, v in (r.variants or {}).items() if isinstance(v, dict) and v.get("significant") is False]
+            out.append((claim, "not significant in every robustness variant" + (f" (fails: {', '.join(failed)})" if failed else "")))
+    return out
+
+
 def _probe_findings(results: Results) -> list[str]:
     out = []
     models = [m for m in results.models if results.probe(m, "net2vec")]
@@ -75,8 +196,8 @@ def _probe_findings(results: Results) -> list[str]:
         encoded: list[tuple[str, BestLayer]] = []
         blind: list[tuple[str, BestLayer]] = []
         for model in models:
-            best = results.probe(model, "net2vec").best(concept)
-            if best is None or math.isnan(best.set_iou):
+            best, controlled = _encoded_best(results.probe(model, "net2vec"), concept)
+            if best is None or math.isnan(best.set_iou) or (controlled and best.set_iou < BLIND_LAYER_IOU):
                 continue
             (blind if best.set_iou < BLIND_LAYER_IOU else encoded).append((model, best))
         if encoded:
@@ -89,7 +210,8 @@ def _probe_findings(results: Results) -> list[str]:
         for concept in results.concepts:
             layers, _, ious = probe.curve(concept)
             best = probe.best(concept)
-            if not layers or best is None or math.isnan(ious[0]) or len(layers) < 2:
+            first = probe.metrics.get(layers[0], {}).get(concept) or {} if layers else {}
+            if not layers or best is None or math.isnan(ious[0]) or len(layers) < 2 or first.get("encoded") is False:
                 continue
             if ious[0] >= WELL_ENCODED_IOU and ious[0] >= 0.9 * best.set_iou:
                 out.append(f"the shallowest layer of {model} already encodes {concept} well ({layers[0]}, set IoU {ious[0]:.2f})")
@@ -104,11 +226,17 @@ def _ridge_findings(results: Results) -> list[str]:
             if block.a == block.b:
                 continue
             pairs = [p for p in block.ridge_pairs(depth_of) if math.isfinite(p[2]) and math.isfinite(p[3])]
+            pairs = [p for p in pairs if _significant_cell(block, p[0], p[1]) is not False]  # controls: significant cells only
             if not pairs:
                 continue
             gap = float(np.mean([abs(p[2] - p[3]) for p in pairs]))
             r = number(block.ridge.depth_correlation if block.ridge else None)
             extra = f", depth correlation r = {r:.2f}" if math.isfinite(r) else ""
+            ci = block.ridge.depth_correlation_ci if block.ridge else None
+            if extra and ci and len(ci) == 2 and all(math.isfinite(number(v)) for v in ci):
+                extra += f" (95 % CI {number(ci[0]):.2f} to {number(ci[1]):.2f})"
+            if block.significant is not None:
+                extra += f"; {len(pairs)} of {len(block.rows)} best matches significant"
             where = f"the cross-model ridge of {block.a} vs {block.b} ({METHOD_NAMES.get(method, method)})"
             if gap <= NEAR_DIAGONAL:
                 out.append(f"{where} lies near the diagonal (mean |d_A − d_B| = {gap:.2f}{extra}): the best-matching layers sit at similar relative depths")
@@ -117,7 +245,14 @@ def _ridge_findings(results: Results) -> list[str]:
     return out
 
 
-def _adjacency_findings(results: Results) -> list[str]:
+def _adjacency(results: Results) -> list[tuple[str, str | None, str | None]]:
+    """Within-model adjacency per block: (finding or None, rejected claim or None, its reason or None).
+
+    Without controls every layer's best match counts. With controls (the block has ``significant``)
+    only best matches whose cell is significant count: the finding is stated over those layers, the
+    layers whose best match is not significant are listed as not distinguishable from control, and a
+    block with no significant best match gives no finding, only the rejected claim.
+    """
     out = []
     for method, compare in results.compare.items():
         depth_of = compare.depth_of()
@@ -129,19 +264,48 @@ def _adjacency_findings(results: Results) -> list[str]:
             pairs = block.ridge_pairs(depth_of)
             if not pairs:
                 continue
-            adjacent = sum(abs(ranks[i] - ranks[j]) == 1 for i, j, *_ in pairs)
-            matrix = np.array([[number(v) for v in row] for row in block.similarity])
+            name = METHOD_NAMES.get(method, method)
+            controlled = block.significant is not None
+            kept = [p for p in pairs if _significant_cell(block, p[0], p[1])] if controlled else pairs
+            dropped = [p for p in pairs if p not in kept]
+            rejected = reason = None
+            if dropped:
+                matches = join_words([f"{block.rows[i]} → {block.columns[j]}" for i, j, *_ in dropped])
+                if kept:
+                    rejected = f"within {block.a}, the best match of {len(dropped)} of {len(pairs)} layers ({name}: {matches})"
+                    reason = "its cell is not above its permutation null after Holm correction"
+                else:
+                    adjacent_all = sum(abs(ranks[i] - ranks[j]) == 1 for i, j, *_ in pairs)
+                    rejected = (f"within {block.a}, adjacent layers are the most similar ({name})" if adjacent_all == len(pairs) else
+                                f"within {block.a}, the most similar other layer is a neighbouring one for {adjacent_all} of {len(pairs)} layers ({name})")
+                    reason = f"none of the {len(pairs)} best-match cells is above its permutation null after Holm correction"
+            if not kept:
+                out.append((None, rejected, reason))
+                continue
+            adjacent = sum(abs(ranks[i] - ranks[j]) == 1 for i, j, *_ in kept)
+            matrix = np.array([[number(v) for v in row] for row in (block.corrected or block.similarity)])  # chance-corrected when controlled
             near = [matrix[i, j] for i in range(n) for j in range(n) if abs(ranks[i] - ranks[j]) == 1]
             far = [matrix[i, j] for i in range(n) for j in range(n) if abs(ranks[i] - ranks[j]) > 1]
             means = ""
             if np.isfinite(near).any() and np.isfinite(far).any():
-                means = f"; mean similarity {np.nanmean(near):.2f} between neighbours vs {np.nanmean(far):.2f} otherwise"
-            name = METHOD_NAMES.get(method, method)
+                what = "chance-corrected similarity" if block.corrected else "similarity"
+                means = f"; mean {what} {np.nanmean(near):.2f} between neighbours vs {np.nanmean(far):.2f} otherwise"
+            if dropped:
+                means += f"; {len(kept)} of {len(pairs)} best matches significant"
             if adjacent == len(pairs):
-                out.append(f"within {block.a}, adjacent layers are the most similar ({name}: every layer's best match is a neighbouring layer{means})")
+                finding = f"within {block.a}, adjacent layers are the most similar ({name}: every layer's best match is a neighbouring layer{means})"
             else:
-                out.append(f"within {block.a}, the most similar other layer is a neighbouring one for {adjacent} of {len(pairs)} layers ({name}{means})")
+                finding = f"within {block.a}, the most similar other layer is a neighbouring one for {adjacent} of {len(pairs) if not dropped else len(kept)} layers ({name}{means})"
+            out.append((finding, rejected, reason))
     return out
+
+
+def _adjacency_findings(results: Results) -> list[str]:
+    return [finding for finding, _, _ in _adjacency(results) if finding]
+
+
+def _adjacency_rejections(results: Results) -> list[tuple[str, str]]:
+    return [(claim, reason) for _, claim, reason in _adjacency(results) if claim]
 
 
 def _tcav_findings(tcav: TCAVResults | None) -> list[str]:
@@ -151,6 +315,10 @@ def _tcav_findings(tcav: TCAVResults | None) -> list[str]:
     correction, alpha, statistic = tcav.correction, number(tcav.alpha), tcav.statistic
     significant = [r for r in records if r.significant]
     out = [f"{len(significant)} of {len(records)} TCAV hypotheses are significant at α = {alpha:g} after {correction} correction"]
+    cleared = [r for r in significant if r.robust is not False and not r.degenerate_layer] if _tcav_controlled(tcav) else significant
+    if len(cleared) < len(significant):
+        out[0] += f"; {len(cleared)} of them also robust to every variant and on a non-degenerate layer"
+    significant = cleared
     value = f3g if statistic == "mean_sensitivity" else f2
     for r in significant[:MAX_TCAV_FINDINGS]:
         direction = "raises" if number(r.mean) > number(r.null_mean) else "lowers"

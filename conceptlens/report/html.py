@@ -112,7 +112,9 @@ tr.sig td { background:#eef8ee; }
 .kv th { background:var(--bg-soft); font-weight:600; white-space:nowrap; }
 .swatch { display:inline-block; width:.8em; height:.8em; border-radius:2px; margin-right:.4em; vertical-align:baseline; }
 ul.findings { margin:.2rem 0 .8rem; }
-ul.findings li, ul.notes li { margin:.3rem 0; }
+ul.findings li, ul.notes li, ul.rejected li { margin:.3rem 0; }
+ul.rejected li { color:var(--dim); }
+.notice { border-left:4px solid #d9822b; background:#fff6ec; padding:.4rem .8rem; margin:.4rem 0 1rem; }
 details { margin:.2rem 0 1rem; }
 summary { cursor:pointer; color:var(--accent); }
 footer { color:var(--dim); font-size:.85rem; text-align:center; padding:1rem; }

@@ -191,6 +191,7 @@ class RunSummary(_Record):
     started: str | None = None
     total_seconds: float | None = None
     results_key: str | None = field(default=None, metadata=_OMIT_IF_NONE)
+    sample_size: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +226,7 @@ class ProbeResults(_Record):
     metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     provenance: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
     best_layer: dict[str, BestLayer] | None = field(default=None, metadata=_OMIT_IF_NONE)
+    sample_size: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
 
     def curve(self, concept: str) -> tuple[list[str], list[float], list[float]]:
         """Layers in depth order, their relative depths and ``concept``'s test set IoU (NaN where missing).
@@ -289,6 +291,7 @@ class Ridge(_Record):
 
     pairs: tuple[RidgePair, ...] = ()
     depth_correlation: float | None = None
+    depth_correlation_ci: tuple[float | None, ...] | None = field(default=None, metadata=_OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,34 @@ class Block(_Record):
     cka_pooled: Matrix | None = None
     cka_spatial: Matrix | None = None
     ridge: Ridge | None = None
+    # controls (absent when the run had them off): the similarity's permutation null, chance-corrected
+    # score, p-value, bootstrap CI and Holm significance over the block's cells, then the same for CKA
+    null_mean: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    corrected: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    p_value: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    ci_low: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    ci_high: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    significant: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_pooled_null_mean: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_pooled_corrected: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_pooled_p_value: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_pooled_ci_low: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_pooled_ci_high: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_pooled_significant: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_spatial_null_mean: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_spatial_corrected: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_spatial_p_value: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_spatial_ci_low: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_spatial_ci_high: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+    cka_spatial_significant: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+
+    def controlled(self, prefix: str = "") -> dict[str, Matrix] | None:
+        """The control matrices of the similarity (``prefix`` ``""``) or of CKA (``"cka_pooled_"``,
+        ``"cka_spatial_"``): ``null_mean``, ``corrected``, ``p_value``, ``ci_low``, ``ci_high``,
+        ``significant``; None when the run had no controls for it."""
+        keys = ("null_mean", "corrected", "p_value", "ci_low", "ci_high", "significant")
+        values = {key: getattr(self, prefix + key) for key in keys}
+        return values if values["corrected"] is not None else None
 
     def ridge_pairs(self, depth_of: Mapping[str, float]) -> list[tuple[int, int, float, float, float]]:
         """Ridge pairs as (row, column, depth_a, depth_b, score), missing depths and scores filled in."""
@@ -348,6 +379,9 @@ class Comparison(_Record):
     cka: dict[str, Matrix] | None = None
     blocks: tuple[Block, ...] = ()
     provenance: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
+    null: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
+    bootstrap: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
+    sample_size: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
     step_key: str | None = field(default=None, metadata=_OMIT_IF_NONE)
 
     def depth_of(self) -> dict[str, float]:
@@ -385,8 +419,22 @@ class TCAVRow(_Record):
     ci_low: float | None = None
     ci_high: float | None = None
     metric_means: dict[str, float | None] = field(default_factory=dict)
+    # the test's validity (tcav.json of conceptlens.attribution.tcav, in its order): which test, run
+    # spread, the naive input-only CI beside the corrected one, degenerate layers, robustness, power
+    test: str | None = None
+    run_std: float | None = None
+    ci_naive_low: float | None = None
+    ci_naive_high: float | None = None
+    degenerate_layer: bool | None = None
+    robust: bool | None = None
+    random_sets_needed: int | None = None
     scores: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
     null_scores: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
+    null_statistics: tuple[float | None, ...] | None = None
+    null_complete: bool | None = None
+    degenerate_reason: str | None = None
+    variants: dict[str, dict[str, Any]] | None = None
+    power: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The row with ``metric_means`` spelled out as ``<metric>_mean`` keys."""
@@ -421,10 +469,12 @@ class TCAVResults(_Record):
     n_bootstrap: int | None = None
     seed: int | None = None
     n_hypotheses: int | None = None
+    test: str | None = None
     missing: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     records: tuple[TCAVRow, ...] = ()
     provenance: dict[str, Any] | None = None
     missing_lines: tuple[str, ...] = ()
+    sample_size: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
     step_key: str | None = field(default=None, metadata=_OMIT_IF_NONE)
 
     @classmethod

@@ -22,6 +22,7 @@ from conceptlens.report.figures import (
     concept_color,
     flow_figure,
     ncav_figure,
+    probe_controls_figure,
     probe_figure,
     segmentation_figure,
     tcav_figure,
@@ -31,6 +32,8 @@ from conceptlens.report.findings import (
     NEAR_DIAGONAL,
     WELL_ENCODED_IOU,
     grouped_findings,
+    not_distinguishable,
+    sample_size_notices,
 )
 from conceptlens.report.formatting import (
     METHOD_NAMES,
@@ -98,7 +101,8 @@ def _summary_section(results: Results) -> str:
                   ("splits", escape(" / ".join(f"{k} {v}" for k, v in (data.splits if data else {}).items()) or "—")),
                   ("concepts", escape(", ".join(data.concepts if data else ()) or "—"))]
     version_pairs = [(k, escape(v)) for k, v in run.versions.items()]
-    parts = ['<div class="kv-row">', key_values("Run", run_pairs), key_values("Data", data_pairs)]
+    parts = [_sample_size_notice(results)]
+    parts += ['<div class="kv-row">', key_values("Run", run_pairs), key_values("Data", data_pairs)]
     if version_pairs:
         parts.append(key_values("Versions", version_pairs))
     parts.append("</div>")
@@ -120,6 +124,15 @@ def _summary_section(results: Results) -> str:
     return "\n".join(parts)
 
 
+def _sample_size_notice(results: Results) -> str:
+    """A highlighted list of the results whose test split is too small (empty when none is)."""
+    notices = sample_size_notices(results)
+    if not notices:
+        return ""
+    items = "".join(f"<li>{escape(n[0].upper() + n[1:])}.</li>" for n in notices)
+    return f'<div class="notice"><b>Sample size.</b><ul class="notes">{items}</ul></div>'
+
+
 # ---------------------------------------------------------------------------------------------
 # probes and segmentation
 
@@ -138,6 +151,15 @@ def _probe_section(results: Results, colors: Colors, sink: FigureSink) -> str:
         drawn = probe_figure(results.probe(model, "net2vec"), model, concepts, colors)
         parts.append(figure(sink.png(drawn, f"probe_{model}"), f"probe quality of {model}") if drawn else missing(f"no set IoU in probe_{model}_net2vec.json"))
     parts.append("</div>")
+    controlled = [(m, probe_controls_figure(results.probe(m, "net2vec"), m, concepts, colors)) for m in models]
+    if any(drawn for _, drawn in controlled):
+        parts.append("<h3>Probe vs controls across depth</h3>")
+        parts.append(caption("Per concept, the probe's test set IoU (solid) beside the same probe on a random-weights copy of the model "
+                             "(dashed) and on masks permuted across images (dotted). A filled marker is a layer where the concept counts as "
+                             "encoded: it clears both controls by the margin and the bootstrap CI of the difference excludes zero."))
+        for model, drawn in controlled:
+            if drawn:
+                parts.append(figure(sink.png(drawn, f"probe_controls_{model}"), f"probe vs controls of {model}"))
     head = ("<tr><th rowspan=\"2\">concept</th>" + "".join(f'<th colspan="3">{escape(m)}</th>' for m in models) + "</tr><tr>"
             + "".join("<th>best layer</th><th>depth</th><th>set IoU</th>" for _ in models) + "</tr>")
     rows = []
@@ -231,6 +253,10 @@ def _similarity_section(results: Results, sink: FigureSink) -> str:
                          "images (supervised: mean concept set IoU of the Net2Vec maps; unsupervised: NCAV best-match set IoU; linear CKA as "
                          "a representation baseline). Red dots mark each row's best match (the ridge): a ridge along the dashed diagonal "
                          "means the models learn the same concepts at similar relative depths."))
+    if any(block.corrected is not None for c in results.compare.values() for block in c.blocks):
+        parts.append(caption("With controls, each heatmap shows the chance-corrected score (s − null)/(1 − null): 0 is what images "
+                             "permuted between the two layers give, 1 a perfect match; hatched cells are not significant (permutation "
+                             "p-value, Holm over the block's cells). The raw scores, nulls, p-values and CIs are in compare.json and compare.csv."))
     parts += _heatmap_grids(results)
     parts.append("<h3>Ridges</h3>")
     parts.append(caption("Per model pair, each row layer's best-matching column layer (within a model: the best other layer), the mean "
@@ -309,8 +335,12 @@ def _tcav_section(results: Results, colors: Colors, sink: FigureSink) -> str:
         rows = [[escape(r.concept), f"<code>{escape(r.layer)}</code>", escape(r.target), value(r.mean), value(r.null_mean),
                  f"{value(r.ci_low)} – {value(r.ci_high)}", escape(p_value(r.p)), escape(p_value(r.adjusted_p(correction))), "✔" if r.significant else ""]
                 for r in records]
-        parts.append(table(["concept", "layer", "target", "mean", "null mean", "CI", "p", f"p ({correction})", "significant"], rows,
-                           numeric=(3, 4, 5, 6, 7), row_class=lambda i: "sig" if records[i].significant else ""))
+        head = ["concept", "layer", "target", "mean", "null mean", "CI", "p", f"p ({correction})", "significant"]
+        if any(r.run_std is not None or r.robust is not None for r in records):  # controls: run spread, robustness, degenerate layers
+            head += ["run sd", "robust", "layer note"]
+            for row, r in zip(rows, records):
+                row += [value(r.run_std), {True: "✔", False: "✘"}.get(r.robust, "—"), "degenerate" if r.degenerate_layer else ""]
+        parts.append(table(head, rows, numeric=(3, 4, 5, 6, 7), row_class=lambda i: "sig" if records[i].significant else ""))
     if tcav.missing_lines:
         parts.append("<h3>Inputs left out</h3><ul class=\"notes\">" + "".join(f"<li>{escape(line)}</li>" for line in tcav.missing_lines) + "</ul>")
     return "\n".join(parts)
@@ -326,4 +356,12 @@ def _findings_section(results: Results) -> str:
     for heading, sentences in groups:  # sentences start with a plain word (see findings): capitalising it keeps identifiers intact
         parts.append(f"<h3>{escape(heading)}</h3>")
         parts.append("<ul class=\"findings\">" + "".join(f"<li>{escape(s[0].upper() + s[1:])}.</li>" for s in sentences) + "</ul>")
+    rejected = not_distinguishable(results)
+    if rejected:
+        parts.append("<h3>Not distinguishable from control</h3>")
+        parts.append(caption("Claims the raw numbers suggest but the controls, nulls or robustness checks do not support, with the reason."))
+        parts.append("<ul class=\"rejected\">" + "".join(f"<li>{escape(claim[0].upper() + claim[1:])}: {escape(reason)}.</li>" for claim, reason in rejected) + "</ul>")
+    notices = sample_size_notices(results)
+    if notices:
+        parts.append("<h3>Sample size</h3><ul class=\"notes\">" + "".join(f"<li>{escape(n[0].upper() + n[1:])}.</li>" for n in notices) + "</ul>")
     return "\n".join(parts)

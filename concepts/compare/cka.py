@@ -1,24 +1,59 @@
-"""Linear CKA (Kornblith et al. 2019), the representation-similarity baseline (docs/METHODS.md §7).
+"""Linear CKA (Kornblith et al. 2019), the representation-similarity baseline, with a null and CIs
+(docs/METHODS.md §7).
 
-* :func:`linear_cka`: the closed form ``‖YᵀX‖_F² / (‖XᵀX‖_F ‖YᵀY‖_F)`` on centred features.
-* :class:`MinibatchCKA`: CKA accumulated over minibatches with the unbiased HSIC estimator
-  (Nguyen et al. 2021): ``CKA = mean HSIC₁(K, L) / sqrt(mean HSIC₁(K, K) · mean HSIC₁(L, L))``.
-  For linear kernels HSIC₁ follows from the feature matrices alone, so no n×n Gram matrix is formed.
-* :func:`cka_matrix`: every layer pair, streamed from the store, with pooled features (one
-  sample per image) or spatial features (every cell of a common grid, one sample per position).
+* :func:`linear_cka`: the closed form ``‖ỸᵀX̃‖_F² / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F)`` on centred features.
+* :class:`LinearCKA`: the same value, exact, streamed over batches of samples: it accumulates the
+  sums ``Σz`` and ``Σzzᵀ`` of every layer's features side by side, so the result does not depend
+  on the batch size and every sample counts once.
+* :class:`MinibatchCKA`: the minibatch estimator of Nguyen et al. (2021) (unbiased HSIC₁ per
+  batch, averaged with weights proportional to the batch size; a batch under 4 samples raises).
+* :func:`cka_statistics`: every layer pair of several store entries on a set of items, with pooled
+  features (one sample per image: the mean over the image's own cells, padding left out) or
+  spatial features (every cell of a common grid over each original image); optionally a
+  permutation null (test images permuted between the two layers) and bootstrap CIs over test
+  images, both computed from the Gram matrices of the samples.
+* :func:`cka_matrix`: the CKA matrix alone.
+
+Example
+-------
+>>> import torch
+>>> x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+>>> round(linear_cka(x, 3.0 * x + 1.0), 6)
+1.0
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from conceptlens.concepts.geometry import Geometry, features_to_grid
+from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, random_permutations
+from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.geometry import Geometry, features_to_grid, image_cells
 from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
-__all__ = ["linear_cka", "unbiased_hsic", "MinibatchCKA", "cka_matrix", "layer_features"]
+__all__ = [
+    "CKAError",
+    "CKAStatistics",
+    "LinearCKA",
+    "MinibatchCKA",
+    "cka_matrix",
+    "cka_statistics",
+    "layer_features",
+    "linear_cka",
+    "unbiased_hsic",
+]
+
+#: Default cap on the samples (images × cells) the null and the bootstrap use (their Gram is n × n).
+MAX_NULL_SAMPLES = 512
+
+
+class CKAError(ConceptLensError, ValueError):
+    """Features that cannot give a CKA value (a batch too small, entries of different sizes)."""
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -48,21 +83,30 @@ def unbiased_hsic(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class MinibatchCKA:
-    """Accumulate linear CKA between every pair of ``n_layers`` feature sets over minibatches."""
+    """Minibatch linear CKA between every pair of ``n_layers`` feature sets (Nguyen et al. 2021).
+
+    Each batch contributes its unbiased HSIC₁ weighted by its number of samples, so unequal
+    batches count in proportion to their size. HSIC₁ needs n ≥ 4: a smaller batch raises
+    :class:`CKAError` instead of being dropped (merge it into a neighbour). :class:`LinearCKA`
+    is the exact, batch-size-free alternative :func:`cka_statistics` uses.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.hsic = np.zeros((n_layers, n_layers))
         self.batches = 0
+        self.samples = 0
 
     def update(self, features: Sequence[torch.Tensor]) -> None:
         """Add one minibatch: per layer a (samples, channels) matrix, same samples in the same order."""
-        if features[0].shape[0] < 4:
-            return  # HSIC₁ needs n ≥ 4; a tiny last batch is skipped
+        n = int(features[0].shape[0])
+        if n < 4:
+            raise CKAError(f"minibatch {self.batches}", f"has {n} samples; the unbiased HSIC needs at least 4", "merge it into the previous batch")
         for i in range(len(features)):
             for j in range(i, len(features)):
-                self.hsic[i, j] += unbiased_hsic(features[i], features[j])
+                self.hsic[i, j] += n * unbiased_hsic(features[i], features[j])
                 self.hsic[j, i] = self.hsic[i, j]
         self.batches += 1
+        self.samples += n
 
     def compute(self) -> np.ndarray:
         """The (n_layers, n_layers) CKA matrix."""
@@ -70,37 +114,327 @@ class MinibatchCKA:
         return self.hsic / np.outer(diagonal, diagonal)
 
 
+class LinearCKA:
+    """Exact linear CKA between every pair of feature sets, streamed over batches of samples.
+
+    Accumulates ``Σz`` and ``Σzzᵀ`` of the concatenated features ``z = [x₁, …, x_L]`` (shifted by
+    the first batch's mean for accuracy); the centred cross-covariances ``C_ij`` then give
+    ``CKA_ij = ‖C_ij‖_F² / (‖C_ii‖_F ‖C_jj‖_F)``, the value :func:`linear_cka` gives on all
+    samples at once, whatever the batches. Memory: ``(Σ C_l)²`` float64.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        Channels of each feature set.
+    """
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        self.offsets = np.cumsum([0, *[int(w) for w in widths]])
+        size = int(self.offsets[-1])
+        self.total = torch.zeros(size, dtype=torch.float64)
+        self.cross = torch.zeros(size, size, dtype=torch.float64)
+        self.shift: torch.Tensor | None = None
+        self.samples = 0
+
+    def update(self, features: Sequence[torch.Tensor]) -> None:
+        """Add samples: per feature set a (samples, channels) matrix, same samples in the same order."""
+        z = torch.cat([f.double().cpu() for f in features], dim=1)
+        if self.shift is None:
+            self.shift = z.mean(dim=0)
+        z = z - self.shift
+        self.total += z.sum(dim=0)
+        self.cross += z.T @ z
+        self.samples += int(z.shape[0])
+
+    def compute(self) -> np.ndarray:
+        """The (L, L) CKA matrix; NaN where a feature set is constant."""
+        if self.samples < 2:
+            raise CKAError("CKA", f"got {self.samples} samples", "compare at least 2 test images")
+        covariance = self.cross - torch.outer(self.total, self.total) / self.samples
+        n = len(self.offsets) - 1
+        blocks = [[covariance[self.offsets[i] : self.offsets[i + 1], self.offsets[j] : self.offsets[j + 1]] for j in range(n)] for i in range(n)]
+        squared = np.array([[float(blocks[i][j].pow(2).sum()) for j in range(n)] for i in range(n)])
+        return _normalised(squared)
+
+
+def _normalised(cross: np.ndarray) -> np.ndarray:
+    """``cross_ij / sqrt(cross_ii cross_jj)``, NaN where a diagonal term is zero."""
+    diagonal = np.sqrt(np.clip(np.diag(cross), 0.0, None))
+    denominator = np.outer(diagonal, diagonal)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, cross / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
 def layer_features(activations: torch.Tensor, geometries: Sequence[Geometry], mode: str, grid: tuple[int, int]) -> torch.Tensor:
     """Turn a batch of activations (B, C, h, w) into CKA samples.
 
-    ``pooled``: one sample per image (spatial mean), (B, C). ``spatial``: the map sampled on a
-    common grid over each original image, one sample per (image, cell), (B·Gh·Gw, C).
+    ``pooled``: one sample per image, the mean over the cells that lie on the image (padding left
+    out, as ``reduce='mean'`` does), (B, C). ``spatial``: the map sampled on a common grid over
+    each original image, one sample per (image, cell), (B·Gh·Gw, C).
     """
+    samples = _image_samples(activations, geometries, mode, grid)
+    return samples.reshape(-1, samples.shape[-1])
+
+
+def _image_samples(activations: torch.Tensor, geometries: Sequence[Geometry], mode: str, grid: tuple[int, int]) -> torch.Tensor:
+    """Per image its CKA samples: (B, 1, C) pooled, (B, Gh·Gw, C) spatial, (B, 1, C) for pooled entries."""
     if activations.dim() == 2:
-        return activations.float()
+        return activations.float()[:, None]
+    if mode not in ("pooled", "spatial"):
+        raise CKAError(f"mode={mode!r}", "is not a CKA mode", "use 'pooled' or 'spatial'")
+    activations = activations.float()
     if mode == "pooled":
-        return activations.float().mean(dim=(2, 3))
-    sampled = features_to_grid(activations.float(), geometries, grid)
-    return sampled.movedim(1, -1).reshape(-1, activations.shape[1])
+        cells = torch.stack([image_cells(g, tuple(activations.shape[-2:])) for g in geometries])[:, None].to(activations.device)
+        return ((activations * cells).sum(dim=(2, 3)) / cells.sum(dim=(2, 3)).clamp(min=1))[:, None]
+    sampled = features_to_grid(activations, geometries, grid)
+    return sampled.flatten(2).transpose(1, 2)
+
+
+@dataclass
+class CKAStatistics:
+    """Linear CKA of every layer pair with its permutation null and bootstrap CI.
+
+    Attributes
+    ----------
+    cka : ndarray
+        (L, L) exact linear CKA over every sample.
+    mode : str
+        ``pooled`` or ``spatial``.
+    n_images : int
+        Test images compared.
+    null_mean, p_value, ci_low, ci_high : ndarray or None
+        (L, L): mean CKA under the null, permutation p-value ``(1 + #{null ≥ s}) / (P + 1)``,
+        percentile bootstrap interval; None when that part is off.
+    n_permutations, n_bootstrap, seed : int
+        Permutations ``P``, bootstrap replicates ``B``, seed of both.
+    level : float
+        Level of the CI.
+    null_images, null_cells : int
+        Images and cells per image the null and the bootstrap use (at most ``max_samples`` samples).
+    uncertainty : SimilarityNull or None
+        The draws: ``score`` is the CKA on those samples (the p-value's statistic; equal to
+        ``cka`` when every sample is used), ``null`` (P, L, L), ``bootstrap`` (B, L, L).
+    """
+
+    cka: np.ndarray
+    mode: str
+    n_images: int
+    null_mean: np.ndarray | None = None
+    p_value: np.ndarray | None = None
+    ci_low: np.ndarray | None = None
+    ci_high: np.ndarray | None = None
+    n_permutations: int = 0
+    n_bootstrap: int = 0
+    seed: int = 0
+    level: float = 0.95
+    null_images: int = 0
+    null_cells: int = 0
+    uncertainty: SimilarityNull | None = field(default=None, repr=False)
+
+    def corrected(self) -> np.ndarray | None:
+        """Chance-corrected CKA ``(s − null) / (1 − null)``; None without a null."""
+        if self.null_mean is None:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.null_mean < 1, (self.cka - self.null_mean) / (1 - self.null_mean), np.nan)
 
 
 def cka_matrix(
     entries: Sequence[StoreEntry], indices: Sequence[int], mode: str = "pooled", grid: tuple[int, int] = (8, 8), batch_size: int = 32
 ) -> np.ndarray:
-    """Minibatch linear CKA between the activations of every pair of store entries.
+    """Exact linear CKA between the activations of every pair of store entries (see :func:`cka_statistics`)."""
+    return cka_statistics(entries, indices, mode=mode, grid=grid, batch_size=batch_size).cka
 
-    All entries must hold the same dataset items; ``indices`` (e.g. the test split) are visited
-    in order, ``batch_size`` images at a time.
+
+def cka_statistics(
+    entries: Sequence[StoreEntry],
+    indices: Sequence[int],
+    mode: str = "pooled",
+    grid: tuple[int, int] = (8, 8),
+    batch_size: int = 32,
+    *,
+    n_permutations: int = 0,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    level: float = 0.95,
+    max_samples: int = MAX_NULL_SAMPLES,
+    progress: bool = False,
+) -> CKAStatistics:
+    """Linear CKA of every pair of store entries on ``indices``, with an optional null and CIs.
+
+    Parameters
+    ----------
+    entries : sequence of StoreEntry
+        Activation entries of the same dataset items (maps of any padded size, or pooled vectors).
+    indices : sequence of int
+        Items compared (e.g. the test split), read ``batch_size`` at a time, shard by shard (shards
+        of different padded map sizes are fine).
+    mode : {'pooled', 'spatial'}
+        One sample per image (mean over its own cells) or one per (image, cell of ``grid``).
+    grid : (int, int)
+        Grid of the spatial samples.
+    batch_size : int
+        Images read at a time; the value does not depend on it (exact streamed CKA).
+    n_permutations : int
+        ``P`` permutations of the test images of one layer against the other; 0: no null.
+    n_bootstrap : int
+        ``B`` bootstrap replicates over test images; 0: no CI.
+    seed : int
+        Seed of the permutations and the bootstrap (drawn as in
+        :mod:`~conceptlens.concepts.compare.nulls`) and of the sample subset.
+    level : float
+        CI level.
+    max_samples : int
+        Most samples the null and the bootstrap use: every image and every cell when they fit,
+        else a seeded subset of grid cells (the same cells in every image) and, if still too
+        many, of images. The p-value compares the CKA *on that subset* with its null; the CI is
+        the subset's bootstrap interval shifted by the difference of the two CKA values.
+    progress : bool
+        Progress bar over batches.
+
+    Returns
+    -------
+    CKAStatistics
+
+    Raises
+    ------
+    CKAError
+        Fewer than 2 items, entries with a different number of samples per image.
     """
+    indices = np.asarray([int(i) for i in indices], dtype=np.int64)
+    null_on = n_permutations > 0 or n_bootstrap > 0
+    if len(indices) < 2:
+        raise CKAError("CKA", f"got {len(indices)} test images", "compare at least 2 test images")
     readers = [EntryReader(entry) for entry in entries]
-    accumulator = MinibatchCKA(len(entries))
-    indices = [int(i) for i in indices]
-    for start in range(0, len(indices), batch_size):
+    whole = [entry.manifest().get("request", {}).get("reduce") == "grid" for entry in entries]
+    generator = torch.Generator().manual_seed(int(seed))
+    images_kept, cells_kept = None, None
+    accumulator, held = None, [[] for _ in entries]
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc=f"CKA {mode}", unit="batch", disable=not progress):
         rows = indices[start : start + batch_size]
-        features = []
-        for reader in readers:
-            tensors = reader.rows(rows)
-            geometries = [Geometry.from_list(g.tolist()) for g in tensors["geometry"]]
-            features.append(layer_features(tensors["activations"], geometries, mode, grid))
-        accumulator.update(features)
-    return accumulator.compute()
+        samples = [_read_samples(reader, rows, mode, grid, w) for reader, w in zip(readers, whole)]
+        _check_samples(samples, entries)
+        if accumulator is None:
+            accumulator = LinearCKA([s.shape[-1] for s in samples])
+            if null_on:
+                images_kept, cells_kept = _null_subset(len(indices), samples[0].shape[1], max_samples, generator)
+        accumulator.update([s.reshape(-1, s.shape[-1]) for s in samples])
+        if null_on:
+            keep = images_kept[start : start + len(rows)]
+            for store, s in zip(held, samples):
+                store.append(s[keep][:, cells_kept].double())
+    result = CKAStatistics(accumulator.compute(), mode, len(indices), n_permutations=int(n_permutations), n_bootstrap=int(n_bootstrap), seed=int(seed), level=float(level))
+    if null_on:
+        subset = bool(images_kept.sum() < len(indices) or len(cells_kept) < samples[0].shape[1])
+        _add_null(result, [torch.cat(h) for h in held], n_permutations, n_bootstrap, level, subset)
+    return result
+
+
+def _read_samples(reader: EntryReader, rows: np.ndarray, mode: str, grid: tuple[int, int], whole: bool) -> torch.Tensor:
+    """Per image of ``rows`` its samples (B, S, C), read shard by shard (padded map sizes may differ)."""
+    shards = np.asarray([reader.shard_of(int(i)) for i in rows])
+    out = None
+    for number in np.unique(shards):
+        where = np.nonzero(shards == number)[0]
+        tensors = reader.rows(rows[where].tolist())
+        activations = tensors["activations"]
+        samples = _image_samples(activations, _geometries(tensors, activations, whole), mode, grid)
+        if out is None:
+            out = samples.new_empty((len(rows), *samples.shape[1:]))
+        out[torch.from_numpy(where)] = samples
+    return out
+
+
+def _geometries(tensors: dict[str, torch.Tensor], activations: torch.Tensor, whole: bool) -> list[Geometry]:
+    """The stored geometries; a map already on the concept grid (or without geometry) covers its whole canvas."""
+    if activations.dim() != 4 or whole or "geometry" not in tensors:
+        size = tuple(int(v) for v in activations.shape[-2:]) if activations.dim() == 4 else (1, 1)
+        return [Geometry(size, size, (0, 0), size)] * int(activations.shape[0])
+    return [Geometry.from_list(g.tolist()) for g in tensors["geometry"]]
+
+
+def _check_samples(samples: list[torch.Tensor], entries: Sequence[StoreEntry]) -> None:
+    counts = [int(s.shape[1]) for s in samples]
+    if len(set(counts)) > 1:
+        odd = entries[counts.index(min(counts))]
+        raise CKAError(str(odd.path), f"gives {min(counts)} sample(s) per image where another entry gives {max(counts)}", "spatial CKA needs maps (embed with reduce='native' or 'grid'), or use mode='pooled'")
+
+
+def _null_subset(n_images: int, cells: int, max_samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (bool mask over the compared images) and cells the null and the bootstrap use."""
+    per_image = max(1, min(cells, max_samples // n_images))
+    cells_kept = torch.sort(torch.randperm(cells, generator=generator)[:per_image]).values
+    n_kept = min(n_images, max(2, max_samples // per_image))
+    images = torch.zeros(n_images, dtype=torch.bool)
+    images[torch.randperm(n_images, generator=generator)[:n_kept]] = True
+    return images, cells_kept
+
+
+def _add_null(result: CKAStatistics, features: list[torch.Tensor], n_permutations: int, n_bootstrap: int, level: float, subset: bool) -> None:
+    """Fill the null and the CI of ``result`` from the held samples (images, cells, C) of every layer.
+
+    ``subset``: the samples are a subset of all; the CI is then the subset's percentile interval
+    shifted by ``s − s'`` (the reported CKA minus the subset's), so that it lies around ``s``.
+
+    Works on the centred Gram matrices of the samples (float32, (L, n, n)): a permutation of the
+    test images is a gather of the column layer's Gram, ``⟨K_i, P L_j Pᵀ⟩`` one dot product.
+    """
+    n_images, n_cells = int(features[0].shape[0]), int(features[0].shape[1])
+    grams = np.stack([_centred_gram(f.reshape(-1, f.shape[-1])) for f in features])  # (L, n, n)
+    flat = grams.reshape(len(grams), -1)
+    observed_cross = (flat @ flat.T).astype(np.float64)
+    norms = np.sqrt(np.clip(np.diag(observed_cross), 0.0, None))
+    outer = np.where(np.outer(norms, norms) > 0, np.outer(norms, norms), np.nan)
+    null = None
+    if n_permutations > 0:
+        null = np.stack([
+            _upper_mirrored(flat @ _permuted(grams, order, n_cells).reshape(len(grams), -1).T) / outer
+            for order in random_permutations(n_images, n_permutations, result.seed)
+        ])
+    bootstrap = None
+    if n_bootstrap > 0:
+        counts = bootstrap_counts(n_images, n_bootstrap, result.seed).astype(np.int64)
+        bootstrap = np.stack([_bootstrap_cka(grams, np.repeat(c, n_cells)) for c in counts])
+    draws = SimilarityNull(_normalised(observed_cross), null, bootstrap, result.seed, level)
+    result.uncertainty, result.null_images, result.null_cells = draws, n_images, n_cells
+    if null is not None:
+        result.null_mean, result.p_value = draws.null_mean(), draws.p_value()
+    if bootstrap is not None:
+        shift = result.cka - draws.score if subset else 0.0
+        low, high = draws.interval()
+        result.ci_low, result.ci_high = low + shift, high + shift
+
+
+def _centred_gram(x: torch.Tensor) -> np.ndarray:
+    x = (x - x.mean(dim=0)).double()
+    return (x @ x.T).float().numpy()
+
+
+def _permuted(grams: np.ndarray, image_order: np.ndarray, n_cells: int) -> np.ndarray:
+    """Grams (L, n, n) with their samples reordered image by image (each image's cells move with it)."""
+    layers, n_images = len(grams), len(image_order)
+    blocks = grams.reshape(layers, n_images, n_cells, n_images, n_cells)
+    return np.take(np.take(blocks, image_order, axis=1), image_order, axis=3).reshape(grams.shape)
+
+
+def _upper_mirrored(matrix: np.ndarray) -> np.ndarray:
+    """Keep the upper triangle (a permutation applied to the column layer) and mirror it."""
+    upper = np.triu(matrix)
+    return upper + np.triu(matrix, 1).T
+
+
+def _bootstrap_cka(grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """CKA of every pair on a resample given as sample multiplicities ``w`` (no gather).
+
+    For the resample's Grams ``K'``, ``L'`` (samples repeated ``w`` times, ``n = Σw``), re-centred:
+    ``⟨HK'H, L'⟩ = Σ w_a w_b K_ab L_ab − (2/n) Σ_a w_a (Kw)_a (Lw)_a + (wᵀKw)(wᵀLw)/n²``.
+    """
+    n = float(weights.sum())
+    weights = weights.astype(np.float32)
+    root = np.sqrt(weights)
+    flat = (grams * (root[:, None] * root[None, :])).reshape(len(grams), -1)
+    rows = (grams @ weights).astype(np.float64)  # (L, n): K w
+    totals = rows @ weights.astype(np.float64)
+    cross = (flat @ flat.T).astype(np.float64) - 2.0 / n * (rows * weights) @ rows.T + np.outer(totals, totals) / n**2
+    return _normalised(cross)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, paired_overlaps, random_permutations
 from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
@@ -117,6 +118,7 @@ class SupervisedSimilarity:
     matrix: np.ndarray
     blind: list[tuple[str, int, int]]
     undefined: list[tuple[str, int, int, str]]
+    uncertainty: SimilarityNull | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,7 +131,19 @@ class SupervisedSimilarity:
             },
             "blind_pairs": [{"concept": c, "a": self.labels[i], "b": self.labels[j]} for c, i, j in self.blind],
             "undefined": [{"concept": c, "a": self.labels[i], "b": self.labels[j], "why": why} for c, i, j, why in self.undefined],
+            **_uncertainty_dict(self.uncertainty),
         }
+
+
+def _uncertainty_dict(uncertainty: SimilarityNull | None) -> dict[str, Any]:
+    """The null's and the bootstrap's all-layers matrices (nothing when neither was computed)."""
+    out: dict[str, Any] = {}
+    if uncertainty is not None and uncertainty.null is not None:
+        out.update(null_mean=_json_matrix(uncertainty.null_mean()), corrected=_json_matrix(uncertainty.corrected()), p_value=_json_matrix(uncertainty.p_value()))
+    if uncertainty is not None and uncertainty.bootstrap is not None:
+        low, high = uncertainty.interval()
+        out.update(ci_low=_json_matrix(low), ci_high=_json_matrix(high))
+    return out
 
 
 def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
@@ -137,7 +151,16 @@ def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 def supervised_similarity(
-    layers: Sequence[LayerMaps], concepts: Sequence[str] | None = None, threshold: float = 0.5, batch_size: int = 16
+    layers: Sequence[LayerMaps],
+    concepts: Sequence[str] | None = None,
+    threshold: float = 0.5,
+    batch_size: int = 16,
+    *,
+    n_permutations: int = 0,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    level: float = 0.95,
+    progress: bool = False,
 ) -> SupervisedSimilarity:
     """Compare supervised concept maps of every pair of layers on the same test images.
 
@@ -151,6 +174,22 @@ def supervised_similarity(
         Probability above which a cell belongs to the predicted mask.
     batch_size : int
         Test images per step.
+    n_permutations : int
+        Permutations of the test images for the null of ``matrix`` (0: no null).
+    n_bootstrap : int
+        Bootstrap resamples of the test images for its CI (0: no CI).
+    seed : int
+        Seed of the permutations and resamples.
+    level : float
+        Confidence level of the CI.
+    progress : bool
+        A progress bar over the null's passes.
+
+    Returns
+    -------
+    SupervisedSimilarity
+        With ``uncertainty`` (:class:`~conceptlens.concepts.compare.nulls.SimilarityNull`) when
+        ``n_permutations`` or ``n_bootstrap`` is positive; every other field is the same either way.
     """
     n_items = _check_same_items(layers)
     concepts = _common_concepts(layers, concepts)
@@ -166,7 +205,43 @@ def supervised_similarity(
             values = torch.stack([m[:, c].reshape(-1) for m in maps])  # (n layers, pixels)
             _accumulate(stats, c, values, threshold)
         count += maps[0][:, 0].numel()
-    return _supervised_result(layers, concepts, stats, count)
+    result = _supervised_result(layers, concepts, stats, count)
+    if n_permutations > 0 or n_bootstrap > 0:
+        def read_binary(rows: range) -> torch.Tensor:  # (K concepts, L layers, b, cells)
+            maps = [reader.rows(rows)["maps"][:, cols].float() > threshold for reader, cols in zip(readers, columns)]
+            return torch.stack(maps).flatten(3).permute(2, 0, 1, 3).float()
+
+        overlaps = _overlaps(read_binary, n_items, n_permutations, seed, progress)
+        result.uncertainty = _uncertainty(result.matrix, overlaps, _set_iou_scores, n_bootstrap, seed, level)
+    return result
+
+
+def _overlaps(read_binary, n_items: int, n_permutations: int, seed: int, progress: bool):
+    return paired_overlaps(read_binary, n_items, random_permutations(n_items, n_permutations, seed), progress=progress)
+
+
+def _uncertainty(score: np.ndarray, overlaps, scores, n_bootstrap: int, seed: int, level: float) -> SimilarityNull:
+    """Null draws (upper triangle mirrored: the row layer keeps its images) and bootstrap draws."""
+    totals = overlaps.sizes.sum(axis=0)
+    null = None
+    if len(overlaps.permuted):
+        null = scores(overlaps.permuted, np.broadcast_to(totals, (len(overlaps.permuted), *totals.shape)))
+        lower = np.tril_indices(score.shape[0], -1)
+        null[:, lower[0], lower[1]] = null[:, lower[1], lower[0]]
+    bootstrap = None
+    if n_bootstrap > 0:
+        counts = bootstrap_counts(overlaps.per_item.shape[0], n_bootstrap, seed)
+        inter = np.tensordot(counts, overlaps.per_item, axes=1)
+        bootstrap = scores(inter, np.tensordot(counts, overlaps.sizes, axes=1))
+    return SimilarityNull(score, null, bootstrap, seed, level)
+
+
+def _set_iou_scores(intersection: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Mean set IoU over concepts from (R, K, L, L) intersections and (R, K, L) sizes -> (R, L, L)."""
+    union = sizes[..., :, None] + sizes[..., None, :] - intersection
+    iou = _ratio(intersection, union)
+    counts = np.isfinite(iou).sum(axis=1)
+    return _ratio(np.where(np.isfinite(iou), iou, 0.0).sum(axis=1), counts.astype(float))
 
 
 def _accumulate(stats: dict[str, np.ndarray], c: int, values: torch.Tensor, threshold: float) -> None:
@@ -270,6 +345,7 @@ class UnsupervisedSimilarity:
     pair_iou: dict[tuple[int, int], np.ndarray]
     matched: dict[tuple[int, int], list[tuple[int, int, float]]]
     empty_ncavs: dict[str, list[str]]
+    uncertainty: SimilarityNull | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -281,11 +357,27 @@ class UnsupervisedSimilarity:
                 for (i, j) in sorted(self.pair_iou)
             ],
             "empty_ncavs": self.empty_ncavs,
+            **_uncertainty_dict(self.uncertainty),
         }
 
 
-def unsupervised_similarity(layers: Sequence[LayerMaps], tau: float = 0.5, batch_size: int = 16) -> UnsupervisedSimilarity:
-    """Compare NCAV maps of every pair of layers (two streaming passes: maxima, then overlaps)."""
+def unsupervised_similarity(
+    layers: Sequence[LayerMaps],
+    tau: float = 0.5,
+    batch_size: int = 16,
+    *,
+    n_permutations: int = 0,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    level: float = 0.95,
+    progress: bool = False,
+) -> UnsupervisedSimilarity:
+    """Compare NCAV maps of every pair of layers (two streaming passes: maxima, then overlaps).
+
+    ``n_permutations``, ``n_bootstrap``, ``seed``, ``level`` and ``progress``: the null and the
+    CI of the best-match matrix, as in :func:`supervised_similarity` (0, 0: none, the result is
+    the same as without them).
+    """
     n_items = _check_same_items(layers)
     readers = [EntryReader(layer.maps) for layer in layers]
     batches = _batches(n_items, batch_size)
@@ -306,7 +398,38 @@ def unsupervised_similarity(layers: Sequence[LayerMaps], tau: float = 0.5, batch
             sizes[l] += binary[-1].sum(dim=0).double().numpy()
         for (i, j) in intersections:
             intersections[(i, j)] += (binary[i].T @ binary[j]).double().numpy()
-    return _unsupervised_result(layers, intersections, sizes, maxima)
+    result = _unsupervised_result(layers, intersections, sizes, maxima)
+    if n_permutations > 0 or n_bootstrap > 0:
+        def read_binary(rows: range) -> torch.Tensor:  # (1 group, all NCAVs of all layers, b, cells)
+            maps = [reader.rows(rows)["maps"].float() / top.clamp(min=1e-12).view(1, -1, 1, 1) > tau for reader, top in zip(readers, maxima)]
+            return torch.cat(maps, dim=1).flatten(2).transpose(0, 1).unsqueeze(0).float()
+
+        overlaps = _overlaps(read_binary, n_items, n_permutations, seed, progress)
+        ends = np.cumsum([len(layer.concepts) for layer in layers])
+        slices = [slice(end - len(layer.concepts), end) for end, layer in zip(ends, layers)]
+
+        def scores(intersection: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+            return _best_match_scores(intersection[:, 0], sizes[:, 0], slices)
+
+        result.uncertainty = _uncertainty(result.best_match, overlaps, scores, n_bootstrap, seed, level)
+        if result.uncertainty.bootstrap is not None:  # a layer matches itself by definition (best_match's diagonal)
+            diagonal = np.arange(len(layers))
+            result.uncertainty.bootstrap[:, diagonal, diagonal] = 1.0
+    return result
+
+
+def _best_match_scores(intersection: np.ndarray, sizes: np.ndarray, slices: list[slice]) -> np.ndarray:
+    """Best-match means of every layer pair from (R, C, C) NCAV intersections and (R, C) sizes."""
+    out = np.zeros((intersection.shape[0], len(slices), len(slices)))
+    for i, rows in enumerate(slices):
+        for j, cols in enumerate(slices):
+            if j < i:
+                continue
+            inter = intersection[:, rows, cols]
+            union = sizes[:, rows, None] + sizes[:, None, cols] - inter
+            iou = np.nan_to_num(_ratio(inter, union), nan=0.0)
+            out[:, i, j] = out[:, j, i] = 0.5 * (iou.max(axis=2).mean(axis=1) + iou.max(axis=1).mean(axis=1))
+    return out
 
 
 def _unsupervised_result(layers, intersections, sizes, maxima) -> UnsupervisedSimilarity:

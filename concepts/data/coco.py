@@ -14,19 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from conceptlens.concepts.data.coco_checks import (
+    DROP_FIX,
+    check_ids,
+    check_image_entry,
+    segmentation_problem,
+)
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
+from conceptlens.concepts.data.imageio import read_image
+from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.store.artifacts import file_sha256
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-
-from conceptlens.concepts.store.artifacts import file_sha256
-from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
-from conceptlens.concepts.errors import DataError
-from conceptlens.concepts.data.imageio import read_image
 
 __all__ = ["REFERENCE_AREA_RANGE", "CocoDataset"]
 
 REFERENCE_AREA_RANGE = (0.025, 0.8)
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-_DROP_FIX = "fix the annotation or drop it from the file"
+_DROP_FIX = DROP_FIX
 
 
 class CocoDataset(ConceptDataset):
@@ -36,6 +41,12 @@ class CocoDataset(ConceptDataset):
     uncompressed and compressed RLE; ``iscrowd`` annotations included). Images are read without
     applying their EXIF orientation, as pycocotools and torchvision do, because COCO coordinates
     refer to the stored pixels.
+
+    Nothing unchecked reaches pycocotools' native code
+    (:mod:`conceptlens.concepts.data.coco_checks`): ids must be unique integers, image sizes
+    positive integers within the pixel bound, ``file_name`` a relative path inside
+    ``images_dir`` (no absolute path, no ``..``), polygons finite and within one image size of
+    the image, RLE runs (list or compressed string) must cover exactly height x width pixels.
 
     Parameters
     ----------
@@ -213,6 +224,7 @@ def _check_entries(data: dict[str, Any], path: Path) -> None:
             if lacking:
                 name = f"{path}: {section}[{position}]" + (f" (id {entry['id']})" if isinstance(entry, dict) and "id" in entry else "")
                 raise DataError(name, f"lacks {', '.join(lacking)}", f"{_DROP_FIX.replace('annotation', 'entry')}")
+    check_ids(data, path)
 
 
 def _select_categories(coco: COCO, names: Sequence[str] | None, path: Path) -> list[int]:
@@ -247,9 +259,7 @@ def _select_images(coco: COCO, image_ids: Sequence[int] | None, path: Path) -> l
         if image_id not in coco.imgs:
             raise DataError(f"image id {image_id}", f"not in {path.name}", "use ids of the annotation file")
         entry = coco.imgs[image_id]
-        missing = [key for key in ("file_name", "width", "height") if key not in entry]
-        if missing:
-            raise DataError(f"image id {image_id}", f"entry in {path.name} lacks {', '.join(missing)}", "fix the entry")
+        check_image_entry(entry, path)
         entries.append(entry)
     if not entries:
         raise DataError(str(path), "lists no images", "use an annotation file with images")
@@ -258,46 +268,9 @@ def _select_images(coco: COCO, image_ids: Sequence[int] | None, path: Path) -> l
 
 def _check_segmentation(annotation: dict[str, Any], entry: dict[str, Any]) -> None:
     """Raise a DataError naming the annotation and image when its segmentation is unusable."""
-    where = f"annotation {annotation.get('id')}"
-    image = f"image {entry['file_name']}"
-    segmentation = annotation.get("segmentation")
-    if segmentation is None:
-        raise DataError(where, f"has no 'segmentation' ({image})", _DROP_FIX)
-    if isinstance(segmentation, list):
-        if not segmentation or not all(_is_polygon(polygon) for polygon in segmentation):
-            raise DataError(where, f"has an empty or degenerate polygon, fewer than 3 points ({image})", _DROP_FIX)
-    elif isinstance(segmentation, dict):
-        problem = _rle_problem(segmentation, int(entry["height"]), int(entry["width"]))
-        if problem:
-            raise DataError(where, f"{problem} ({image})", _DROP_FIX)
-    else:
-        raise DataError(where, f"segmentation is neither polygons nor RLE ({image})", _DROP_FIX)
-
-
-def _rle_problem(rle: dict[str, Any], height: int, width: int) -> str | None:
-    """Return what is wrong with an RLE segmentation of an image of that size, or None."""
-    if "counts" not in rle or "size" not in rle:
-        return "RLE segmentation lacks 'counts' or 'size'"
-    if list(rle["size"]) != [height, width]:
-        return f"RLE size {list(rle['size'])} differs from the image size {[height, width]}"
-    if isinstance(rle["counts"], list) and not _counts_cover(rle["counts"], height * width):
-        return "uncompressed RLE counts are not non-negative integers summing to height*width"
-    return None
-
-
-def _counts_cover(counts: list[Any], pixels: int) -> bool:
-    """Return whether uncompressed RLE ``counts`` are non-negative integers summing to ``pixels``."""
-    return all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) == pixels
-
-
-def _is_polygon(polygon: Any) -> bool:
-    """Return whether ``polygon`` is a flat list of at least 3 (x, y) points."""
-    return (
-        isinstance(polygon, list)
-        and len(polygon) >= 6
-        and len(polygon) % 2 == 0
-        and all(isinstance(v, (int, float)) for v in polygon)
-    )
+    problem = segmentation_problem(annotation.get("segmentation"), int(entry["height"]), int(entry["width"]))
+    if problem:
+        raise DataError(f"annotation {annotation.get('id')}", f"{problem} (image {entry['file_name']})", _DROP_FIX)
 
 
 def _annotation_mask(annotation: dict[str, Any], entry: dict[str, Any], height: int, width: int) -> np.ndarray:

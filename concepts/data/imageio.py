@@ -1,28 +1,49 @@
 """Reading images and binary masks, with errors that name the file and say how to fix it.
 
-Images are returned as ``uint8`` RGB arrays (H, W, 3) with the EXIF orientation applied; masks as
-``bool`` arrays (H, W). Truncated or corrupt files are never decoded silently: Pillow's
-``LOAD_TRUNCATED_IMAGES`` is left off and every image is fully decoded.
+Images are returned as ``uint8`` RGB arrays (H, W, 3), masks as ``bool`` arrays (H, W), both as
+displayed: with the EXIF orientation applied, wherever the container keeps it (see
+:mod:`conceptlens.concepts.data.orientation`); :func:`read_image_size` reports the same size
+from the header alone. Truncated or corrupt files are never decoded silently: Pillow's
+``LOAD_TRUNCATED_IMAGES`` is left off and every image is fully decoded. High-bit-depth images are
+scaled, never clipped: 16-bit integers by their full range (``v / 257``), 32-bit floats from
+``[0, 1]``; 32-bit integers and floats outside ``[0, 1]`` are refused. Images over
+:func:`max_image_pixels` pixels are refused from their header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
-
+from conceptlens.concepts.data.orientation import apply_orientation, exif_orientation
 from conceptlens.concepts.errors import DataError
+from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "list_image_files", "read_image", "read_image_size", "read_mask"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "is_image_file",
+    "list_image_files",
+    "max_image_pixels",
+    "read_image",
+    "read_image_size",
+    "read_mask",
+]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+MAX_IMAGE_PIXELS = 64_000_000
+"""Default bound on width x height of any image or mask read (8000 x 8000; 192 MB as RGB)."""
+PIXELS_VARIABLE = "CONCEPTLENS_MAX_IMAGE_PIXELS"
 
-_EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_UNSIGNED_16 = {"I;16", "I;16B", "I;16L", "I;16N"}
 _REEXPORT = "re-export the file as a valid image, or remove it"
+_TO_8_BIT = "save it as an 8-bit image (or 16-bit integers, or 32-bit floats in [0, 1])"
 
 
 def is_image_file(path: Path) -> bool:
@@ -83,35 +104,120 @@ def list_image_files(folder: Path, what: str = "this folder") -> list[Path]:
     return files
 
 
+def max_image_pixels() -> int:
+    """Return the largest width x height read: ``$CONCEPTLENS_MAX_IMAGE_PIXELS`` or :data:`MAX_IMAGE_PIXELS`.
+
+    Returns
+    -------
+    int
+        The bound, in pixels.
+
+    Raises
+    ------
+    DataError
+        If the environment variable is set to anything but a positive integer.
+    """
+    value = os.environ.get(PIXELS_VARIABLE)
+    if value is None:
+        return MAX_IMAGE_PIXELS
+    if not value.strip().isdigit() or int(value) < 1:
+        raise DataError(PIXELS_VARIABLE, f"must be a positive number of pixels, got {value!r}", f"set it to e.g. {MAX_IMAGE_PIXELS}, or unset it")
+    return int(value)
+
+
+def _too_large(path: Path, size: str, pixels: int, limit: int) -> DataError:
+    """Return the error for an image over the pixel bound (``size`` says how big, in words)."""
+    return DataError(
+        str(path),
+        f"{size}: too large to read (limit {limit} pixels)",
+        f"downscale the image, or raise the limit with {PIXELS_VARIABLE}=<pixels> if memory allows",
+    )
+
+
+def _check_pixels(path: Path, image: Image.Image) -> None:
+    """Refuse an opened image whose header size exceeds :func:`max_image_pixels`."""
+    limit = max_image_pixels()
+    width, height = image.size
+    if width * height > limit:
+        raise _too_large(path, f"image is {height}x{width} (HxW), {width * height} pixels", width * height, limit)
+
+
 def _open(path: Path) -> Image.Image:
-    """Open ``path`` lazily (header only), turning every failure into a DataError."""
+    """Open ``path`` lazily (header only) and check its size, turning every failure into a DataError."""
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except FileNotFoundError as error:
         raise DataError(str(path), "file does not exist", "check the path, or remove the entry") from error
     except IsADirectoryError as error:
         raise DataError(str(path), "is a folder, not an image file", "move it out") from error
+    except Image.DecompressionBombError as error:
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(found[1]) if found else 0
+        raise _too_large(path, f"image has {pixels} pixels", pixels, max_image_pixels()) from error
     except _DECODE_ERRORS as error:
         raise DataError(str(path), f"not a readable image ({error})", _REEXPORT) from error
+    try:
+        _check_pixels(path, image)
+    except DataError:
+        image.close()
+        raise
+    return image
 
 
-def _decoded(path: Path, orient: bool = False) -> Image.Image:
+def _decoded(path: Path, oriented: bool = True) -> Image.Image:
     """Open and fully decode ``path`` so that truncated or corrupt files fail here.
 
-    With ``orient``, the EXIF orientation is applied (while the file is open, so that formats
-    keeping it outside ``info``, like TIFF, are handled too).
+    With ``oriented``, the orientation that :func:`read_image_size` reports is applied (read
+    from the same metadata, so the two always agree).
     """
     path = Path(path)
     with _open(path) as image:
+        turn = exif_orientation(path, image) if oriented else 1
         try:
             image.load()
         except _DECODE_ERRORS as error:
             raise DataError(str(path), f"image is truncated or corrupt ({error})", _REEXPORT) from error
-        return ImageOps.exif_transpose(image) if orient else image.copy()
+        return apply_orientation(image, turn)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """Repeat a uint8 (H, W) array into (H, W, 3)."""
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _float_to_uint8(path: Path, values: np.ndarray) -> np.ndarray:
+    """Scale a float image in [0, 1] to uint8; NaN/inf or values outside [0, 1] are refused."""
+    if not np.isfinite(values).all():
+        raise DataError(str(path), "32-bit float image holds NaN or infinite values", _TO_8_BIT)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if low < 0.0 or high > 1.0:
+        raise DataError(
+            str(path),
+            f"32-bit float image has values outside [0, 1] (from {low:g} to {high:g}), so its scale is unknown",
+            f"divide it by its maximum, or {_TO_8_BIT}",
+        )
+    return np.rint(values * 255.0).astype(np.uint8)
+
+
+def _to_rgb(path: Path, image: Image.Image) -> np.ndarray:
+    """Convert a decoded image to uint8 RGB, scaling 16-bit and float images (never clipping)."""
+    if image.mode in _UNSIGNED_16 or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.uint32)  # a PNG's mode I holds 16-bit samples
+        return _gray_to_rgb(((values + 128) // 257).astype(np.uint8))
+    if image.mode == "I":
+        raise DataError(str(path), "image holds 32-bit integer samples, whose range is unknown", "save it as an 8-bit or 16-bit image")
+    if image.mode == "F":
+        return _gray_to_rgb(_float_to_uint8(path, np.asarray(image, dtype=np.float32)))
+    try:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except ValueError as error:
+        raise DataError(str(path), f"image mode {image.mode} cannot be converted to RGB ({error})", _TO_8_BIT) from error
 
 
 def read_image(path: Path, orient: bool = True) -> np.ndarray:
-    """Read an image file as RGB, with its EXIF orientation applied.
+    """Read an image file as RGB, as displayed (its EXIF orientation applied).
 
     Parameters
     ----------
@@ -126,27 +232,26 @@ def read_image(path: Path, orient: bool = True) -> np.ndarray:
     -------
     numpy.ndarray
         ``uint8`` array of shape (H, W, 3). Grayscale, palette and RGBA images are converted to
-        RGB (the alpha channel is dropped).
+        RGB (the alpha channel is dropped); 16-bit images are scaled by their full range
+        (``round(v / 257)``), 32-bit float images from ``[0, 1]`` (``round(v * 255)``).
 
     Raises
     ------
     DataError
-        If the file is missing, not an image, truncated or corrupt.
+        If the file is missing, not an image, truncated or corrupt, larger than
+        :func:`max_image_pixels`, a 32-bit integer image, or a float image outside ``[0, 1]``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "deep.png"
+    >>> Image.fromarray(np.array([[0, 40000, 65535]], dtype=np.uint16)).save(path)
+    >>> read_image(path)[0, :, 0].tolist()
+    [0, 156, 255]
     """
-    image = _decoded(Path(path), orient=orient)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-
-
-def _orientation(image: Image.Image) -> int:
-    """Return the EXIF orientation of an opened image without decoding its pixels."""
-    if image.format == "TIFF":
-        return 1  # Pillow always orients TIFF on load and already reports the oriented size
-    if image.format == "PNG" and "exif" not in image.info:
-        return 1  # Pillow's PNG getexif() would decode the whole image to look for a late eXIf chunk
-    try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except _DECODE_ERRORS:
-        return 1
+    path = Path(path)
+    return _to_rgb(path, _decoded(path, oriented=orient))
 
 
 def read_image_size(path: Path, orient: bool = True) -> tuple[int, int]:
@@ -167,11 +272,12 @@ def read_image_size(path: Path, orient: bool = True) -> tuple[int, int]:
     Raises
     ------
     DataError
-        If the file is missing or not an image.
+        If the file is missing, not an image, or larger than :func:`max_image_pixels`.
     """
-    with _open(Path(path)) as image:
+    path = Path(path)
+    with _open(path) as image:
         width, height = image.size
-        if orient and _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+        if orient and exif_orientation(path, image) in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
     return height, width
 
@@ -215,7 +321,8 @@ def read_mask(
     """Read a binary mask PNG.
 
     Accepted: 8-bit single-channel images (Pillow modes '1', 'L' and 'P', whose palette indices
-    are taken as the values) holding only 0/1 or only 0/255.
+    are taken as the values) holding only 0/1 or only 0/255. Like images, masks are read as
+    displayed (their own EXIF orientation applied, if any).
 
     Parameters
     ----------
@@ -237,7 +344,7 @@ def read_mask(
         If the file is unreadable, not 8-bit single-channel, has other values, or the wrong size.
     """
     path = Path(path)
-    values = _mask_values(path, _decoded(path))
+    values = _mask_values(path, _decoded(path, oriented=True))
     if expected_size is not None and tuple(values.shape) != tuple(expected_size):
         owner = f" of image {image}" if image is not None else ""
         raise DataError(

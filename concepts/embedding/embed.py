@@ -22,6 +22,7 @@ from conceptlens.concepts.environment import package_versions, resolve_device
 from conceptlens.concepts.errors import LayerError, StoreError
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.geometry import GRID_SAMPLING, Geometry, features_to_grid, image_cells
+from conceptlens.concepts.models.adapters import check_image_sizes
 from conceptlens.concepts.models.hooks import LayerCapture, LayerRef, resolve_layers
 from conceptlens.concepts.models.loading import LoadedModel
 from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, StoreEntry
@@ -186,6 +187,7 @@ def _embed_group(
         for start, end in todo:
             images = [dataset.image(i) for i in range(start, end)]
             sizes = [image.shape[:2] for image in images]
+            check_image_sizes(model.adapter, sizes, [f"{dataset.name}: {dataset.ids[i]}" for i in range(start, end)])
             capture.reset()
             _, geometries = model.adapter.forward(model.module, model.adapter.prepare(images, device), sizes)
             capture.check_complete()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -15,12 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+from conceptlens.concepts.errors import DataError
 from conceptlens.concepts.geometry import Geometry
 from conceptlens.concepts.models.hooks import StopForward
+from torch import nn
 
-__all__ = ["Adapter", "ClassifierAdapter", "DetectorAdapter", "IMAGENET_MEAN", "IMAGENET_STD", "default_adapter"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Adapter",
+    "ClassifierAdapter",
+    "DetectorAdapter",
+    "check_image_sizes",
+    "default_adapter",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +48,10 @@ class Adapter(ABC):
     """
 
     antialias: bool = False
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Return why an image of original ``size`` (H, W) cannot go through the model, or None."""
+        return None
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
@@ -140,10 +153,26 @@ class DetectorAdapter(Adapter):
             "fixed_size": list(t.fixed_size) if t.fixed_size else None,
         }
 
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Refuse an image that the transform's aspect-preserving resize would shrink to 0 pixels."""
+        t = self.transform
+        if t.fixed_size:
+            return None
+        height, width = int(size[0]), int(size[1])
+        scale = min(float(t.min_size[-1]) / min(height, width), float(t.max_size) / max(height, width))
+        resized = (math.floor(height * scale), math.floor(width * scale))
+        if min(resized) >= 1:
+            return None
+        return (
+            f"image of {height}x{width} (HxW) would be resized by the detector (min_size {t.min_size[-1]}, "
+            f"max_size {t.max_size}) to {resized[0]}x{resized[1]}"
+        )
+
     def prepare(self, images: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
         return images_to_tensors(images, device)
 
     def forward(self, model: nn.Module, inputs: list[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> tuple[Any, list[Geometry]]:
+        check_image_sizes(self, sizes)
         recorded: list[Geometry] = []
 
         def record(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -160,6 +189,30 @@ class DetectorAdapter(Adapter):
         finally:
             handle.remove()
         return output, recorded
+
+
+def check_image_sizes(adapter: Adapter, sizes: Sequence[tuple[int, int]], names: Sequence[str] | None = None) -> None:
+    """Raise a DataError naming the first image the adapter cannot process at its size.
+
+    Parameters
+    ----------
+    adapter : Adapter
+        The model's adapter.
+    sizes : sequence of (int, int)
+        The original (H, W) of the images.
+    names : sequence of str, optional
+        The images' names for the message (default: their position and size).
+
+    Raises
+    ------
+    DataError
+        If :meth:`Adapter.size_problem` refuses an image.
+    """
+    for position, size in enumerate(sizes):
+        problem = adapter.size_problem(tuple(size))
+        if problem:
+            name = names[position] if names is not None else f"image {position} of the batch ({size[0]}x{size[1]})"
+            raise DataError(name, problem, "crop or pad the image to a less extreme aspect ratio, or leave it out")
 
 
 def default_adapter(model: nn.Module, input_size: tuple[int, int] | None = None) -> Adapter:

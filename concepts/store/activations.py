@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +31,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from conceptlens.concepts.store.artifacts import file_sha256
 from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
+from conceptlens.concepts.store.files import read_regular, regular_sha256, safetensors_problem, special_kind
 from conceptlens.concepts.errors import StoreError
 
-__all__ = ["ActivationStore", "EntryReader", "StoreEntry", "Shard", "request_key", "FORMAT_VERSION"]
+__all__ = ["ActivationStore", "EntryReader", "StoreEntry", "Shard", "padded_geometry", "request_key", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r"^shard-(\d{8})-(\d{8})-([0-9a-f]{16})\.safetensors\Z")  # \Z: no trailing newline
 KEY_PATTERN = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards verified in this process
+_REBUILD = "delete the entry folder and embed again"
 
 
 def request_key(request: dict[str, Any]) -> str:
@@ -66,9 +69,10 @@ class Shard:
 
     def verify(self) -> bool:
         """True when the file exists and its sha256 starts with the checksum in its name."""
-        try:
-            valid = file_sha256(self.path).startswith(self.checksum)
-        except OSError:
+        try:  # the length the header describes first: a padded file is never hashed
+            valid = safetensors_problem(self.path, StoreError, _REBUILD, require_header=False) is None
+            valid = valid and regular_sha256(self.path, StoreError, _REBUILD).startswith(self.checksum)
+        except (OSError, StoreError):  # missing, unreadable, a link or a special file
             return False
         if valid:
             _VERIFIED.add(self._identity())
@@ -89,9 +93,14 @@ class Shard:
 
         The checksum is verified on the first read in a process (and again if the file changes).
         """
+        fix = "run the embedding again; it recomputes bad shards"
+        if os.path.lexists(self.path):  # a link, FIFO or device is refused unopened; the length is checked before reading
+            problem = safetensors_problem(self.path, StoreError, fix, require_header=False)
+            if problem:
+                raise StoreError(str(self.path), f"cannot read shard ({problem})", fix)
         if verify and not self._verified_before() and not self.verify():
             problem = "shard is corrupt (checksum mismatch)" if self.path.is_file() else "shard is missing"
-            raise StoreError(str(self.path), problem, "run the embedding again; it recomputes bad shards")
+            raise StoreError(str(self.path), problem, fix)
         try:
             with safe_open(str(self.path), framework="pt") as file:
                 return {name: file.get_tensor(name) for name in file.keys()}
@@ -102,11 +111,12 @@ class Shard:
 class StoreEntry:
     """The activations of one (model, layer, preprocessing, reduction, dtype, dataset) request."""
 
-    def __init__(self, root: Path, key: str) -> None:
+    def __init__(self, root: Path, key: str, request: dict[str, Any] | None = None) -> None:
         if not KEY_PATTERN.match(key):
             raise StoreError(f"store key {key!r}", "not a store key", "keys are 32 lowercase hex digits")
         self.key = key
         self.path = Path(root) / key
+        self.request = request  # the request the entry was opened for, when known
 
     @property
     def manifest_path(self) -> Path:
@@ -114,17 +124,38 @@ class StoreEntry:
 
     @property
     def is_complete(self) -> bool:
-        """True when the manifest exists (all shards were written)."""
-        return self.manifest_path.is_file()
+        """True when the manifest exists as a regular file in a real entry folder (all shards were written)."""
+        return _is_real(self.path, stat.S_ISDIR) and _is_real(self.manifest_path, stat.S_ISREG)
 
     def manifest(self) -> dict[str, Any]:
-        """Read and check the manifest."""
+        """Read and check the manifest: a regular file in a real folder, naming this entry's key and request."""
+        manifest = self._read_manifest()
+        problem = self._identity_problem(manifest)
+        if problem:
+            raise StoreError(str(self.manifest_path), problem, "delete the entry folder; the next embedding rebuilds it")
+        return manifest
+
+    def _identity_problem(self, manifest: dict[str, Any]) -> str | None:
+        """Why ``manifest`` does not describe this entry (its key, its request), or None."""
+        if manifest.get("key") != self.key:
+            return f"manifest names key {str(manifest.get('key'))[:40]!r}, not its folder's {self.key} (moved or copied entry)"
+        request = manifest.get("key_request", manifest.get("request"))
+        if not isinstance(request, dict) or request_key(request) != self.key:
+            return f"manifest's request does not hash to its key {self.key} (edited or forged)"
+        if self.request is not None and _canonical(request) != _canonical(self.request):
+            return f"manifest's request is not the one asked for key {self.key}"
+        return None
+
+    def _read_manifest(self) -> dict[str, Any]:
+        """The manifest's JSON with its format and shard names checked (not its identity)."""
+        self._check_folder()
+        data = read_regular(self.manifest_path, StoreError, _REBUILD, MAX_MANIFEST_BYTES, "manifest is implausibly large")
         try:
-            if self.manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise StoreError(str(self.manifest_path), "manifest is implausibly large", "delete the entry folder and embed again")
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError) as error:
-            raise StoreError(str(self.manifest_path), f"cannot read manifest ({error})", "delete the entry folder and embed again") from error
+            manifest = json.loads(data)
+        except ValueError as error:
+            raise StoreError(str(self.manifest_path), f"cannot read manifest ({error})", _REBUILD) from error
+        if not isinstance(manifest, dict):
+            raise StoreError(str(self.manifest_path), "manifest is not a JSON object", _REBUILD)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 str(self.manifest_path),
@@ -136,9 +167,20 @@ class StoreEntry:
                 raise StoreError(str(self.manifest_path), f"invalid shard name {item!r}", "delete the entry folder and embed again")
         return manifest
 
+    def _check_folder(self) -> None:
+        """Raise StoreError when the entry's path is a link or special file (never read or written through)."""
+        try:
+            kind = special_kind(os.lstat(self.path).st_mode)
+        except OSError:
+            return
+        if kind not in (None, "a folder"):
+            raise StoreError(str(self.path), f"store entry is {kind}, not a folder (never followed)", "delete it; the next embedding rebuilds the entry")
+        if kind is None:
+            raise StoreError(str(self.path), "store entry is a file, not a folder", "delete it; the next embedding rebuilds the entry")
+
     def shards(self) -> list[Shard]:
         """Every shard file present, sorted by start (not verified)."""
-        if not self.path.is_dir():
+        if not _is_real(self.path, stat.S_ISDIR):
             return []
         found = (Shard.from_path(p) for p in self.path.iterdir())
         return sorted((s for s in found if s is not None), key=lambda s: (s.start, s.end))
@@ -148,17 +190,37 @@ class StoreEntry:
 
         A manifest no longer holds when it cannot be read or checked, or when a shard it lists is
         missing or corrupt: the entry is then incomplete and the next embedding recomputes it.
+        An entry whose manifest names another key or request (a moved, copied or forged entry) is
+        deleted whole, shards included: it is rebuilt, never served. A link or special file in
+        place of the entry folder, a shard or the manifest is removed (the link itself, never what
+        it points to) and rebuilt.
         """
+        self._replace_foreign()
         valid = []
         for shard in self.shards():
             if shard.verify():
                 valid.append(shard)
             else:
-                shard.path.unlink(missing_ok=True)
-                self.manifest_path.unlink(missing_ok=True)
+                _remove(shard.path)
+                _remove(self.manifest_path)
         if self.is_complete and not self._manifest_holds(valid):
-            self.manifest_path.unlink(missing_ok=True)
+            _remove(self.manifest_path)
         return valid
+
+    def _replace_foreign(self) -> None:
+        """Remove what cannot be this entry: a link or file at its folder, a link at its manifest, a lying manifest."""
+        if os.path.lexists(self.path) and not _is_real(self.path, stat.S_ISDIR):
+            _remove(self.path)
+            return
+        if os.path.lexists(self.manifest_path) and not _is_real(self.manifest_path, stat.S_ISREG):
+            _remove(self.manifest_path)
+            return
+        try:
+            lying = self.is_complete and self._identity_problem(self._read_manifest()) is not None
+        except StoreError:
+            return  # unreadable: _manifest_holds drops the manifest, the shards stay
+        if lying:
+            self.delete()
 
     def _manifest_holds(self, valid: list[Shard]) -> bool:
         """True when the manifest reads, and its shards are among ``valid`` and tile its items."""
@@ -177,6 +239,7 @@ class StoreEntry:
 
     def write_shard(self, start: int, end: int, tensors: dict[str, torch.Tensor]) -> Shard:
         """Write items ``start:end`` atomically; the file name carries the checksum."""
+        self._check_folder()
         data = save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
         checksum = hashlib.sha256(data).hexdigest()[:16]
         path = self.path / f"shard-{start:08d}-{end:08d}-{checksum}.safetensors"
@@ -188,6 +251,7 @@ class StoreEntry:
 
     def finalize(self, metadata: dict[str, Any], n_items: int) -> None:
         """Write the manifest once shards tile items 0..n_items exactly."""
+        self._check_folder()
         shards = self.covering_shards(n_items)
         if shards is None:
             raise StoreError(str(self.path), "shards do not cover every item", "run the embedding again")
@@ -198,6 +262,8 @@ class StoreEntry:
             "n_items": n_items,
             "shards": [s.path.name for s in shards],
         }
+        if self.request is not None and _canonical(metadata.get("request")) != _canonical(self.request):
+            manifest["key_request"] = self.request  # the request the key hashes, when the recorded one differs
         try:
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
         except OSError as error:
@@ -270,20 +336,87 @@ class EntryReader:
         return self._cache[number]
 
     def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Return every tensor of the entry at ``indices`` (in that order), reading each shard once."""
+        """Return every tensor of the entry at ``indices`` (in that order), reading each shard once.
+
+        A detector pads each batch to its own canvas, so native maps of different shards can
+        differ in size. Rows from such shards are zero-padded at the bottom and right to the
+        largest map of the request, and their ``geometry`` rows are rescaled to describe the
+        padded map (:func:`padded_geometry`): the cells on the image (``image_cells``) and every
+        value sampled on the concept grid (``features_to_grid``) equal those of the item read
+        alone. Rows of one map size are returned as stored.
+        """
         indices = np.asarray(indices, dtype=np.int64)
         numbers = np.searchsorted(self.starts, indices, side="right") - 1
-        out: dict[str, torch.Tensor] = {}
+        parts = []
         for number in np.unique(numbers):
             positions = np.nonzero(numbers == number)[0]
             local = torch.from_numpy(indices[positions] - self.bounds[number][0])
-            for name, tensor in self._shard(int(number)).items():
+            parts.append((torch.from_numpy(positions), {name: tensor[local] for name, tensor in self._shard(int(number)).items()}))
+        if _mixed_sizes(parts):
+            parts = self._padded(parts)
+        out: dict[str, torch.Tensor] = {}
+        for positions, tensors in parts:
+            for name, tensor in tensors.items():
                 if name not in out:
                     out[name] = tensor.new_empty((len(indices), *tensor.shape[1:]))
-                elif out[name].shape[1:] != tensor.shape[1:]:
-                    raise StoreError(str(self.entry.path), "rows come from shards with different map sizes", "read one shard at a time")
-                out[name][torch.from_numpy(positions)] = tensor[local]
+                out[name][positions] = tensor
         return out
+
+    def _padded(self, parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Pad every part's ``activations`` maps to the largest (h, w) and rescale its geometries."""
+        shapes = {name: {tuple(tensors[name].shape[1:]) for _, tensors in parts} for name in parts[0][1]}
+        differing = sorted(name for name, found in shapes.items() if len(found) > 1)
+        maps = shapes.get("activations", set())
+        if differing != ["activations"] or "geometry" not in shapes or len({(len(s), s[:-2]) for s in maps}) > 1 or min(map(len, maps)) < 3:
+            raise StoreError(
+                str(self.entry.path), f"rows come from shards whose tensors {differing} differ in shape beyond the map size ({sorted(maps)})",
+                "read one shard at a time (EntryReader.shard_of)",
+            )
+        size = (max(s[-2] for s in maps), max(s[-1] for s in maps))
+        padded = []
+        for positions, tensors in parts:
+            activations = tensors["activations"]
+            own = (int(activations.shape[-2]), int(activations.shape[-1]))
+            geometry = torch.tensor([padded_geometry(row.tolist(), own, size) for row in tensors["geometry"]], dtype=tensors["geometry"].dtype)
+            grown = torch.nn.functional.pad(activations, (0, size[1] - own[1], 0, size[0] - own[0]))
+            padded.append((positions, {**tensors, "activations": grown, "geometry": geometry}))
+        return padded
+
+
+def _mixed_sizes(parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> bool:
+    """True when some tensor's per-item shape differs between the parts (shards) of a request."""
+    return any(
+        tuple(tensors[name].shape[1:]) != tuple(tensor.shape[1:])
+        for _, tensors in parts[1:] for name, tensor in parts[0][1].items()
+    )
+
+
+def padded_geometry(geometry: Sequence[int], map_size: tuple[int, int], padded_size: tuple[int, int]) -> list[int]:
+    """The stored geometry row of an item whose ``map_size`` feature map is zero-padded to ``padded_size``.
+
+    A geometry row is ``[image h, image w, resized h, resized w, top, left, canvas h, canvas w]``
+    (:meth:`conceptlens.concepts.geometry.Geometry.to_list`). Padding ``h`` cells to ``H`` extends
+    the canvas by the same cell pitch, ``canvas · H / h``. The canvas, resized size and offset
+    are then scaled along that axis by the smallest integer ``m`` that keeps the new canvas an
+    integer (``m = h / gcd(canvas · H, h)``, 1 whenever the layer's stride divides the canvas);
+    every mapping between feature cells and the image depends only on their ratios, so it is
+    unchanged, and the padding cells lie beyond the image.
+
+    Examples
+    --------
+    >>> padded_geometry([100, 150, 320, 480, 0, 0, 320, 480], (10, 15), (10, 17))
+    [100, 150, 320, 480, 0, 0, 320, 544]
+    >>> padded_geometry([100, 100, 352, 352, 0, 0, 352, 352], (6, 6), (7, 6))
+    [100, 100, 1056, 352, 0, 0, 1232, 352]
+    """
+    values = [int(v) for v in geometry]
+    for axis in (0, 1):
+        cells, target, canvas = map_size[axis], padded_size[axis], values[6 + axis]
+        scale = cells // math.gcd(canvas * target, cells)
+        values[2 + axis] *= scale
+        values[4 + axis] *= scale
+        values[6 + axis] = canvas * target * scale // cells
+    return values
 
 
 class ActivationStore:
@@ -301,12 +434,36 @@ class ActivationStore:
             raise StoreError(str(self.root), "exists and is not a folder", "choose another --store path")
 
     def entry(self, request: dict[str, Any]) -> StoreEntry:
-        """The entry for a request (it may not exist yet)."""
-        return StoreEntry(self.root, request_key(request))
+        """The entry for a request (it may not exist yet); its manifest must record this request."""
+        return StoreEntry(self.root, request_key(request), request)
 
     def entries(self) -> list[StoreEntry]:
         """Every complete entry."""
         if not self.root.is_dir():
             return []
-        found = [StoreEntry(self.root, p.name) for p in sorted(self.root.iterdir()) if KEY_PATTERN.match(p.name)]
+        found = [StoreEntry(self.root, p.name) for p in sorted(self.root.iterdir()) if KEY_PATTERN.match(p.name) and _is_real(p, stat.S_ISDIR)]
         return [entry for entry in found if entry.is_complete]
+
+
+def _canonical(request: Any) -> str:
+    """The canonical JSON of a request, as hashed by :func:`request_key`."""
+    return json.dumps(request, sort_keys=True, separators=(",", ":"))
+
+
+def _is_real(path: Path, test) -> bool:
+    """True when ``path`` exists, is not a link, and its mode passes ``test`` (``stat.S_ISDIR``, ``stat.S_ISREG``)."""
+    try:
+        return bool(test(os.lstat(path).st_mode))
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    """Remove a store file, link or special file (a link itself, never its target); a real folder with its contents."""
+    if _is_real(path, stat.S_ISDIR):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

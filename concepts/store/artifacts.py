@@ -2,7 +2,9 @@
 
 The JSON holds the metadata, a ``kind``, a ``format_version`` and the sha256 of the tensor file;
 reading checks all of them (and a size limit on the JSON) before any tensor is used. Both files
-are written atomically. Concept banks and CAV sets are stored this way.
+must be regular files (links, FIFOs and devices are refused unopened) and the tensor file's length
+must be the one its safetensors header describes, checked before it is read. Both files are
+written atomically. Concept banks and CAV sets are stored this way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
+from conceptlens.concepts.store.files import read_regular, read_safetensors_bytes
 from conceptlens.concepts.errors import ConceptLensError
 
 __all__ = ["artifact_paths", "write_artifact", "read_artifact", "file_sha256", "read_json", "write_json"]
@@ -111,10 +114,7 @@ def read_artifact(
     missing = [key for key in (*required, "tensors_sha256") if key not in metadata]
     if missing:
         raise error(str(json_path), f"missing keys {missing}", f"save the {kind} again")
-    try:
-        data = tensor_path.read_bytes()
-    except OSError as problem:
-        raise error(str(tensor_path), f"cannot read ({problem.strerror})", f"save the {kind} again") from problem
+    data = read_safetensors_bytes(tensor_path, error, f"save the {kind} again")
     if hashlib.sha256(data).hexdigest() != metadata["tensors_sha256"]:
         raise error(str(tensor_path), "checksum does not match its JSON (corrupt or replaced)", f"save the {kind} again")
     try:
@@ -126,6 +126,9 @@ def read_artifact(
 
 def read_json(path: str | Path, error: type[ConceptLensError] = ConceptLensError, *, fix: str = "save it again") -> dict[str, Any]:
     """Read a JSON object from a file written by conceptlens (UTF-8, at most ``MAX_JSON_BYTES``).
+
+    The file must be a regular file: a symbolic link, FIFO or device is refused unopened
+    (:mod:`conceptlens.concepts.store.files`).
 
     Parameters
     ----------
@@ -143,12 +146,9 @@ def read_json(path: str | Path, error: type[ConceptLensError] = ConceptLensError
         The object, as :func:`json.loads` returns it.
     """
     path = Path(path)
+    raw = read_regular(path, error, fix, MAX_JSON_BYTES, f"file is implausibly large for conceptlens JSON (over {MAX_JSON_BYTES} bytes)")
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise error(str(path), f"file is implausibly large for conceptlens JSON (over {MAX_JSON_BYTES} bytes)", fix)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as problem:
-        raise error(str(path), f"cannot read ({problem.strerror})", "check the path") from problem
+        data = json.loads(raw.decode("utf-8"))
     except ValueError as problem:
         raise error(str(path), f"not valid JSON ({problem})", fix) from problem
     if not isinstance(data, dict):

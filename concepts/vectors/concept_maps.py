@@ -51,8 +51,16 @@ def concept_map_entry(
 
     Returns a complete entry whose row ``r`` holds the maps of item ``indices[r]`` (tensor
     ``maps``, (n, K, Gh, Gw)); an existing entry for the same request is reused.
+
+    Native maps (``reduce='native'``) are projected cell by cell and sampled on ``grid`` over each
+    original image through its stored geometry; rows from shards of different padded sizes come
+    zero-padded with rescaled geometries (:meth:`EntryReader.rows`), so every item's maps equal
+    those of the item read alone. Maps already on a concept grid (``reduce='grid'``) lie over the
+    original image, not the canvas: they are used as they are, or resampled from their grid to
+    ``grid`` (bilinear, as ``F.interpolate`` with ``align_corners=False``).
     """
     indices = [int(i) for i in indices]
+    on_grid = activations.manifest().get("request", {}).get("reduce") == "grid"
     request = {
         "format_version": FORMAT_VERSION,
         "kind": "concept_maps",
@@ -61,6 +69,7 @@ def concept_map_entry(
         "indices_sha256": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
         "grid": list(grid),
         "grid_sampling": GRID_SAMPLING,
+        **({"activations_on_grid": True} if on_grid else {}),  # native requests keep their keys
     }
     entry = store.entry(request)
     done = {(s.start, s.end) for s in entry.valid_shards()}
@@ -71,10 +80,21 @@ def concept_map_entry(
     show = sys.stderr.isatty() if progress is None else progress
     for start, end in tqdm([r for r in ranges if r not in done], desc=f"maps {bank.layer}", unit="batch", disable=not show):
         rows = reader.rows(indices[start:end])
-        geometries = [Geometry.from_list(g.tolist()) for g in rows["geometry"]]
         with torch.no_grad():
-            maps = bank.concept_maps(rows["activations"].to(device=device, dtype=torch.float32), geometries, grid)
+            maps = _project(bank, rows, grid, on_grid, device)
         entry.write_shard(start, end, {"maps": maps.half().cpu()})
     ids = activations.manifest()["dataset"]["ids"]
     entry.finalize({"request": request, "layer": bank.layer, "concepts": bank.concepts, "projection": bank.projection, "dataset": {"ids": [ids[i] for i in indices]}}, len(indices))
     return entry
+
+
+def _project(bank: ConceptBank, rows: dict[str, torch.Tensor], grid: tuple[int, int], on_grid: bool, device: str | torch.device) -> torch.Tensor:
+    """The bank's maps of a batch of stored rows on ``grid``."""
+    features = rows["activations"].to(device=device, dtype=torch.float32)
+    if not on_grid:
+        return bank.concept_maps(features, [Geometry.from_list(g.tolist()) for g in rows["geometry"]], grid)
+    size = (int(features.shape[-2]), int(features.shape[-1]))
+    if size == tuple(grid):
+        return bank.concept_maps(features)
+    whole = Geometry(size, size, (0, 0), size)  # the stored grid covers the whole original image
+    return bank.concept_maps(features, [whole] * features.shape[0], grid)
