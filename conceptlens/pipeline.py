@@ -385,6 +385,8 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
     robustness = controls.enabled and controls.tcav_robustness
     # controls off: the reference t-test, exactly as before the controls; on: the permutation test
     test = {"test": "permutation" if controls.enabled else "ttest"}
+    # the permutation test is exact with a null CAV for every pair of random sets; the t-test keeps today's ring
+    null_pairs = "all" if controls.enabled else "ring"
     sources = _tcav_sources(run.config, dataset)
     results, provenance = [], {"sets": sources.provenance, "models": {}}
     by_variant: dict[str, list[Any]] = {}
@@ -404,7 +406,8 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
         score_settings = {"statistic": settings.statistic, "correction": settings.correction, "alpha": settings.alpha,
                           "n_bootstrap": settings.n_bootstrap, "seed": run.config.seed, **test}
         chosen = {name: target_from_spec(t.spec) for name, t in named.items()}
-        cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, provenance={"model_hash": model.hash})
+        cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, null_pairs=null_pairs,
+                                  provenance={"model_hash": model.hash})
         results.append(tcav_scores(model, images, None, cav_sets, chosen, batch_size=run.config.embed.batch_size, input_ids=ids, **score_settings))
         if robustness:
             # a linear SVM and half the random sets, in one gradient pass of their own: the base (pooled) scores
