@@ -30,7 +30,7 @@ from conceptlens.concepts.vectors.probed import ProbedModel
 from conceptlens.report.figures import similarity_heatmap
 from conceptlens.report.results import Comparison
 
-__all__ = ["CONTROL_KEYS", "CONTROL_PREFIXES", "write_comparison"]
+__all__ = ["CONCEPT_CONTROL_KEYS", "CONTROL_KEYS", "CONTROL_PREFIXES", "write_comparison"]
 
 
 def write_comparison(
@@ -64,6 +64,8 @@ def write_comparison(
 #: The control columns of ``compare.csv`` (written when the comparison has controls): per measure prefix, its cell values.
 CONTROL_KEYS = ("null_mean", "corrected", "p_value", "ci_low", "ci_high", "significant")
 CONTROL_PREFIXES = ("", "cka_pooled_", "cka_spatial_")
+#: The per-concept control columns of ``compare_concepts.csv`` (the ``per_concept`` keys of the details, written when present).
+CONCEPT_CONTROL_KEYS = ("set_iou_null_mean", "set_iou_corrected", "set_iou_p_value", "set_iou_ci_low", "set_iou_ci_high")
 
 
 def _control_cells(result: Comparison) -> tuple[list[str], dict[tuple[str, str], list[Any]]]:
@@ -96,11 +98,13 @@ def _write_tables(result: Comparison, pairs_path: Path, concepts_path: Path) -> 
     atomic_write_text(pairs_path, _csv(rows))
     per_concept = result.details.get("per_concept")
     if per_concept:
-        concept_rows = [["concept", "a", "b", "set_iou", "soft_iou", "pearson"]]
+        controls = [key for key in CONCEPT_CONTROL_KEYS if any(key in matrices for matrices in per_concept.values())]
+        concept_rows = [["concept", "a", "b", "set_iou", "soft_iou", "pearson", *controls]]
         for concept, matrices in per_concept.items():
             for i, a in enumerate(layers):
                 for j, b in enumerate(layers):
-                    concept_rows.append([concept, a.label, b.label, matrices["set_iou"][i][j], matrices["soft_iou"][i][j], matrices["pearson"][i][j]])
+                    concept_rows.append([concept, a.label, b.label, matrices["set_iou"][i][j], matrices["soft_iou"][i][j], matrices["pearson"][i][j],
+                                         *[matrices[key][i][j] if matrices.get(key) is not None else None for key in controls]])
         atomic_write_text(concepts_path, _csv(concept_rows))
     return pairs_path
 

@@ -35,7 +35,9 @@ from conceptlens.concepts.environment import package_versions
 from conceptlens.concepts.errors import ConceptLensError, DataError
 from conceptlens.concepts.geometry import Geometry, features_to_grid
 from conceptlens.concepts.models.loading import LoadedModel, load_model
-from conceptlens.concepts.store.activations import ActivationStore, EntryReader
+from conceptlens.concepts.store.activations import ActivationStore, EntryReader, StoreEntry
+from conceptlens.concepts.data.permuted import PermutedMasks
+from conceptlens.concepts.embedding.masks import embed_masks
 from conceptlens.concepts.vectors.bank import ConceptBank
 from conceptlens.compare_output import write_comparison
 from conceptlens.config import PipelineConfig, check_paths, config_hash, config_to_dict
@@ -571,7 +573,8 @@ def _report_inputs(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[st
         path = artifact_paths(run.out / "examples" / name)[0]
         run.step(f"examples {name}", lambda model=model, key=key: _write_examples(run, dataset, model, key), skipped=lambda: _current(path, key))
     for name, model in probed.get(_first_method(probed, "unsupervised"), {}).items():
-        key = _step_key("prototypes", settings.prototypes, {layer: bank.provenance for layer, bank in model.banks.items()}, dataset.image_fingerprint())
+        key = _step_key("prototypes", settings.prototypes, {layer: bank.provenance for layer, bank in model.banks.items()}, dataset.image_fingerprint(),
+                        *_ncav_control_key(run.config))
         path = artifact_paths(run.out / "prototypes" / name)[0]
         run.step(f"prototypes {name}", lambda model=model, key=key: _write_prototypes(run, dataset, model, key), skipped=lambda: _current(path, key))
 
@@ -616,6 +619,8 @@ def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, ke
     count = run.config.report.prototypes
     test = [int(i) for i in dataset.split_indices("test")]
     tensors, ncavs, fidelity = {}, {}, {}
+    controls = run.config.controls.enabled
+    permuted = embed_masks(PermutedMasks(dataset, run.config.seed), run.store, grid=model.grid, progress=run.progress) if controls else None
     for number, layer in enumerate(model.layers):
         bank: ConceptBank = model.banks[layer]
         peaks = _ncav_peaks(model, layer, bank, test)  # (k, n_test) best value and its cell per image
@@ -625,10 +630,35 @@ def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, ke
             for p, t in enumerate(order):
                 patches[j, p] = _patch(dataset.image(test[t]), peaks["cell"][j][t], peaks["geometry"][t], peaks["shape"])
         tensors[f"patches_{number}"] = torch.from_numpy(patches)
-        ncavs[layer] = [NCAVLabel(c, bank.metrics.get(c, {}).get("matched_concept"), bank.metrics.get(c, {}).get("set_iou")) for c in bank.concepts]
+        control = _ncav_control_ious(run, model, layer, bank, permuted, test) if controls else {}
+        ncavs[layer] = [NCAVLabel(c, bank.metrics.get(c, {}).get("matched_concept"), bank.metrics.get(c, {}).get("set_iou"), control.get(c))
+                        for c in bank.concepts]
         fidelity[layer] = next((m.get("fidelity") for m in bank.metrics.values() if "fidelity" in m), None)
-    metadata = PrototypesMeta(model=model.label, layers=model.layers, ncavs=ncavs, fidelity=fidelity, step_key=key)
+    metadata = PrototypesMeta(model=model.label, layers=model.layers, ncavs=ncavs, fidelity=fidelity,
+                              control_margin=run.config.controls.margin if controls else None, step_key=key)
     write_artifact(run.out / "prototypes" / model.label, PROTOTYPES_KIND, REPORT_INPUTS_VERSION, tensors, metadata.to_json())
+
+
+def _ncav_control_key(config: PipelineConfig) -> tuple[Any, ...]:
+    """The prototypes step key's extra parts with controls on (none with them off: the key stays as it was)."""
+    return ("ncav_controls", config.seed, config.controls.margin) if config.controls.enabled else ()
+
+
+def _ncav_control_ious(run: _Run, model: ProbedModel, layer: str, bank: ConceptBank, permuted: StoreEntry, test: list[int]) -> dict[str, float | None]:
+    """Per NCAV with a match: the same matching IoU against the permuted test masks (its control).
+
+    The stored activations give the NCAV maps (no forward pass); only the masks differ from the
+    labelling's, so the per-NCAV maxima, the threshold and the concept are the match's own.
+    """
+    from conceptlens.probes.nmf import match_labels
+
+    labels = match_labels(bank.concept_maps, model.activations[layer], permuted, test, device="cpu")  # as _ncav_peaks: the bank's maps on CPU
+    out = {}
+    for j, name in enumerate(bank.concepts):
+        concept = bank.metrics.get(name, {}).get("matched_concept")
+        if concept is not None:
+            out[name] = labels[j]["all"].get(concept)
+    return out
 
 
 def _ncav_peaks(model: ProbedModel, layer: str, bank: ConceptBank, indices: list[int]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ from conceptlens.probes.nmf_sources import (
 )
 from conceptlens.probes.params import Interval, Options, ParameterError, Predicate, validate_params
 
-__all__ = ["SOLVERS", "MiniBatchNMFConcepts", "NMFConcepts", "NMFError", "NMFNotFittedError"]
+__all__ = ["SOLVERS", "MiniBatchNMFConcepts", "NMFConcepts", "NMFError", "NMFNotFittedError", "match_labels"]
 
 SOLVERS = ("hals", "mu", "sklearn")
 ONLINE_SOLVERS = ("hals", "mu")
@@ -334,33 +334,9 @@ class _BaseNMFConcepts(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             Also kept as ``labels_``.
         """
         self._check_fitted()
-        concepts = list(masks_entry.manifest()["dataset"]["concepts"])
-        reduce = reduction(entry)
-        indices = None if indices is None else checked_indices(entry, indices, entry.manifest()["n_items"])
         device = resolve_device(self.device, f"{type(self).__name__}(device={self.device!r})")
-        batches = lambda: iter_batches(entry, masks_entry, indices, IMAGE_BATCH, device=device)  # noqa: E731
-        maxima = None
-        for batch in batches():
-            maps = self._grid_maps(batch, reduce)
-            batch_max = maps.amax(dim=(0, 2, 3))
-            maxima = batch_max if maxima is None else torch.maximum(maxima, batch_max)
-        if maxima is None:
-            raise NMFError(entry.path.name, "no images to label with", "give non-empty indices")
-        counts = _OverlapCounts()
-        for batch in batches():
-            predicted = self._grid_maps(batch, reduce) / maxima.clamp(min=torch.finfo(torch.float32).tiny).view(1, -1, 1, 1) > threshold
-            counts.add(predicted, batch.masks >= 0.5, batch.valid)
-        self.labels_ = counts.labels(concepts)
+        self.labels_ = match_labels(self.concept_maps, entry, masks_entry, indices, threshold, device, type(self).__name__)
         return self.labels_
-
-    def _grid_maps(self, batch: ProbeBatch, reduce: str) -> torch.Tensor:
-        maps = self.concept_maps(batch.activations)
-        if maps.dim() != 4:
-            raise NMFError(f"{type(self).__name__}.label", f"activations of shape {tuple(batch.activations.shape)} have no spatial maps", "embed the layer with reduce='native' or 'grid'")
-        grid = tuple(batch.masks.shape[-2:])
-        if reduce != "grid":
-            return features_to_grid(maps, batch.geometries, grid)
-        return maps if tuple(maps.shape[-2:]) == grid else F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
 
     # ----------------------------------------------------------------------------------- bank
     def to_bank(self, layer: str, labels: dict[int, dict[str, Any]] | None = None, provenance: dict[str, Any] | None = None) -> ConceptBank:
@@ -753,6 +729,44 @@ class MiniBatchNMFConcepts(_BaseNMFConcepts):
 
 
 # ------------------------------------------------------------------------------------- labels
+def match_labels(
+    concept_maps: Callable[[torch.Tensor], torch.Tensor], entry: StoreEntry, masks_entry: StoreEntry,
+    indices: Sequence[int] | None = None, threshold: float = 0.5, device: torch.device | str = "cpu", owner: str = "NMFConcepts",
+) -> dict[int, dict[str, Any]]:
+    """:meth:`NMFConcepts.label` for any NCAV map function (e.g. a stored bank's ``concept_maps``).
+
+    The same matching IoU against other masks — the permuted-masks control of an NCAV's match
+    (``masks_entry`` of a :class:`~conceptlens.concepts.data.permuted.PermutedMasks` view) — comes
+    from the same maps: the per-NCAV maxima depend on the activations only.
+    """
+    concepts = list(masks_entry.manifest()["dataset"]["concepts"])
+    reduce = reduction(entry)
+    indices = None if indices is None else checked_indices(entry, indices, entry.manifest()["n_items"])
+    batches = lambda: iter_batches(entry, masks_entry, indices, IMAGE_BATCH, device=device)  # noqa: E731
+    maxima = None
+    for batch in batches():
+        maps = _grid_maps(concept_maps, batch, reduce, owner)
+        batch_max = maps.amax(dim=(0, 2, 3))
+        maxima = batch_max if maxima is None else torch.maximum(maxima, batch_max)
+    if maxima is None:
+        raise NMFError(entry.path.name, "no images to label with", "give non-empty indices")
+    counts = _OverlapCounts()
+    for batch in batches():
+        predicted = _grid_maps(concept_maps, batch, reduce, owner) / maxima.clamp(min=torch.finfo(torch.float32).tiny).view(1, -1, 1, 1) > threshold
+        counts.add(predicted, batch.masks >= 0.5, batch.valid)
+    return counts.labels(concepts)
+
+
+def _grid_maps(concept_maps: Callable[[torch.Tensor], torch.Tensor], batch: ProbeBatch, reduce: str, owner: str) -> torch.Tensor:
+    maps = concept_maps(batch.activations)
+    if maps.dim() != 4:
+        raise NMFError(f"{owner}.label", f"activations of shape {tuple(batch.activations.shape)} have no spatial maps", "embed the layer with reduce='native' or 'grid'")
+    grid = tuple(batch.masks.shape[-2:])
+    if reduce != "grid":
+        return features_to_grid(maps, batch.geometries, grid)
+    return maps if tuple(maps.shape[-2:]) == grid else F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+
+
 class _OverlapCounts:
     """Pooled intersections and unions of k binary NCAV maps with K concept masks."""
 

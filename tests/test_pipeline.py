@@ -267,3 +267,13 @@ def test_controls_sit_beside_unchanged_raw_values_and_switch_off(small_run, tmp_
     assert json.loads((off / "run.json").read_text())["config"]["controls"]["enabled"] is False
     report = (off / "report.html").read_text()
     assert "Not distinguishable from control" not in report and "Sample size." not in report
+    # NCAV matches: with controls on, each carries its permuted-masks control IoU (same maps, masks moved); off: no key
+    meta_on = read_artifact(out / "prototypes" / "resnet", PROTOTYPES_KIND, 1, (), ConceptLensError)[0]
+    meta_off = read_artifact(off / "prototypes" / "resnet", PROTOTYPES_KIND, 1, (), ConceptLensError)[0]
+    assert meta_on["control_margin"] == 0.05 and "control_margin" not in meta_off
+    matched = [n for ncavs in meta_on["ncavs"].values() for n in ncavs if n["label"] is not None]
+    assert matched and all(0.0 <= n["control_iou"] <= 1.0 for n in matched)
+    assert any(n["control_iou"] != n["set_iou"] for n in matched)
+    assert all("control_iou" not in n for ncavs in meta_off["ncavs"].values() for n in ncavs)
+    strip = lambda ncavs: {layer: [{k: v for k, v in n.items() if k != "control_iou"} for n in items] for layer, items in ncavs.items()}  # noqa: E731
+    assert strip(meta_on["ncavs"]) == meta_off["ncavs"]

@@ -746,3 +746,51 @@ def test_adjacency_is_stated_only_over_significant_best_matches(controlled_dir, 
     assert "the within-model ridge of vgg vs vgg (supervised, Net2Vec)" not in rejected  # judged once, as adjacency
     # the untouched NMF blocks keep their adjacency findings
     assert [s for s in sentences if s.startswith("within") and "NMF" in s] == [s for s in findings(load_results(controlled_dir)) if s.startswith("within") and "NMF" in s]
+
+
+def test_ncav_matches_need_to_clear_their_permuted_masks_control(results_dir, tmp_path):
+    from conceptlens.concepts.errors import ConceptLensError
+    from conceptlens.concepts.store.artifacts import read_artifact
+    from conceptlens.report.findings import not_distinguishable
+
+    out = tmp_path / "ncav_controls"
+    shutil.copytree(results_dir, out)
+    (out / "report.html").unlink(missing_ok=True)
+    meta, tensors = read_artifact(out / "prototypes" / "vgg", "report-prototypes", 1, (), ConceptLensError)
+    # backbone.block2: wheel 0.41 vs control 0.38 (within the margin 0.05), sky 0.72 vs 0.10, car 0.18 (below NCAV_MATCH_IOU)
+    controls = {"backbone.block1": [0.02, 0.01, None], "backbone.block2": [0.38, 0.17, 0.10], "backbone.block3": [0.05, 0.04, 0.01]}
+    for layer, ncavs in meta["ncavs"].items():
+        for ncav, control in zip(ncavs, controls[layer]):
+            if control is not None:
+                ncav["control_iou"] = control
+    meta["control_margin"] = 0.05
+    write_artifact(out / "prototypes" / "vgg", "report-prototypes", 1, dict(tensors), meta)
+    results = load_results(out)
+    assert results.prototypes["vgg"].meta.ncavs["backbone.block2"][0] == NCAVLabel("ncav_0", "wheel", 0.41, 0.38)
+    sentences = findings(results)
+    assert "in vgg, backbone.block2 has an NCAV matching sky (IoU 0.72)" in sentences
+    assert not any("matching wheel (IoU 0.41)" in s for s in sentences)
+    assert "in vgg, backbone.block3 has NCAVs matching car (IoU 0.33) and road (IoU 0.25)" in sentences
+    assert "in resnet, layer3 has an NCAV matching car (IoU 0.55)" in sentences  # resnet has no NCAV controls: unchanged
+    rejected = dict(not_distinguishable(results))
+    assert rejected == {"in vgg, backbone.block2 has an NCAV matching wheel (IoU 0.41)":
+                        "the IoU does not exceed its permuted-masks control (wheel 0.38) by the margin 0.05"}
+    section = write_report(out).read_text(encoding="utf-8")
+    rejected_list = section.split('<ul class="rejected">', 1)[1].split("</ul>", 1)[0]
+    assert ("<li>In vgg, backbone.block2 has an NCAV matching wheel (IoU 0.41): the IoU does not exceed its permuted-masks control "
+            "(wheel 0.38) by the margin 0.05.</li>") in rejected_list
+
+
+def test_ncav_findings_without_control_margin_are_unchanged(results_dir, tmp_path):
+    from conceptlens.concepts.errors import ConceptLensError
+    from conceptlens.concepts.store.artifacts import read_artifact
+
+    from conceptlens.report.results import PrototypesMeta
+
+    out = tmp_path / "no_margin"
+    shutil.copytree(results_dir, out)
+    meta, _ = read_artifact(out / "prototypes" / "vgg", "report-prototypes", 1, (), ConceptLensError)
+    assert "control_margin" not in meta and all("control_iou" not in n for ncavs in meta["ncavs"].values() for n in ncavs)
+    record = {k: meta[k] for k in ("model", "layers", "ncavs", "fidelity")}
+    assert PrototypesMeta.from_json(record).to_json() == record  # the record adds no key with controls off
+    assert findings(load_results(out)) == findings(load_results(results_dir))

@@ -180,7 +180,11 @@ def test_controls_off_leave_results_unchanged(tmp_path, world_masks):
     assert plain.uncertainty is None
     off, on = plain.to_dict(), with_null.to_dict()
     assert set(on) - set(off) == {"null_mean", "corrected", "p_value", "ci_low", "ci_high"}
-    assert {key: on[key] for key in off} == off
+    concept_keys = {"set_iou_null_mean", "set_iou_corrected", "set_iou_p_value", "set_iou_ci_low", "set_iou_ci_high"}
+    assert plain.concept_uncertainty is None and all(set(entry) == {"set_iou", "soft_iou", "pearson"} for entry in off["per_concept"].values())
+    assert all(set(entry) - {"set_iou", "soft_iou", "pearson"} == concept_keys for entry in on["per_concept"].values())
+    stripped = {c: {k: v for k, v in entry.items() if k not in concept_keys} for c, entry in on["per_concept"].items()}
+    assert {**{key: on[key] for key in off}, "per_concept": stripped} == off
     nmf = unsupervised_similarity(layers)
     assert nmf.uncertainty is None and "p_value" not in nmf.to_dict()
 
@@ -243,3 +247,62 @@ def test_model_and_its_channel_permuted_copy_score_corrected_one(tmp_path):
     plain = compare_models(probed, world, store, "net2vec", GRID, cka=False, n_permutations=0, n_bootstrap=0)
     assert "null" not in plain and "p_value" not in plain["blocks"][0] and plain["matrix"] == result["matrix"]
     assert [b["similarity"] for b in plain["blocks"]] == [b["similarity"] for b in result["blocks"]]
+
+
+def test_per_concept_null_and_bootstrap_equal_recomputation(tmp_path, world_masks):
+    g = torch.Generator().manual_seed(7)
+    noisy = torch.where(torch.rand(world_masks.shape, generator=g) < 0.1, 1 - world_masks, world_masks)
+    a, b = layer(tmp_path, "a", world_masks, WORLD_CONCEPTS), layer(tmp_path, "b", noisy, WORLD_CONCEPTS, model="B")
+    result = supervised_similarity([a, b], n_permutations=6, n_bootstrap=4, seed=2)
+    assert set(result.concept_uncertainty) == set(WORLD_CONCEPTS)
+    for concept in ("car", "sky"):
+        stats = result.concept_uncertainty[concept]
+        np.testing.assert_array_equal(stats.score, result.set_iou[concept])
+        for p, perm in enumerate(random_permutations(40, 6, seed=2)):
+            shuffled = layer(tmp_path, f"perm{concept}{p}", noisy[torch.from_numpy(perm)], WORLD_CONCEPTS, model="B")
+            expected = supervised_similarity([a, shuffled]).set_iou[concept][0, 1]
+            assert stats.null[p, 0, 1] == pytest.approx(expected, abs=1e-12) and stats.null[p, 1, 0] == stats.null[p, 0, 1]
+        for r, counts in enumerate(bootstrap_counts(40, 4, seed=2)):
+            items = torch.from_numpy(np.repeat(np.arange(40), counts.astype(int)))
+            resampled = supervised_similarity([layer(tmp_path, f"r{concept}a{r}", world_masks[items], WORLD_CONCEPTS),
+                                               layer(tmp_path, f"r{concept}b{r}", noisy[items], WORLD_CONCEPTS, model="B")])
+            np.testing.assert_allclose(stats.bootstrap[r], resampled.set_iou[concept], atol=1e-12)
+        null_mean = stats.null[:, 0, 1].mean()
+        entry = result.to_dict()["per_concept"][concept]
+        assert entry["set_iou_null_mean"][0][1] == pytest.approx(null_mean, abs=1e-6)
+        assert entry["set_iou_corrected"][0][1] == pytest.approx((stats.score[0, 1] - null_mean) / (1 - null_mean), abs=1e-6)
+        at_least = (stats.null[:, 0, 1] >= stats.score[0, 1] - 1e-9).sum()
+        assert entry["set_iou_p_value"][0][1] == pytest.approx((1 + at_least) / 7, abs=1e-6)
+        low, high = np.percentile(stats.bootstrap[:, 0, 1], [2.5, 97.5])
+        assert entry["set_iou_ci_low"][0][1] == pytest.approx(low, abs=1e-6) and entry["set_iou_ci_high"][0][1] == pytest.approx(high, abs=1e-6)
+    # the block score is the mean of the per-concept scores on every draw
+    stacked = np.stack([result.concept_uncertainty[c].null for c in WORLD_CONCEPTS])
+    np.testing.assert_allclose(np.nanmean(stacked, axis=0), result.uncertainty.null, atol=1e-12)
+
+
+def test_per_concept_controls_reach_the_concepts_csv(tmp_path, world_masks):
+    import csv
+
+    from conceptlens.compare_output import CONCEPT_CONTROL_KEYS, _write_tables
+    from conceptlens.report.results import Comparison
+
+    layers = [layer(tmp_path, "a", world_masks, WORLD_CONCEPTS), layer(tmp_path, "b", world_masks.flip(-1), WORLD_CONCEPTS, model="B")]
+    info = [{"label": f"{m.model}:{m.layer}", "model": m.model, "layer": m.layer, "depth": 0.0} for m in layers]
+    written = {}
+    for name, kwargs in (("off", {}), ("on", {"n_permutations": 9, "n_bootstrap": 5})):
+        similarity = supervised_similarity(layers, **kwargs)
+        record = Comparison.from_json({"method": "net2vec", "layers": info, "matrix": _plain(similarity.matrix), "details": similarity.to_dict()})
+        _write_tables(record, tmp_path / f"{name}.csv", tmp_path / f"{name}_concepts.csv")
+        written[name] = list(csv.DictReader((tmp_path / f"{name}_concepts.csv").open()))
+    off, on = written["off"], written["on"]
+    assert list(off[0]) == ["concept", "a", "b", "set_iou", "soft_iou", "pearson"]
+    assert list(on[0]) == ["concept", "a", "b", "set_iou", "soft_iou", "pearson", *CONCEPT_CONTROL_KEYS]
+    assert [{k: row[k] for k in off[0]} for row in on] == off  # the raw columns are as without controls
+    details = similarity.to_dict()["per_concept"]
+    cell = next(row for row in on if (row["concept"], row["a"], row["b"]) == ("sky", "A:a", "B:b"))
+    for key in CONCEPT_CONTROL_KEYS:
+        assert float(cell[key]) == details["sky"][key][0][1]
+
+
+def _plain(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[None if not np.isfinite(v) else float(v) for v in row] for row in matrix]

@@ -79,10 +79,12 @@ def not_distinguishable(results: Results) -> list[tuple[str, str]]:
     Probes: a concept encoded at no layer of a model by the controls' rule (the probe's
     ``verdict``); similarity: a model pair whose ridge has no significant cell, and within a model
     the layers whose best match is not significant (all of them: the adjacency claim itself); TCAV: significant
-    hypotheses on a degenerate layer or not significant in every robustness variant. Empty when the
+    hypotheses on a degenerate layer or not significant in every robustness variant; NCAVs: a match
+    whose IoU does not exceed its permuted-masks control by the controls' margin. Empty when the
     results carry no controls (controls off, older results).
     """
-    return _probe_rejections(results) + _similarity_rejections(results) + _adjacency_rejections(results) + _tcav_rejections(results.tcav)
+    return (_probe_rejections(results) + _similarity_rejections(results) + _adjacency_rejections(results) + _tcav_rejections(results.tcav)
+            + _ncav_rejections(results))
 
 
 def sample_size_notices(results: Results) -> list[str]:
@@ -330,18 +332,59 @@ def _tcav_findings(tcav: TCAVResults | None) -> list[str]:
     return out
 
 
-def _ncav_findings(results: Results) -> list[str]:
+def _ncav_controls(results: Results, model: str) -> tuple[dict[tuple[str, str], float], float | None]:
+    """``model``'s NCAV controls from its prototypes: {(layer, ncav): control IoU} and the margin (None: no controls)."""
+    prototypes = results.prototypes.get(model)
+    meta = prototypes.meta if prototypes else None
+    if meta is None or meta.control_margin is None:
+        return {}, None
+    control = {(layer, n.name): number(n.control_iou) for layer, ncavs in meta.ncavs.items() for n in ncavs if n.control_iou is not None}
+    return control, number(meta.control_margin)
+
+
+def _ncav_matches(results: Results) -> list[tuple[str | None, str | None, str | None]]:
+    """Per model and layer: (finding or None, rejected claim or None, its reason or None).
+
+    Without controls every NCAV match with set IoU ≥ :data:`NCAV_MATCH_IOU` counts. With controls
+    (the prototypes carry ``control_margin``) a match counts only when its IoU exceeds its
+    permuted-masks control IoU by more than the margin; the others are rejected claims.
+    """
     out = []
     for model in results.models:
+        control, margin = _ncav_controls(results, model)
         for layer, ncavs in results.ncav_labels(model).items():
             best: dict[str, float] = {}
+            failed: dict[str, tuple[float, float]] = {}
             for ncav in ncavs:
                 concept, iou = ncav.label, number(ncav.set_iou)
-                if concept is not None and iou >= NCAV_MATCH_IOU:
-                    best[concept] = max(best.get(concept, 0.0), iou)
-            if not best:
-                continue
-            matches = [f"{c} (IoU {v:.2f})" for c, v in sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))]
-            noun = "an NCAV" if len(matches) == 1 else "NCAVs"
-            out.append(f"in {model}, {layer} has {noun} matching {join_words(matches)}")
+                if concept is None or not iou >= NCAV_MATCH_IOU:
+                    continue
+                if margin is not None:
+                    floor = control.get((layer, ncav.name), number(ncav.control_iou))
+                    if not (math.isfinite(floor) and iou > floor + margin):
+                        if iou > failed.get(concept, (-1.0, 0.0))[0]:
+                            failed[concept] = (iou, floor)
+                        continue
+                best[concept] = max(best.get(concept, 0.0), iou)
+            failed = {c: v for c, v in failed.items() if c not in best}
+            finding = rejected = reason = None
+            if best:
+                matches = [f"{c} (IoU {v:.2f})" for c, v in sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))]
+                noun = "an NCAV" if len(matches) == 1 else "NCAVs"
+                finding = f"in {model}, {layer} has {noun} matching {join_words(matches)}"
+            if failed:
+                items = sorted(failed.items(), key=lambda kv: (-kv[1][0], kv[0]))
+                noun = "an NCAV" if len(items) == 1 else "NCAVs"
+                rejected = f"in {model}, {layer} has {noun} matching {join_words([f'{c} (IoU {v:.2f})' for c, (v, _) in items])}"
+                controls = join_words([f"{c} {f2(floor)}" for c, (_, floor) in items])
+                reason = f"the IoU does not exceed its permuted-masks control ({controls}) by the margin {margin:g}"
+            out.append((finding, rejected, reason))
     return out
+
+
+def _ncav_findings(results: Results) -> list[str]:
+    return [finding for finding, _, _ in _ncav_matches(results) if finding]
+
+
+def _ncav_rejections(results: Results) -> list[tuple[str, str]]:
+    return [(claim, reason) for _, claim, reason in _ncav_matches(results) if claim]

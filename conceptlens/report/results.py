@@ -506,16 +506,24 @@ class ExamplesMeta(_Record):
 
 @dataclass(frozen=True)
 class NCAVLabel(_Record):
-    """An NCAV and the known concept its map overlaps best (None: no match), with that set IoU."""
+    """An NCAV and the known concept its map overlaps best (None: no match), with that set IoU.
+
+    With controls on, ``control_iou``: the same match's IoU against masks permuted across the test
+    images (seeded derangement) — the floor the match must clear by the controls' margin.
+    """
 
     name: str | None = None
     label: str | None = None
     set_iou: float | None = None
+    control_iou: float | None = field(default=None, metadata=_OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)
 class PrototypesMeta(_Record):
     """NCAV prototypes of one model: per layer the NCAVs' labels and the held-out fidelity.
+
+    With controls on, each label has its ``control_iou`` and ``control_margin`` is the controls'
+    margin a match must clear its control by (omitted with controls off).
 
     The artifact's tensors: ``patches_<n>`` (k, p, s, s, 3) uint8 for the n-th layer of ``layers``.
     """
@@ -524,4 +532,5 @@ class PrototypesMeta(_Record):
     layers: tuple[str, ...] = ()
     ncavs: dict[str, tuple[NCAVLabel, ...]] = field(default_factory=dict)
     fidelity: dict[str, float | None] = field(default_factory=dict)
+    control_margin: float | None = field(default=None, metadata=_OMIT_IF_NONE)
     step_key: str | None = field(default=None, metadata=_OMIT_IF_NONE)

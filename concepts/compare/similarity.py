@@ -119,6 +119,8 @@ class SupervisedSimilarity:
     blind: list[tuple[str, int, int]]
     undefined: list[tuple[str, int, int, str]]
     uncertainty: SimilarityNull | None = None
+    #: Per concept, the null and bootstrap of its set IoU matrix (same permutations and resamples as ``uncertainty``).
+    concept_uncertainty: dict[str, SimilarityNull] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,7 +128,10 @@ class SupervisedSimilarity:
             "concepts": self.concepts,
             "matrix": _json_matrix(self.matrix),
             "per_concept": {
-                c: {"set_iou": _json_matrix(self.set_iou[c]), "soft_iou": _json_matrix(self.soft_iou[c]), "pearson": _json_matrix(self.pearson[c])}
+                c: {
+                    "set_iou": _json_matrix(self.set_iou[c]), "soft_iou": _json_matrix(self.soft_iou[c]), "pearson": _json_matrix(self.pearson[c]),
+                    **{f"set_iou_{key}": value for key, value in _uncertainty_dict((self.concept_uncertainty or {}).get(c)).items()},
+                }
                 for c in self.concepts
             },
             "blind_pairs": [{"concept": c, "a": self.labels[i], "b": self.labels[j]} for c, i, j in self.blind],
@@ -189,7 +194,10 @@ def supervised_similarity(
     -------
     SupervisedSimilarity
         With ``uncertainty`` (:class:`~conceptlens.concepts.compare.nulls.SimilarityNull`) when
-        ``n_permutations`` or ``n_bootstrap`` is positive; every other field is the same either way.
+        ``n_permutations`` or ``n_bootstrap`` is positive, and ``concept_uncertainty`` (the same
+        permutations and resamples applied to each concept's set IoU matrix, written as the
+        ``set_iou_*`` keys of ``per_concept`` in :meth:`~SupervisedSimilarity.to_dict`); every
+        other field is the same either way.
     """
     n_items = _check_same_items(layers)
     concepts = _common_concepts(layers, concepts)
@@ -213,6 +221,16 @@ def supervised_similarity(
 
         overlaps = _overlaps(read_binary, n_items, n_permutations, seed, progress)
         result.uncertainty = _uncertainty(result.matrix, overlaps, _set_iou_scores, n_bootstrap, seed, level)
+        per_concept = _uncertainty(np.stack([result.set_iou[c] for c in concepts]), overlaps, _concept_set_iou_scores, n_bootstrap, seed, level)
+        result.concept_uncertainty = {
+            c: SimilarityNull(
+                per_concept.score[i],
+                None if per_concept.null is None else per_concept.null[:, i],
+                None if per_concept.bootstrap is None else per_concept.bootstrap[:, i],
+                seed, level,
+            )
+            for i, c in enumerate(concepts)
+        }
     return result
 
 
@@ -226,8 +244,8 @@ def _uncertainty(score: np.ndarray, overlaps, scores, n_bootstrap: int, seed: in
     null = None
     if len(overlaps.permuted):
         null = scores(overlaps.permuted, np.broadcast_to(totals, (len(overlaps.permuted), *totals.shape)))
-        lower = np.tril_indices(score.shape[0], -1)
-        null[:, lower[0], lower[1]] = null[:, lower[1], lower[0]]
+        lower = np.tril_indices(score.shape[-1], -1)
+        null[..., lower[0], lower[1]] = null[..., lower[1], lower[0]]
     bootstrap = None
     if n_bootstrap > 0:
         counts = bootstrap_counts(overlaps.per_item.shape[0], n_bootstrap, seed)
@@ -236,10 +254,15 @@ def _uncertainty(score: np.ndarray, overlaps, scores, n_bootstrap: int, seed: in
     return SimilarityNull(score, null, bootstrap, seed, level)
 
 
+def _concept_set_iou_scores(intersection: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Set IoU of each concept from (R, K, L, L) intersections and (R, K, L) sizes -> (R, K, L, L) (NaN: empty union)."""
+    union = sizes[..., :, None] + sizes[..., None, :] - intersection
+    return _ratio(intersection, union)
+
+
 def _set_iou_scores(intersection: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Mean set IoU over concepts from (R, K, L, L) intersections and (R, K, L) sizes -> (R, L, L)."""
-    union = sizes[..., :, None] + sizes[..., None, :] - intersection
-    iou = _ratio(intersection, union)
+    iou = _concept_set_iou_scores(intersection, sizes)
     counts = np.isfinite(iou).sum(axis=1)
     return _ratio(np.where(np.isfinite(iou), iou, 0.0).sum(axis=1), counts.astype(float))
 
