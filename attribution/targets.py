@@ -14,6 +14,13 @@ Targets
 * :class:`TopDetection` — score of the highest-scoring detection of one label.
 * :class:`MatchedDetection` — score of the detection that best matches (IoU) a given box.
 
+Class names
+-----------
+Where an index is expected a spec may name the class instead (``logit:"Egyptian cat"``,
+``top:car``) when the model's class names are known (:attr:`LoadedModel.categories`: torchvision's
+ImageNet and COCO names, the zoo's); every target then carries its class name as ``category`` and
+shows it in ``display`` (``logit:285 (Egyptian cat)``).
+
 Detector targets read torchvision-style output: a list with one dict per image holding ``boxes``
 (``(n, 4)`` xyxy, in the coordinates of the model's input images), ``scores`` ``(n,)`` and
 ``labels`` ``(n,)`` — the output of torchvision's detection models and of the zoo detectors in
@@ -45,7 +52,14 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torchvision.ops import box_iou
 
-from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.attribution.target_specs import (
+    SPEC_FORMS,
+    TargetError,
+    TargetSpec,
+    check_target_spec,
+    resolve_class,
+)
+from conceptlens.attribution.target_specs import display as _display
 
 __all__ = [
     "SPEC_FORMS",
@@ -54,19 +68,15 @@ __all__ = [
     "MatchedDetection",
     "Target",
     "TargetError",
+    "TargetSpec",
     "TargetValues",
     "TopDetection",
     "check_differentiable",
+    "check_target_spec",
     "describe_missing",
     "target_from_spec",
 ]
 
-#: Accepted forms of :func:`target_from_spec`, for error messages and CLI help.
-SPEC_FORMS = "logit:K, prob:K, top:K, top:K:MIN_SCORE, box:K:x0,y0,x1,y1 or box:any:x0,y0,x1,y1 (K an integer class/label id)"
-
-
-class TargetError(ConceptLensError):
-    """A target spec is malformed, or a model output does not fit the target."""
 
 
 @dataclass
@@ -129,15 +139,17 @@ def check_differentiable(values: TargetValues, target: Any = None) -> None:
     """Raise :class:`TargetError` when ``values`` carries no autograd graph.
 
     Typical causes: the forward pass ran under ``torch.no_grad()``/``inference_mode``, nothing
-    upstream requires grad, or the model's post-processing detaches its scores.
+    upstream requires grad, or the model's post-processing (a model spec's ``decode``) detaches its
+    scores. :func:`conceptlens.attribution.gradients.iter_layer_gradients` checks every batch.
     """
     if not values.values.requires_grad:
         name = getattr(target, "name", None) or "target"
         raise TargetError(
             name,
             "target values are not differentiable (no autograd graph)",
-            "run the forward pass without torch.no_grad()/inference_mode, call requires_grad_() on the inputs "
-            "(each image tensor for torchvision detectors) and make sure the model's post-processing does not detach scores",
+            "the model's post-processing (your decode, if the model spec brings one) must keep scores in the graph: "
+            "no .detach(), .item(), .numpy() or torch.no_grad() on them; when calling a model yourself, run the forward pass "
+            "without torch.no_grad()/inference_mode and call requires_grad_() on the inputs (each image tensor for torchvision detectors)",
         )
 
 
@@ -164,10 +176,12 @@ class _ClassTarget:
     kind: ClassVar[str]
     quantity: ClassVar[str]
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, category: str | None = None) -> None:
         self.k = int(k)
+        self.category = category
         self.name = f"{self.kind}:{self.k}"
-        self.what = f"{self.quantity} of class {self.k}"
+        self.display = _display(self.name, category)
+        self.what = f"{self.quantity} of class {_display(str(self.k), category)}"
 
     @staticmethod
     def _scores(logits: torch.Tensor) -> torch.Tensor:
@@ -179,7 +193,7 @@ class _ClassTarget:
         return TargetValues(values, torch.ones_like(values, dtype=torch.bool))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.k})"
+        return f"{type(self).__name__}({self.k}" + (f", category={self.category!r})" if self.category else ")")
 
 
 class ClassLogit(_ClassTarget):
@@ -255,11 +269,13 @@ def _pack(chosen: list[torch.Tensor], index: list[int]) -> TargetValues:
 class TopDetection:
     """Score of the highest-scoring detection of ``label`` (with score ≥ ``min_score``) per image."""
 
-    def __init__(self, label: int, min_score: float = 0.0) -> None:
+    def __init__(self, label: int, min_score: float = 0.0, category: str | None = None) -> None:
         self.label = int(label)
         self.min_score = float(min_score)
+        self.category = category
         self.name = f"top:{self.label}" + (f":{self.min_score:g}" if self.min_score > 0 else "")
-        self.what = f"detection of class {self.label}" + (f" with score ≥ {self.min_score:g}" if self.min_score > 0 else "")
+        self.display = _display(self.name, category)
+        self.what = f"detection of class {_display(str(self.label), category)}" + (f" with score ≥ {self.min_score:g}" if self.min_score > 0 else "")
 
     def __call__(self, output: Any) -> TargetValues:
         chosen, index = [], []
@@ -277,7 +293,7 @@ class TopDetection:
         return _pack(chosen, index)
 
     def __repr__(self) -> str:
-        return f"TopDetection({self.label}, min_score={self.min_score:g})"
+        return f"TopDetection({self.label}, min_score={self.min_score:g}" + (f", category={self.category!r})" if self.category else ")")
 
 
 class MatchedDetection:
@@ -295,19 +311,24 @@ class MatchedDetection:
     min_iou : float
         A detection matches when its IoU with the box is ≥ ``min_iou``.
 
+    category : str, optional
+        The label's class name, shown in ``display`` and messages.
+
     Among the matching detections the one with the largest IoU is chosen (ties: the higher score).
     """
 
-    def __init__(self, label: int | None, boxes: torch.Tensor | Sequence[Any], min_iou: float = 0.5) -> None:
+    def __init__(self, label: int | None, boxes: torch.Tensor | Sequence[Any], min_iou: float = 0.5, category: str | None = None) -> None:
         self.label = None if label is None else int(label)
         self.min_iou = float(min_iou)
         self.boxes = boxes
+        self.category = category
         box_text = ""
         single = self._single_box()
         if single is not None:
             box_text = ":" + ",".join(f"{float(v):g}" for v in single)
         self.name = f"box:{'any' if self.label is None else self.label}{box_text}"
-        cls = "any class" if self.label is None else f"class {self.label}"
+        self.display = _display(self.name, category)
+        cls = "any class" if self.label is None else f"class {_display(str(self.label), category)}"
         self.what = f"detection of {cls} with IoU ≥ {self.min_iou:g} to the given box"
 
     def _single_box(self) -> torch.Tensor | None:
@@ -363,29 +384,19 @@ class MatchedDetection:
         return f"MatchedDetection({self.label}, boxes=..., min_iou={self.min_iou:g})"
 
 
-# -- spec parser ---------------------------------------------------------------------------------
-
-
-def _bad(spec: str, problem: str) -> TargetError:
-    return TargetError(f"target {spec!r}", problem, f"use one of {SPEC_FORMS}")
-
-
-def _int(text: str, spec: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise _bad(spec, f"{text!r} is not an integer class id") from None
-
-
-def target_from_spec(spec: str, min_iou: float = 0.5) -> Target:
+def target_from_spec(spec: str, min_iou: float = 0.5, *, categories: Sequence[str] | None = None) -> Target:
     """Parse a CLI target spec: ``logit:K``, ``prob:K``, ``top:K[:MIN_SCORE]``, ``box:K|any:x0,y0,x1,y1``.
 
     Parameters
     ----------
     spec : str
-        The spec; one of :data:`SPEC_FORMS`.
+        The spec; one of :data:`SPEC_FORMS`. ``K`` is an integer id, or a class name (quoted
+        or plain: ``logit:"Egyptian cat"``, ``top:car``) when ``categories`` is given.
     min_iou : float
         The IoU a detection needs to match a ``box:`` spec's box.
+    categories : sequence of str, optional
+        The model's class names by id (:attr:`LoadedModel.categories`): names are matched
+        exactly, then case-insensitively; every target gets its class name as ``category``.
 
     Returns
     -------
@@ -396,7 +407,8 @@ def target_from_spec(spec: str, min_iou: float = 0.5) -> Target:
     Raises
     ------
     TargetError
-        If the spec is malformed; the message lists the accepted forms.
+        If the spec is malformed (the message lists the accepted forms) or names a class the
+        model does not have (the message gives the closest names).
 
     Examples
     --------
@@ -406,40 +418,19 @@ def target_from_spec(spec: str, min_iou: float = 0.5) -> Target:
     'top:2:0.5'
     >>> target_from_spec("box:any:0,0,10,20")
     MatchedDetection(None, boxes=..., min_iou=0.5)
+    >>> target_from_spec("top:Car", categories=["__background__", "car", "house"]).display
+    'top:1 (car)'
     >>> target_from_spec("logit:x")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    conceptlens.attribution.targets.TargetError: target 'logit:x': 'x' is not an integer class id — fix: use one of logit:K, prob:K, ...
+    conceptlens.attribution.target_specs.TargetError: target 'logit:x': 'x' is not an integer class id, ...
     """
-    if not isinstance(spec, str):
-        raise _bad(str(spec), "a target spec must be a string")
-    parts = spec.strip().split(":")
-    kind = parts[0].lower()
-    if kind in _CLASS_TARGETS:
-        if len(parts) != 2:
-            raise _bad(spec, f"{kind} takes exactly one class id")
-        return _CLASS_TARGETS[kind](_int(parts[1], spec))
-    if kind == "top":
-        if len(parts) not in (2, 3):
-            raise _bad(spec, "top takes a label and optionally a minimum score")
-        min_score = 0.0
-        if len(parts) == 3:
-            try:
-                min_score = float(parts[2])
-            except ValueError:
-                raise _bad(spec, f"{parts[2]!r} is not a number (minimum score)") from None
-        return TopDetection(_int(parts[1], spec), min_score)
-    if kind == "box":
-        if len(parts) != 3:
-            raise _bad(spec, "box takes a label (or 'any') and four comma-separated coordinates")
-        label = None if parts[1].lower() == "any" else _int(parts[1], spec)
-        try:
-            coords = [float(v) for v in parts[2].split(",")]
-        except ValueError:
-            raise _bad(spec, f"{parts[2]!r} is not four comma-separated numbers") from None
-        if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
-            raise _bad(spec, f"{parts[2]!r} is not four finite comma-separated numbers")
-        if coords[2] <= coords[0] or coords[3] <= coords[1]:
-            raise _bad(spec, "the box needs x1 > x0 and y1 > y0 (xyxy)")
-        return MatchedDetection(label, torch.tensor(coords), min_iou=min_iou)
-    raise _bad(spec, f"unknown target kind {parts[0]!r}")
+    parsed = check_target_spec(spec)
+    if parsed.kind == "box" and parsed.cls is None:
+        return MatchedDetection(None, torch.tensor(parsed.box), min_iou=min_iou)
+    k, category = resolve_class(parsed.cls, spec, categories)
+    if parsed.kind in _CLASS_TARGETS:
+        return _CLASS_TARGETS[parsed.kind](k, category)
+    if parsed.kind == "top":
+        return TopDetection(k, parsed.min_score, category)
+    return MatchedDetection(k, torch.tensor(parsed.box), min_iou=min_iou, category=category)

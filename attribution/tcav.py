@@ -63,6 +63,7 @@ __all__ = [
     "TCAVError",
     "TCAVRecord",
     "TCAVResult",
+    "MIN_RANDOM_SETS",
     "bonferroni",
     "holm",
     "layer_gradients",
@@ -71,6 +72,7 @@ __all__ = [
     "null_statistics",
     "permutation_p",
     "power",
+    "random_sets_problem",
     "run_scores",
     "sensitivities",
     "tcav_robustness",
@@ -92,6 +94,8 @@ CENTERS = {"sign_count": 0.5, "magnitude": 0.5, "mean_sensitivity": 0.0}
 CHANCE_MARGIN = 0.05
 #: Gradients whose largest absolute entry over every input is at most this count as zero.
 GRADIENT_TOL = 1e-12
+#: Random sets a significance test needs: the null is made of random-vs-random CAVs.
+MIN_RANDOM_SETS = 2
 
 
 class TCAVError(ConceptLensError):
@@ -752,6 +756,27 @@ def power(statistic: float, null: np.ndarray, center: float, alpha: float, n_hyp
     needed = int(math.floor((1 - a) / (a - q) + 1e-9)) + 1 if q < a else None
     return {"random_sets_needed": needed, "effect": effect, "min_for_correction": minimum, "n_random_sets": int(null.size),
             "alpha_per_test": a}
+
+
+def random_sets_problem(n_random: int) -> str | None:
+    """Why ``n_random`` random sets give no p-values, or None when they can.
+
+    The permutation test ranks the concept among the R random sets: its null statistics are made
+    of random-vs-random CAVs (none with one set), and its smallest p-value is ``1/(R + 1)`` (0.5
+    with R = 1, so nothing could be significant); the t-test needs two null scores too.
+
+    Examples
+    --------
+    >>> random_sets_problem(10) is None
+    True
+    >>> random_sets_problem(1)  # doctest: +ELLIPSIS
+    'only 1 random set: no p-values — a significance test needs at least 2 ...'
+    """
+    if n_random >= MIN_RANDOM_SETS:
+        return None
+    return (f"only {n_random} random set{'' if n_random == 1 else 's'}: no p-values — a significance test needs at least {MIN_RANDOM_SETS} "
+            "(the null is made of random-vs-random CAVs, and with R random sets the smallest p-value is 1/(R + 1): "
+            f"{1 / (n_random + 1):.2g} here, so nothing could be significant)")
 
 
 def _pair_index(cav_set: CAVSet) -> tuple[np.ndarray, bool]:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import types
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -22,21 +23,40 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from conceptlens.attribution.targets import SPEC_FORMS, TargetError, target_from_spec
-from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.attribution.target_specs import SPEC_FORMS, TargetError, check_target_spec
+from conceptlens.concepts.errors import ConceptLensError, closest_names
+from conceptlens.config_yaml import RefusedYAML, load_yaml
+from conceptlens.limits import (
+    MAX_BATCH,
+    MAX_CLASS_ID,
+    MAX_COMPONENTS,
+    MAX_DECODE_WORKERS,
+    MAX_EPOCHS,
+    MAX_IMAGES,
+    MAX_LR,
+    MAX_RANDOM_SETS,
+    MAX_RESAMPLES,
+    MAX_SEED,
+    MAX_SHOWN,
+    MAX_SIDE,
+    MAX_WORKERS,
+)
 
 __all__ = [
     "CompareConfig",
     "ConfigError",
+    "ConfigErrors",
     "ControlsConfig",
     "DataConfig",
     "EmbedConfig",
+    "ExecutionConfig",
     "ModelConfig",
     "NMFConfig",
     "Net2VecConfig",
     "PipelineConfig",
     "ProbesConfig",
     "ReportConfig",
+    "RunFolders",
     "TcavConfig",
     "TcavTargetConfig",
     "check_paths",
@@ -45,6 +65,8 @@ __all__ = [
     "load_config",
     "missing_paths",
     "parse_config",
+    "run_folders",
+    "with_execution",
     "without_controls",
 ]
 
@@ -53,8 +75,38 @@ class ConfigError(ConceptLensError):
     """A pipeline config file is missing, malformed or inconsistent."""
 
 
-_NAME = (r"[A-Za-z0-9_-]+", "letters, digits, _ and - only")
+class ConfigErrors(ConfigError):
+    """Every problem found in one config file (``errors``, each a :class:`ConfigError` on one line).
+
+    Its message is the first problem followed by the count of the others; the command line prints
+    one ``error:`` line per problem.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in this file)" if len(errors) > 1 else ""
+        super().__init__(first.culprit, first.problem + more, first.fix)
+
+
+def _problems(error: ConfigError) -> list[ConfigError]:
+    return list(getattr(error, "errors", None) or [error])
+
+
+def _raise_all(problems: list[ConfigError]) -> None:
+    """Raise the one problem, or all of them together; nothing when there is none."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigErrors(problems)
+
+
+_NAME = (r"[A-Za-z0-9_-]{1,64}", "letters, digits, _ and - only, at most 64 characters")
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB
 _DEVICE = (r"auto|cpu|cuda(:\d+)?", "one of auto, cpu, cuda, cuda:N")
+_ADDRESS = (r"auto|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?:(6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})",
+            "auto, or HOST:PORT of the Ray head node (e.g. 10.0.0.5:6379; `ray status` on the head prints it)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +127,8 @@ class ModelConfig:
     name: str = field(metadata={"pattern": _NAME})
     spec: str = field(metadata={"path": True})
     weights: str = field(default="none", metadata={"path": True})
-    input_size: tuple[int, int] | None = field(default=None, metadata={"ge": 1})
+    input_size: tuple[int, int] | None = field(default=None, metadata={"ge": 1, "le": MAX_SIDE})
+    kwargs: dict[str, int | float | bool | str] = field(default_factory=dict)  # builder arguments (README, "Model specs")
     layers: list[str] = field(metadata={"unique": True, "nonempty": True})
 
 
@@ -83,9 +136,11 @@ class ModelConfig:
 class EmbedConfig:
     """``embed:`` — how activations are stored."""
 
-    grid: tuple[int, int] = field(default=(100, 100), metadata={"ge": 1})
+    grid: tuple[int, int] = field(default=(100, 100), metadata={"ge": 1, "le": MAX_SIDE})
     dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = field(default=32, metadata={"ge": 1})
+    batch_size: int = field(default=32, metadata={"ge": 1, "le": MAX_BATCH})
+    # threads decoding the next batches during each forward pass (null: min(4, cores - 1)); how, not what: not in config_hash
+    decode_workers: int | None = field(default=None, metadata={"ge": 0, "le": MAX_DECODE_WORKERS})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,9 +148,9 @@ class Net2VecConfig:
     """``probes.net2vec:`` — Net2Vec pixel probes."""
 
     enabled: bool = True
-    max_epochs: int = field(default=30, metadata={"ge": 1})
-    lr: float = field(default=1e-3, metadata={"gt": 0.0})
-    batch_size: int = field(default=64, metadata={"ge": 1})
+    max_epochs: int = field(default=30, metadata={"ge": 1, "le": MAX_EPOCHS})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "le": MAX_LR})
+    batch_size: int = field(default=64, metadata={"ge": 1, "le": MAX_BATCH})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +158,7 @@ class NMFConfig:
     """``probes.nmf:`` — NMF concept vectors (NCAVs)."""
 
     enabled: bool = True
-    k: int = field(default=10, metadata={"ge": 1})
+    k: int = field(default=10, metadata={"ge": 1, "le": MAX_COMPONENTS})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +183,7 @@ class TcavTargetConfig:
 
     spec: str
     inputs: str | None = None
-    max_inputs: int = field(default=32, metadata={"ge": 1})
+    max_inputs: int = field(default=32, metadata={"ge": 1, "le": MAX_IMAGES})
     models: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
 
 
@@ -139,14 +194,14 @@ class TcavConfig:
     enabled: bool = False
     concepts: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
     min_fraction: float = field(default=0.02, metadata={"gt": 0.0, "lt": 1.0})
-    images_per_set: int = field(default=40, metadata={"ge": 2})
-    random_sets: int = field(default=10, metadata={"ge": 2})
+    images_per_set: int = field(default=40, metadata={"ge": 2, "le": MAX_IMAGES})
+    random_sets: int = field(default=10, metadata={"ge": 2, "le": MAX_RANDOM_SETS})
     layers: list[str] | None = field(default=None, metadata={"unique": True, "nonempty": True})
     targets: list[TcavTargetConfig] = field(default_factory=list)
     statistic: Literal["sign_count", "magnitude", "mean_sensitivity"] = "sign_count"
     correction: Literal["holm", "bonferroni"] = "holm"
     alpha: float = field(default=0.05, metadata={"gt": 0.0, "lt": 1.0})
-    n_bootstrap: int = field(default=1000, metadata={"ge": 0})
+    n_bootstrap: int = field(default=1000, metadata={"ge": 0, "le": MAX_RESAMPLES})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,8 +209,8 @@ class ReportConfig:
     """``report:`` — the HTML report."""
 
     enabled: bool = True
-    examples: int = field(default=4, metadata={"ge": 0})
-    prototypes: int = field(default=5, metadata={"ge": 0})
+    examples: int = field(default=4, metadata={"ge": 0, "le": MAX_SHOWN})
+    prototypes: int = field(default=5, metadata={"ge": 0, "le": MAX_SHOWN})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,9 +224,9 @@ class ControlsConfig:
     enabled: bool = True
     probe_controls: list[Literal["random_weights", "permuted_masks"]] = field(
         default_factory=lambda: ["random_weights", "permuted_masks"], metadata={"unique": True})
-    control_epochs: int = field(default=3, metadata={"ge": 1})
-    n_permutations: int = field(default=499, metadata={"ge": 1})
-    n_bootstrap: int = field(default=200, metadata={"ge": 0})
+    control_epochs: int = field(default=3, metadata={"ge": 1, "le": MAX_EPOCHS})
+    n_permutations: int = field(default=499, metadata={"ge": 1, "le": MAX_RESAMPLES})
+    n_bootstrap: int = field(default=200, metadata={"ge": 0, "le": MAX_RESAMPLES})
     alpha: float = field(default=0.05, metadata={"gt": 0.0, "lt": 1.0})
     margin: float = field(default=0.05, metadata={"ge": 0.0, "le": 1.0})
     tcav_robustness: bool = True
@@ -180,14 +235,31 @@ class ControlsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExecutionConfig:
+    """``execution:`` — where the steps run (README, "Scale-out on Ray").
+
+    ``local`` (the default) runs everything in this process. ``ray`` embeds on ``workers`` Ray
+    actors (each loads the model once, ``gpus_per_worker`` GPUs each) and fits every (model, layer,
+    method) bank as its own Ray task, on the cluster at ``address``; the results are the same
+    files as a local run's. It is how the run is executed, not what it computes, so it does not
+    enter :func:`config_hash`.
+    """
+
+    backend: Literal["local", "ray"] = "local"
+    address: str = field(default="auto", metadata={"pattern": _ADDRESS})
+    workers: int = field(default=2, metadata={"ge": 1, "le": MAX_WORKERS})
+    gpus_per_worker: float = field(default=0.0, metadata={"ge": 0.0, "le": 64.0})
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """A whole pipeline run: data, models, and the settings of each stage."""
 
-    name: str
-    seed: int = 0
+    name: str = field(metadata={"pattern": _NAME})
+    seed: int = field(default=0, metadata={"ge": 0, "le": MAX_SEED})
     device: str = field(default="auto", metadata={"pattern": _DEVICE})
-    out: str | None = field(default=None, metadata={"path": True})
-    store: str | None = field(default=None, metadata={"path": True})
+    out: str | None = field(default=None, metadata={"path": True, "stays_below": "the working directory"})
+    store: str | None = field(default=None, metadata={"path": True, "stays_below": "the output folder"})
     data: DataConfig
     models: list[ModelConfig] = field(metadata={"nonempty": True})
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -196,6 +268,7 @@ class PipelineConfig:
     tcav: TcavConfig = field(default_factory=TcavConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
 def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
@@ -222,8 +295,33 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
         raise ConfigError(source, "is a folder, not a config file", f"give a .yaml file, e.g. {inside[0] if inside else 'configs/demo.yaml'}")
     if not file.is_file():
         raise ConfigError(source, "no such config file", "check the path; shipped configs are in configs/ (demo.yaml …)")
+    data = _read_yaml(file, source)
+    if data is None:
+        raise ConfigError(source, "the file is empty", "start from configs/demo.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"the top level must be a mapping of keys, got {_describe(data)}", "write 'name: …', 'data: …', 'models: …' at the top level")
+    return parse_config(data, source)
+
+
+def _read_yaml(file: Path, source: str) -> Any:
+    """The file's YAML document (:func:`~conceptlens.config_yaml.load_yaml`: safe, strict, bounded); one ConfigError otherwise."""
+    with file.open("rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, f"is larger than {MAX_CONFIG_BYTES // 1024} kB; a config is a few kB", "give the YAML config file, not a data file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConfigError(source, f"is not UTF-8 text (byte 0x{raw[error.start]:02x} at line {line}, column {column})",
+                          "save the file as UTF-8") from None
+    try:
+        return load_yaml(text)
+    except RefusedYAML as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{source}: {error.key_path}" if error.key_path else source, f"{where}{error.problem}", error.fix) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -231,11 +329,6 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
         tagged = isinstance(error, yaml.constructor.ConstructorError)
         fix = "remove the tag: configs are plain YAML, Python objects are never constructed" if tagged else "fix the YAML syntax there"
         raise ConfigError(source, f"not valid YAML ({where}{problem})", fix) from None
-    if data is None:
-        raise ConfigError(source, "the file is empty", "start from configs/demo.yaml")
-    if not isinstance(data, dict):
-        raise ConfigError(source, f"the top level must be a mapping of keys, got {_describe(data)}", "write 'name: …', 'data: …', 'models: …' at the top level")
-    return parse_config(data, source)
 
 
 def parse_config(data: dict, source: str = "<config>") -> PipelineConfig:
@@ -278,17 +371,82 @@ def without_controls(config: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(config, controls=dataclasses.replace(config.controls, enabled=False))
 
 
+def with_execution(config: PipelineConfig, source: str = "command line", **settings: Any) -> PipelineConfig:
+    """``config`` with some ``execution`` settings replaced (the CLI's ``--executor``, ``--ray-address``, ``--workers``).
+
+    Parameters
+    ----------
+    config : PipelineConfig
+    source : str
+        Where the settings came from, the culprit of an error.
+    **settings
+        ``backend``, ``address``, ``workers``, ``gpus_per_worker``; None leaves the config's value.
+
+    Raises
+    ------
+    ConfigError
+        When a value breaks the rules of the ``execution:`` section (the same checks as in a file).
+    """
+    merged = {**config_to_dict(config.execution), **{key: value for key, value in settings.items() if value is not None}}
+    return dataclasses.replace(config, execution=_parse(merged, ExecutionConfig, "execution", {}, source))
+
+
 def config_hash(config: PipelineConfig) -> str:
-    """A stable short hash of the config.
+    """A stable short hash of what the config computes.
 
     Returns
     -------
     str
         The first 16 hex digits of the sha256 of :func:`config_to_dict` as canonical JSON
         (sorted keys, no spaces); equal configs hash equal whatever the key order in the file.
+        ``execution`` and ``embed.decode_workers`` are left out: they change how a run is executed,
+        not its results.
     """
-    text = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+    settings = {key: value for key, value in config_to_dict(config).items() if key != "execution"}
+    settings["embed"] = {key: value for key, value in settings["embed"].items() if key != "decode_workers"}
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    """The folders a run writes: results (``out``), concept banks (``out/banks``) and the activation store."""
+
+    out: Path
+    banks: Path
+    store: Path
+
+
+def run_folders(config: PipelineConfig, out: str | os.PathLike[str] | None = None, banks: str | os.PathLike[str] | None = None) -> RunFolders:
+    """Where a run of ``config`` writes; ``conceptlens run`` and ``--dry-run`` both ask here.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+    out : str or PathLike, optional
+        The CLI's ``--out`` (the user's choice, anywhere); default ``config.out``, else
+        ``./conceptlens-<name>`` (below the working directory: the name is plain).
+    banks : str or PathLike, optional
+        The CLI's ``--banks``: a banks folder shared across output folders (banks whose provenance
+        matches are reused from it, new ones saved to it); default ``<out>/banks``.
+
+    Returns
+    -------
+    RunFolders
+        A relative ``store`` sits inside the output folder (default ``<out>/store``); an absolute one
+        where it says. (The parser already refused ``..`` in a relative ``out`` or ``store``.)
+
+    Examples
+    --------
+    >>> config = parse_config({"name": "t", "store": "cache", "data": {"spec": "synthetic"},
+    ...                        "models": [{"name": "m", "spec": "zoo:x", "layers": ["a"]}]})
+    >>> folders = run_folders(config)
+    >>> str(folders.out), str(folders.store), str(run_folders(config, "/tmp/o").banks)
+    ('conceptlens-t', 'conceptlens-t/cache', '/tmp/o/banks')
+    """
+    folder = Path(out or config.out or f"conceptlens-{config.name}")
+    store = Path(config.store or "store")
+    return RunFolders(out=folder, banks=Path(banks) if banks else folder / "banks", store=store if store.is_absolute() else folder / store)
 
 
 def missing_paths(config: PipelineConfig) -> list[str]:
@@ -337,8 +495,13 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlevel = 60, 60, 40, 2
+
+
 def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    """``value``'s repr and type, shortened (``reprlib``) so that a huge value keeps the error one short line."""
+    return f"{_SHORT.repr(value)} ({type(value).__name__})"
 
 
 def _closest(word: str, options: list[str]) -> str:
@@ -363,23 +526,49 @@ def _parse(value: Any, hint: Any, path: str, rules: dict, source: str) -> Any:
         return value
     if origin in (list, tuple):
         return _parse_sequence(value, hint, path, rules, source)
+    if origin is dict:
+        return _parse_mapping(value, args[1], path, rules, source)
     return _parse_scalar(value, hint, path, rules, source)
+
+
+def _parse_mapping(value: Any, value_hint: Any, path: str, rules: dict, source: str) -> dict[str, Any]:
+    """A mapping of names to scalars; a union of scalar types accepts a value of any of them."""
+    if not isinstance(value, dict):
+        raise _error(source, path, f"expected a mapping of names to values, got {_describe(value)}", "write 'name: value' lines indented below it")
+    kinds = get_args(value_hint) or (value_hint,)
+    parsed = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise _error(source, _join(path, str(key)), f"key {key!r} is not a name", "use a name (letters, digits, _)")
+        kind = next((k for k in kinds if _is_scalar(item, k)), None)  # int before float: 10 stays an integer
+        if kind is None:
+            raise _error(source, _join(path, key), f"expected {' or '.join(_TYPE_WORDS[k] for k in kinds)}, got {_describe(item)}", "write a plain value")
+        parsed[key] = _parse_scalar(item, kind, _join(path, key), rules, source)
+    return parsed
+
+
+def _is_scalar(value: Any, kind: type) -> bool:
+    return {str: isinstance(value, str), bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
 
 
 def _parse_dataclass(value: Any, cls: type, path: str, source: str) -> Any:
     if not isinstance(value, dict):
         raise _error(source, path, f"expected a mapping of keys, got {_describe(value)}", f"write the keys of {path or 'the config'} indented below it")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in value:
-        if key not in fields:
-            raise _error(source, _join(path, str(key)), f"unknown key {key!r}", f"{_closest(str(key), list(fields))}allowed keys: {', '.join(fields)}")
+    problems = [_error(source, _join(path, str(key)), f"unknown key {key!r}", f"{_closest(str(key), list(fields))}allowed keys: {', '.join(fields)}")
+                for key in value if key not in fields]
     hints = get_type_hints(cls)
     values = {}
     for name, f in fields.items():
         if name in value:
-            values[name] = _parse(value[name], hints[name], _join(path, name), dict(f.metadata), source)
+            try:
+                values[name] = _parse(value[name], hints[name], _join(path, name), dict(f.metadata), source)
+            except ConfigError as error:
+                problems += _problems(error)
         elif f.default is MISSING and f.default_factory is MISSING:
-            raise _error(source, _join(path, name), f"required key {name!r} is missing", f"add '{name}:' to {path or 'the top level'}")
+            problems.append(_error(source, _join(path, name), f"required key {name!r} is missing", f"add '{name}:' to {path or 'the top level'}"))
+    _raise_all(problems)
     return cls(**values)
 
 
@@ -391,7 +580,13 @@ def _parse_sequence(value: Any, hint: Any, path: str, rules: dict, source: str) 
         raise _error(source, path, f"expected {expected}, got {_describe(value)}", f"write [{', '.join('…' for _ in args)}]" if is_tuple else "write [a, b, …] or one '- item' per line")
     if rules.get("nonempty") and not value:
         raise _error(source, path, "the list is empty", "list at least one item, or remove the key to use the default")
-    items = [_parse(item, args[i] if is_tuple else args[0], f"{path}[{i}]", rules, source) for i, item in enumerate(value)]
+    items, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            items.append(_parse(item, args[i] if is_tuple else args[0], f"{path}[{i}]", rules, source))
+        except ConfigError as error:
+            problems += _problems(error)
+    _raise_all(problems)
     if rules.get("unique"):
         for i, item in enumerate(items):
             if item in items[:i]:
@@ -409,17 +604,38 @@ def _parse_scalar(value: Any, hint: type, path: str, rules: dict, source: str) -
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
     }[hint]
-    if not ok or (hint is float and not math.isfinite(value)):
+    if not ok or (hint is float and not _is_finite(value)):
         raise _error(source, path, f"expected {_TYPE_WORDS[hint]}, got {_describe(value)}", f"write {_TYPE_WORDS[hint]}")
     if hint is float:
         value = float(value)
     if hint in (int, float):
         _check_range(value, path, rules, source)
+    if hint is str and "\x00" in value:
+        raise _error(source, path, f"{_SHORT.repr(value)} holds a NUL character", "remove the \\0 from the string")
     if hint is str and "pattern" in rules and not re.fullmatch(rules["pattern"][0], value):
-        raise _error(source, path, f"{value!r} is not allowed", f"use {rules['pattern'][1]}")
+        raise _error(source, path, f"{_SHORT.repr(value)} is not allowed", f"use {rules['pattern'][1]}")
     if hint is str and rules.get("path"):
         value = _expand(value, path, source)
+        _check_path(value, path, rules, source)
     return value
+
+
+def _is_finite(value: int | float) -> bool:
+    """Whether a number is finite as a float (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_path(value: str, path: str, rules: dict, source: str) -> None:
+    """A path must not be empty; one that must stay below a folder (``out``, ``store``) may not climb out with ``..``."""
+    if not value.strip():
+        raise _error(source, path, "the path is empty", "give a path, or remove the key to use the default")
+    below = rules.get("stays_below")
+    if below and not Path(value).is_absolute() and ".." in Path(value).parts:
+        raise _error(source, path, f"{value!r} climbs out of {below} with '..'",
+                     f"give a path inside {below}, or an absolute path if you mean a folder outside it")
 
 
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
@@ -446,6 +662,20 @@ def _expand(value: str, path: str, source: str) -> str:
 
 
 def _check_consistency(config: PipelineConfig, source: str) -> None:
+    """Every check across keys, each problem collected (one raise for all of them)."""
+    problems = []
+    checks = [_check_ranges_and_names, _check_tcav_concepts]
+    checks += [lambda c, s, i=i, target=target: _check_target(target, f"tcav.targets[{i}]", [m.name for m in c.models], s)
+               for i, target in enumerate(config.tcav.targets)]
+    for check in checks:
+        try:
+            check(config, source)
+        except ConfigError as error:
+            problems += _problems(error)
+    _raise_all(problems)
+
+
+def _check_ranges_and_names(config: PipelineConfig, source: str) -> None:
     low, high = config.data.area_range
     if not low < high:
         raise _error(source, "data.area_range", f"lower bound {low} is not below upper bound {high}", "write [lo, hi] with 0 <= lo < hi <= 1")
@@ -456,13 +686,10 @@ def _check_consistency(config: PipelineConfig, source: str) -> None:
     all_layers = list(dict.fromkeys(layer for model in config.models for layer in model.layers))
     for i, layer in enumerate(config.tcav.layers or []):
         if layer not in all_layers:
-            raise _error(source, f"tcav.layers[{i}]", f"{layer!r} is not a layer of any model", f"{_closest(layer, all_layers)}use one of: {', '.join(all_layers)}")
+            raise _error(source, f"tcav.layers[{i}]", f"{layer!r} is not a layer of any model", closest_names(layer, all_layers))
     if config.compare.enabled and "cka" in config.compare.methods and not {"net2vec", "nmf"} & set(config.compare.methods):
         raise _error(source, "compare.methods", "cka alone compares nothing: the CKA baseline is drawn beside a concept comparison",
                      "add net2vec and/or nmf to compare.methods")
-    _check_tcav_concepts(config, source)
-    for i, target in enumerate(config.tcav.targets):
-        _check_target(target, f"tcav.targets[{i}]", names, source)
 
 
 def _check_tcav_concepts(config: PipelineConfig, source: str) -> None:
@@ -477,14 +704,18 @@ def _check_tcav_concepts(config: PipelineConfig, source: str) -> None:
     named += [(f"tcav.targets[{i}].inputs", target.inputs) for i, target in enumerate(config.tcav.targets) if target.inputs]
     for key, concept in named:
         if concept not in known:
-            raise _error(source, key, f"concept {concept!r} is not in data.concepts", f"{_closest(concept, known)}add it to data.concepts or use one of: {', '.join(known)}")
+            raise _error(source, key, f"concept {concept!r} is not in data.concepts", f"add it to data.concepts, or {closest_names(concept, known)}")
 
 
 def _check_target(target: TcavTargetConfig, path: str, model_names: list[str], source: str) -> None:
     try:
-        target_from_spec(target.spec)
+        parsed = check_target_spec(target.spec)  # a class name is looked up once the model is loaded
     except TargetError as error:
         raise _error(source, f"{path}.spec", error.problem, error.fix or f"use {SPEC_FORMS}") from None
+    for value in (parsed.cls,):  # the class id of a class target or a detection target
+        if isinstance(value, int) and not 0 <= value <= MAX_CLASS_ID:
+            raise _error(source, f"{path}.spec", f"class id {value} in {target.spec!r} is out of range",
+                         f"class ids count from 0 (detector labels from 1) up to at most {MAX_CLASS_ID}")
     for j, name in enumerate(target.models or []):
         if name not in model_names:
             raise _error(source, f"{path}.models[{j}]", f"no model is named {name!r}", f"{_closest(name, model_names)}use one of: {', '.join(model_names)}")

@@ -27,22 +27,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from conceptlens.concepts.progress import progress_scope
 from conceptlens.concepts.store.artifacts import artifact_paths, write_artifact
 from conceptlens.concepts.data.concept_sets import concept_set_indices
 from conceptlens.concepts.data.concept_sets import mask_coverage as _coverage
 from conceptlens.concepts.data.dataset import ConceptDataset
-from conceptlens.concepts.environment import package_versions
-from conceptlens.concepts.errors import ConceptLensError, DataError
+from conceptlens.concepts.environment import package_versions, resolve_device
+from conceptlens.concepts.errors import ConceptLensError, DataError, closest_names
 from conceptlens.concepts.geometry import Geometry, features_to_grid
-from conceptlens.concepts.models.loading import LoadedModel, load_model
+from conceptlens.concepts.models.loading import LoadedModel, load_model, weights_used
 from conceptlens.concepts.store.activations import ActivationStore, EntryReader, StoreEntry
 from conceptlens.concepts.data.permuted import PermutedMasks
 from conceptlens.concepts.embedding.masks import embed_masks
 from conceptlens.concepts.vectors.bank import ConceptBank
+from conceptlens.attribution.tcav import random_sets_problem
 from conceptlens.compare_output import write_comparison
-from conceptlens.config import PipelineConfig, check_paths, config_hash, config_to_dict
+from conceptlens.config import PipelineConfig, RunFolders, check_paths, config_hash, config_to_dict, run_folders
 from conceptlens.data_spec import open_dataset
-from conceptlens.concepts.store.artifacts import write_json
+from conceptlens.execution import ProbeWork, open_executor
+from conceptlens.concepts.store.artifacts import read_json, write_json
+from conceptlens.concepts.store.schema import Record, Str
 from conceptlens.concepts.vectors.probed import ProbedModel
 from conceptlens.probes.registry import get_method
 from conceptlens.probes.workflow import probe_model
@@ -79,9 +83,9 @@ class PipelineResult:
 class _Run:
     """State shared by the steps of one run: config, folders, timing log."""
 
-    def __init__(self, config: PipelineConfig, out: Path, progress: bool, verbose: bool) -> None:
-        self.config, self.out, self.progress, self.verbose = config, out, progress, verbose
-        self.store = ActivationStore(config.store or out / "store")
+    def __init__(self, config: PipelineConfig, folders: RunFolders, progress: bool, verbose: bool) -> None:
+        self.config, self.out, self.banks, self.progress, self.verbose = config, folders.out, folders.banks, progress, verbose
+        self.store = ActivationStore(folders.store)
         self.steps: list[dict[str, Any]] = []
 
     def step(self, name: str, work: Callable[[], Any], skipped: Callable[[], bool] | None = None) -> Any:
@@ -98,7 +102,8 @@ class _Run:
 
 
 def run_pipeline(
-    config: PipelineConfig, out: str | Path | None = None, *, progress: bool = False, verbose: bool = False, source: str = "<config>"
+    config: PipelineConfig, out: str | Path | None = None, *, progress: bool = False, verbose: bool = False, source: str = "<config>",
+    banks: str | Path | None = None,
 ) -> PipelineResult:
     """Run every enabled step of ``config``; write results and the report under ``out``.
 
@@ -107,24 +112,31 @@ def run_pipeline(
     config : PipelineConfig
         A validated config (:func:`conceptlens.config.load_config`).
     out : str or Path, optional
-        Output folder; default ``config.out``, else ``./conceptlens-<name>``.
+        Output folder; default ``config.out``, else ``./conceptlens-<name>``
+        (:func:`~conceptlens.config.run_folders` decides, for ``--dry-run`` too).
     progress : bool
         Progress bars.
     verbose : bool
         Print a line per finished step.
     source : str
         The config's file name, for error messages.
+    banks : str or Path, optional
+        A banks folder shared across output folders (default ``<out>/banks``): banks trained for
+        the same provenance are reused from it.
     """
     check_paths(config, source)
-    out = Path(out or config.out or f"conceptlens-{config.name}")
+    folders = run_folders(config, out, banks)
+    out = folders.out
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(config, out, progress, verbose)
+    run = _Run(config, folders, progress, verbose)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
 
-    dataset = run.step("open data", lambda: _open_data(config, progress))
-    models = run.step("load models", lambda: {m.name: load_model(m.spec, m.weights, tuple(m.input_size) if m.input_size else None) for m in config.models})
-    probed = _probe_all(run, dataset, models)
+    with open_executor(config.execution, [folders.store, folders.banks]) as executor:  # local, or the Ray cluster (README, "Scale-out on Ray")
+        dataset = run.step("open data", lambda: _open_data(config, progress))
+        models = run.step("load models", lambda: {m.name: load_model(m.spec, m.weights, tuple(m.input_size) if m.input_size else None, m.kwargs) for m in config.models})
+        run.steps += executor.prepare_probes(ProbeWork(config, dataset, models, run.store, folders.banks, _probe_params(config), progress))
+        probed = _probe_all(run, dataset, models)
     _compare_all(run, dataset, probed)
     if config.tcav.enabled:
         _tcav(run, dataset, models)
@@ -159,11 +171,16 @@ def _results_key(out: Path) -> str:
 
 
 def _previous_summary(out: Path) -> dict[str, Any]:
-    try:
-        previous = json.loads((out / "run.json").read_text())
-        return previous if isinstance(previous, dict) else {}
-    except (OSError, ValueError):
+    """The last run's ``run.json`` when it reads as a :class:`RunSummary`, else ``{}`` (it is written again)."""
+    path = out / "run.json"
+    if not path.is_file():
         return {}
+    try:
+        previous = read_json(path)
+        RunSummary.from_json(previous)  # its shape: a malformed run.json is no previous run
+    except ConceptLensError:
+        return {}
+    return previous
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -183,16 +200,21 @@ def _input_size(config: PipelineConfig, name: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- probes
 
 
-def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> dict[str, dict[str, ProbedModel]]:
-    """``{method: {model name: ProbedModel}}`` for the enabled pixel-level methods."""
-    config = run.config
+def _probe_params(config: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """The estimator parameters of each enabled pixel-level method, in the order the probe step runs them."""
     params = {
         "net2vec": {"max_epochs": config.probes.net2vec.max_epochs, "lr": config.probes.net2vec.lr, "batch_size": config.probes.net2vec.batch_size, "seed": config.seed},
         "nmf": {"n_components": config.probes.nmf.k, "seed": config.seed},
     }
-    enabled = [m for m in params if getattr(config.probes, m).enabled]
-    probed: dict[str, dict[str, ProbedModel]] = {m: {} for m in enabled}
-    for method in enabled:
+    return {method: values for method, values in params.items() if getattr(config.probes, method).enabled}
+
+
+def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]) -> dict[str, dict[str, ProbedModel]]:
+    """``{method: {model name: ProbedModel}}`` for the enabled pixel-level methods."""
+    config = run.config
+    params = _probe_params(config)
+    probed: dict[str, dict[str, ProbedModel]] = {m: {} for m in params}
+    for method in params:
         for spec in config.models:
             probe = partial(_probe_one, run, dataset, models[spec.name], spec.name, spec.layers, method, params[method])
             probed[method][spec.name] = run.step(f"probe {spec.name} {method}", probe)
@@ -201,7 +223,7 @@ def _probe_all(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel
 
 def _probe_one(run: _Run, dataset: ConceptDataset, model: LoadedModel, name: str, layers: list[str], method: str, params: dict[str, Any]) -> ProbedModel:
     config = run.config
-    probed = probe_model(model, dataset, layers, method, run.store, banks_dir=run.out / "banks", label=name, grid=tuple(config.embed.grid),
+    probed = probe_model(model, dataset, layers, method, run.store, banks_dir=run.banks, label=name, grid=tuple(config.embed.grid),
                          params=params, batch_size=config.embed.batch_size, device=config.device, progress=run.progress,
                          input_size=_input_size(config, name), dtype=config.embed.dtype, controls=_probe_controls(config, method))
     supervised = get_method(method).comparison == "supervised"  # named concepts: the layer each is found best at
@@ -327,7 +349,7 @@ def _write_compare(run: _Run, dataset: ConceptDataset, models: list[ProbedModel]
     config = run.config
     written = write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress, cka, _compare_controls(config))
     if config.controls.enabled:
-        data = json.loads(written["json"].read_text())
+        data = read_json(written["json"], fix="run the comparison again")
         data["sample_size"] = _compare_sample_size(config, written["result"])
         write_json(written["json"], data)
     _mark_current(written["json"], key)
@@ -350,9 +372,11 @@ def _folder_fingerprint(root: Path) -> str:
 
 def _current(path: Path, key: str) -> bool:
     """True when the JSON at ``path`` records ``key`` (its step is finished and up to date)."""
+    if not path.is_file():
+        return False
     try:
-        return json.loads(path.read_text()).get("step_key") == key
-    except (OSError, ValueError, AttributeError):
+        return read_json(path, schema=Record(optional={"step_key": Str()})).get("step_key") == key
+    except ConceptLensError:  # unreadable or malformed: the step runs again and writes it anew
         return False
 
 
@@ -362,7 +386,7 @@ def _mark_current(path: Path, key: str) -> None:
     The key is the step's completion mark, so it goes in last: a step killed after its JSON but
     before its tables or figures (written without a key) runs again on the next run.
     """
-    data = json.loads(path.read_text())
+    data = read_json(path, fix="run the step again")
     data["step_key"] = key
     write_json(path, data)
 
@@ -380,7 +404,7 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
     from conceptlens.attribution.targets import target_from_spec
     from conceptlens.attribution.tcav import mark_robust, merge_results, tcav_scores, tcav_variants
     from conceptlens.probes.image_cavs import fit_cav_variants, fit_image_cavs
-    from conceptlens.tcav_step import write_tcav
+    from conceptlens.tcav_step import target_labels, write_tcav
 
     settings = run.config.tcav
     controls = run.config.controls
@@ -393,13 +417,15 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
     results, provenance = [], {"sets": sources.provenance, "models": {}}
     by_variant: dict[str, list[Any]] = {}
     n_inputs: list[int] = []  # scored inputs per target and model: the TCAV score is a fraction over them
+    labels: dict[str, str] = {}  # target name -> display name with the class name
     for spec in run.config.models:
         targets = [t for t in settings.targets if t.models is None or spec.name in t.models]
         layers = [layer for layer in (settings.layers or spec.layers) if layer in spec.layers]
         if not targets or not layers:
             continue
         model = models[spec.name]
-        by_set = sources.activations(model, layers, run)
+        with progress_scope(spec.name, "TCAV"):
+            by_set = sources.activations(model, layers, run)
         named = {f"{spec.name}:{t.spec}": t for t in targets}
         scored = {name: sources.inputs(t.inputs, t.max_inputs) for name, t in named.items()}
         images = {name: [source.image(i) for i in range(len(source))] for name, source in scored.items()}
@@ -407,7 +433,8 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
         n_inputs += [len(source) for source in scored.values()]
         score_settings = {"statistic": settings.statistic, "correction": settings.correction, "alpha": settings.alpha,
                           "n_bootstrap": settings.n_bootstrap, "seed": run.config.seed, **test}
-        chosen = {name: target_from_spec(t.spec) for name, t in named.items()}
+        chosen = {name: target_from_spec(t.spec, categories=model.categories) for name, t in named.items()}
+        labels.update(target_labels(chosen))
         cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, null_pairs=null_pairs,
                                   provenance={"model_hash": model.hash})
         results.append(tcav_scores(model, images, None, cav_sets, chosen, batch_size=run.config.embed.batch_size, input_ids=ids, **score_settings))
@@ -428,9 +455,9 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
     merged = merge_results(results)
     if by_variant:  # after merging: the correction runs over every model's hypotheses, in each variant alike
         mark_robust(merged, {name: merge_results(parts) for name, parts in by_variant.items()})
-    paths = write_tcav(merged, run.out, provenance)  # tcav.json first, without its key; then tcav.csv
+    paths = write_tcav(merged, run.out, provenance, labels=labels)  # tcav.json first, without its key; then tcav.csv
     if controls.enabled:
-        data = json.loads(paths["json"].read_text())
+        data = read_json(paths["json"], fix="run TCAV again")
         data["sample_size"] = _tcav_sample_size(run.config, merged, n_inputs)
         write_json(paths["json"], data)
     _mark_current(paths["json"], key)
@@ -490,6 +517,8 @@ class _FolderSets:
         self.folders = ImageSets(root, concepts=list(config.tcav.concepts or default), seed=config.seed)
         self.concepts = list(self.folders.concepts)
         self.randoms = list(self.folders.random_sets[: config.tcav.random_sets])
+        if (problem := random_sets_problem(len(self.randoms))) is not None:
+            raise ConceptLensError(f"data.image_sets: {root}", problem, f"add random_1/, random_2/ … beside {self.randoms[0]}/, each with random images")
         self.dataset, self.root, self.config = dataset, root, config
         self.provenance = {name: self.folders.dataset(name).ids for name in [*self.concepts, *self.randoms]}
 
@@ -550,7 +579,7 @@ def _tcav_inputs(config: PipelineConfig, dataset: ConceptDataset, coverage: np.n
     for concept in concepts:
         if concept not in dataset.concepts:
             raise ConceptLensError(f"tcav.targets inputs: {concept}", "is neither a set folder of data.image_sets nor a concept of the dataset",
-                                   f"use one of {', '.join(dataset.concepts)}")
+                                   closest_names(concept, dataset.concepts))
         inputs[concept] = test[coverage[test, dataset.concepts.index(concept)] >= config.tcav.min_fraction]
         if len(inputs[concept]) == 0:
             raise ConceptLensError(f"tcav.targets inputs: {concept}", "no test image shows it", "use more images or lower tcav.min_fraction")
@@ -625,11 +654,17 @@ def _write_prototypes(run: _Run, dataset: ConceptDataset, model: ProbedModel, ke
         bank: ConceptBank = model.banks[layer]
         peaks = _ncav_peaks(model, layer, bank, test)  # (k, n_test) best value and its cell per image
         patches = np.zeros((bank.n_concepts, count, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+        heat = np.zeros((bank.n_concepts, count, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
+        maps: dict[int, torch.Tensor] = {}  # the NCAV maps of each test image used, computed once
         for j in range(bank.n_concepts):
             order = np.argsort(-peaks["value"][j], kind="stable")[:count]
             for p, t in enumerate(order):
                 patches[j, p] = _patch(dataset.image(test[t]), peaks["cell"][j][t], peaks["geometry"][t], peaks["shape"])
+                if t not in maps:
+                    maps[t] = bank.concept_maps(_stored_maps(model, layer, test[t])[0])
+                heat[j, p] = _patch_heat(maps[t][:, [j]], dataset.image(test[t]).shape[:2], peaks, j, t, float(peaks["value"][j][order[0]]))
         tensors[f"patches_{number}"] = torch.from_numpy(patches)
+        tensors[f"heat_{number}"] = torch.from_numpy(heat)
         control = _ncav_control_ious(run, model, layer, bank, permuted, test) if controls else {}
         ncavs[layer] = [NCAVLabel(c, bank.metrics.get(c, {}).get("matched_concept"), bank.metrics.get(c, {}).get("set_iou"), control.get(c))
                         for c in bank.concepts]
@@ -688,14 +723,32 @@ def _patch(image: np.ndarray, cell: tuple[int, int], geometry: Geometry, shape: 
     """A square crop of the original image around a feature cell (a quarter of the image's longer side)."""
     from PIL import Image
 
+    top, left, size = _patch_window(image.shape[:2], cell, geometry, shape)
+    crop = image[top: top + size, left: left + size]
+    return np.asarray(Image.fromarray(crop).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR))
+
+
+def _patch_window(size: tuple[int, int], cell: tuple[int, int], geometry: Geometry, shape: tuple[int, int]) -> tuple[int, int, int]:
+    """Top, left and side in image pixels of the prototype crop around a feature cell (see :func:`_patch`)."""
     canvas_y = (cell[0] + 0.5) * geometry.canvas_size[0] / shape[0]
     canvas_x = (cell[1] + 0.5) * geometry.canvas_size[1] / shape[1]
     y = (canvas_y - geometry.offset[0]) * geometry.image_size[0] / geometry.resized_size[0]
     x = (canvas_x - geometry.offset[1]) * geometry.image_size[1] / geometry.resized_size[1]
-    half = max(image.shape[:2]) / 8
-    top, left = int(np.clip(y - half, 0, max(0, image.shape[0] - 2 * half))), int(np.clip(x - half, 0, max(0, image.shape[1] - 2 * half)))
-    crop = image[top: top + int(2 * half), left: left + int(2 * half)]
-    return np.asarray(Image.fromarray(crop).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR))
+    half = max(size) / 8
+    top, left = int(np.clip(y - half, 0, max(0, size[0] - 2 * half))), int(np.clip(x - half, 0, max(0, size[1] - 2 * half)))
+    return top, left, int(2 * half)
+
+
+def _patch_heat(ncav_map: torch.Tensor, size: tuple[int, int], peaks: dict[str, Any], j: int, t: int, peak: float) -> np.ndarray:
+    """Where NCAV ``j`` fires on its prototype patch of test image ``t``: its map over the image, cropped like the
+    patch, scaled so that the NCAV's largest peak over its patches is 255 (uint8, ``PATCH_SIZE`` square)."""
+    from PIL import Image
+
+    grid = features_to_grid(ncav_map.float(), [peaks["geometry"][t]], size)[0, 0].cpu().numpy()
+    top, left, side = _patch_window(size, peaks["cell"][j][t], peaks["geometry"][t], peaks["shape"])
+    crop = Image.fromarray(np.ascontiguousarray(grid[top: top + side, left: left + side], dtype=np.float32))
+    scaled = np.asarray(crop.resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)) / (peak if peak > 0 else 1.0)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -705,12 +758,13 @@ def _summary(config: PipelineConfig, dataset: ConceptDataset, models: dict[str, 
              steps: list[dict[str, Any]], started: datetime, seconds: float, results_key: str) -> RunSummary:
     depths = next(iter(probed.values()), {})
     return RunSummary(
-        name=config.name, config=config_to_dict(config), config_hash=config_hash(config), seed=config.seed, device=config.device,
+        name=config.name, config=config_to_dict(config), config_hash=config_hash(config), seed=config.seed,
+        device=resolve_device(config.device, culprit=f"device {config.device}").type,  # the device actually used, not "auto"
         threads=torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count only
         versions=package_versions(),
         data=DataInfo(spec=config.data.spec, name=dataset.name, n_images=len(dataset), concepts=list(dataset.concepts),
                       splits={split: len(ids) for split, ids in dataset.splits.items()}),
-        models=[ModelInfo(name=m.name, spec=m.spec, weights=m.weights, hash=models[m.name].hash, layers=list(m.layers),
+        models=[ModelInfo(name=m.name, spec=m.spec, weights=weights_used(m.spec, m.weights), hash=models[m.name].hash, layers=list(m.layers),
                           depths=depths[m.name].depths if m.name in depths else None,
                           module_depths=depths[m.name].module_depths if m.name in depths else None) for m in config.models],
         steps=[StepTime.from_json(step) for step in steps], started=started.strftime("%Y-%m-%dT%H:%M:%SZ"), total_seconds=round(seconds, 3),

@@ -202,7 +202,7 @@ def bootstrap_selectivity(
     controls : mapping of str to ImageCounts
         The controls' counts on the same images and concepts.
     n_bootstrap : int
-        Draws ``B``.
+        Draws ``B``; 0: no interval (NaN ends).
     level : float
         Coverage of the interval.
     seed : int
@@ -217,7 +217,7 @@ def bootstrap_selectivity(
         if not np.array_equal(counts.indices, true.indices) or counts.concepts != true.concepts:
             raise ControlError(f"control {name!r}", "was counted on other images or concepts than the probe", "count every control on the probe's test split")
     n = len(true.indices)
-    if n == 0:
+    if n == 0 or n_bootstrap == 0:  # no images, or no interval asked for
         return np.full(len(true.concepts), np.nan), np.full(len(true.concepts), np.nan)
     draws = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
     weights = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)  # (B, N) multiplicities
@@ -288,7 +288,9 @@ def _record(iou: float, floors: dict[str, float], low: float, high: float, margi
         verdict = f"not above the {CONTROL_LABELS.get(kind, kind)} control"
     elif selectivity < margin:
         verdict = f"above the {CONTROL_LABELS.get(kind, kind)} control by less than the margin {margin:g}"
-    elif ci[0] is None or ci[0] <= 0:
+    elif ci[0] is None:
+        verdict = "selectivity CI undefined (no bootstrap draws, e.g. n_bootstrap 0): not called encoded"
+    elif ci[0] <= 0:
         verdict = "selectivity CI includes zero"
     else:
         verdict = "clears both controls" if len(floors) > 1 else f"clears the {CONTROL_LABELS.get(kind, kind)} control"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.errors import closest_names
 from conceptlens.concepts.data.image_sets import RANDOM_PREFIX, ImageSets
 from conceptlens.concepts.embedding.embed import embed
 from conceptlens.concepts.models.loading import LoadedModel, load_model
@@ -130,7 +131,7 @@ def fit_image_cavs(
     random_sets = list(random_sets) if random_sets is not None else [n for n in names if n.startswith(RANDOM_PREFIX)]
     unknown = [n for n in [*concepts, *random_sets] if n not in names]
     if unknown:
-        raise CAVError(f"sets {', '.join(unknown)}", "have no activations", f"use sets of set_activations' result: {', '.join(names)}")
+        raise CAVError(f"sets {', '.join(unknown)}", "have no activations", f"use sets of set_activations' result: {closest_names(unknown[0], names)}")
     if n_runs is not None:
         if not (isinstance(n_runs, int) and 1 <= n_runs <= len(random_sets)):
             raise CAVError(f"n_runs={n_runs!r}", f"must be between 1 and the {len(random_sets)} random sets given", "give more random sets or fewer runs")

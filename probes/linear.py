@@ -35,7 +35,7 @@ from sklearn.utils.validation import column_or_1d
 
 from conceptlens.concepts.embedding.embed import reduce_features
 from conceptlens.concepts.environment import resolve_device
-from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.errors import ConceptLensError, closest_names
 from conceptlens.concepts.geometry import Geometry
 from conceptlens.concepts.store.activations import StoreEntry
 from conceptlens.concepts.store.artifacts import artifact_paths, read_artifact, write_artifact
@@ -665,7 +665,7 @@ class CAVSet:
     def runs(self, concept: str) -> CAVRuns:
         """The R CAVs of ``concept``."""
         if concept not in self.concepts:
-            raise CAVError(concept, f"no such concept in the CAV set; known: {', '.join(self.concepts)}", "use a trained concept name")
+            raise CAVError(concept, "no such concept in the CAV set", f"use a trained concept name: {closest_names(concept, self.concepts)}")
         k = self.concepts.index(concept)
         return CAVRuns(self.vectors[k], self.biases[k], self.accuracies[k])
 
@@ -735,8 +735,12 @@ class CAVSet:
     @classmethod
     def load(cls, path: str | Path) -> CAVSet:
         """Load a set saved by :meth:`save`, checking format, checksum and shapes."""
+        from conceptlens.concepts.store.schema import Int, ListOf, MapOf, Record, Str
+
         required = ("concepts", "random_sets", "random_pairs", "n_features")
-        metadata, tensors = read_artifact(path, CAVSET_KIND, CAVSET_FORMAT_VERSION, required, CAVError)
+        schema = Record({"concepts": ListOf(Str()), "random_sets": ListOf(Str()), "random_pairs": ListOf(ListOf(Str(), 2, 2)), "n_features": Int(min=1)},
+                        optional={"layer": Str(), "feature_shape": ListOf(Int(min=1)), "settings": MapOf(), "provenance": MapOf()})
+        metadata, tensors = read_artifact(path, CAVSET_KIND, CAVSET_FORMAT_VERSION, required, CAVError, schema=schema)
         _, tensor_path = artifact_paths(path)
         missing = [name for name in _CAVSET_TENSORS if name not in tensors]
         if missing:

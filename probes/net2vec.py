@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import ClassifierTags, Tags
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import finish_early, progress_bar
 
 from conceptlens.concepts.environment import package_versions, resolve_device
 from conceptlens.concepts.errors import ConceptLensError, DataError, LayerError
@@ -426,7 +426,7 @@ class Net2VecProbe(TransformerMixin, BaseEstimator):
         stopping = _EarlyStopping(*model.exported(), self.patience)
         self.history_ = []
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
-        epochs = tqdm(range(self.max_epochs), desc="net2vec", unit="epoch", disable=not show)
+        epochs = progress_bar(range(self.max_epochs), desc="net2vec", unit="epoch", show=show)
         for epoch in epochs:
             train_loss = self._train_epoch(source, train, model, optimizer, settings.batch_size, epoch, device)
             val_iou, val_loss = self._validate(source, val, model, settings.batch_size, device)
@@ -434,6 +434,7 @@ class Net2VecProbe(TransformerMixin, BaseEstimator):
             self.history_.append(_epoch_record(epoch, train_loss, val_loss, val_iou, self.concepts_))
             epochs.set_postfix(loss=f"{train_loss:.4f}", val_iou=self.history_[-1]["val_set_iou"])
             if stopping.done:
+                finish_early(epochs, epoch + 1, f"stopped early at epoch {epoch + 1}: validation IoU no longer improving")
                 break
         epochs.close()
         _warn_without_val_positives(val_iou, self.concepts_)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.environment import package_versions, resolve_device
 from conceptlens.concepts.geometry import features_to_grid
@@ -653,7 +653,7 @@ class MiniBatchNMFConcepts(_BaseNMFConcepts):
         components = online_init(stream(Clamp(self.clamp, source.name)), self.n_components, self.seed, source.name)
         statistics = OnlineStatistics()
         errors: list[float] = []
-        for epoch in tqdm(range(self.max_iter), desc="NMF passes", unit="pass", disable=not self._show()):
+        for epoch in progress_bar(range(self.max_iter), desc="NMF passes", unit="pass", show=self._show()):
             errors.append(online_pass(stream(clamp), components, statistics, self.solver))
             clamp.counting = False  # negatives are counted on the first pass
             if epoch > 0 and self.tol > 0 and errors[-2] - errors[-1] < self.tol * errors[0]:

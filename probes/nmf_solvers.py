@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.vectors.bank import nnls
@@ -87,7 +87,7 @@ def fit_torch(pixels: torch.Tensor, k: int, solver: str, max_iter: int, tol: flo
             initial = previous = float(relative(_squared_error(norm_squared, components, codes @ pixels, codes @ codes.T)))
     errors: list[torch.Tensor] = []
     n_iter = 0
-    for n_iter in tqdm(range(1, max_iter + 1), desc=f"NMF ({solver})", unit="it", disable=not show):
+    for n_iter in progress_bar(range(1, max_iter + 1), desc=f"NMF ({solver})", unit="it", show=show):
         errors.append(relative(_iteration(pixels, codes, components, norm_squared, solver)))
         if tol > 0 and n_iter % CHECK_EVERY == 0:  # scikit-learn's MU criterion
             current = float(errors[-1])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 import torch
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.geometry import image_cells
 from conceptlens.concepts.store.activations import StoreEntry
@@ -68,7 +68,7 @@ class PixelSource:
         """The whole (N, C) pixel matrix on ``device`` (raw, not clamped)."""
         if self.pixels is not None:
             return self.pixels.to(device=device, dtype=torch.float32)
-        blocks = list(tqdm(self.blocks(device, 0, False), desc="reading pixels", unit="batch", disable=not show))
+        blocks = list(progress_bar(self.blocks(device, 0, False), desc="reading pixels", unit="batch", show=show))
         if not blocks:
             raise NMFError(self.name, "holds no pixel vectors", "give non-empty indices")
         return torch.cat(blocks)

@@ -24,14 +24,17 @@ from conceptlens.concepts.embedding.embed import embed
 from conceptlens.concepts.embedding.masks import embed_masks
 from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.models.loading import LoadedModel, list_layers, load_model
+from conceptlens.concepts.progress import progress_scope
 from conceptlens.concepts.store.activations import StoreEntry
+from conceptlens.concepts.store.artifacts import read_json
 from conceptlens.concepts.store.atomic import atomic_write_text
+from conceptlens.concepts.store.schema import ListOf, Str
 from conceptlens.concepts.store.temporary import StoreLike, open_store
 from conceptlens.concepts.vectors.bank import BankError, ConceptBank
 from conceptlens.concepts.vectors.probed import ProbedModel
 from conceptlens.probes.registry import fit_bank, get_method, method_names
 
-__all__ = ["ProbedModel", "bank_path", "layer_bank", "layer_order", "probe_model"]
+__all__ = ["ProbedModel", "bank_path", "check_bank_owner", "current_bank", "default_label", "layer_bank", "layer_order", "probe_model"]
 
 
 def probe_model(
@@ -120,13 +123,15 @@ def probe_model(
     dataset = _concept_dataset(dataset)
     layers = [layers] if isinstance(layers, str) else list(layers)
     store, params = open_store(store), dict(params or {})
-    label = label or _default_label(model)
-    result = embed(model, dataset, layers, store, dtype=dtype, batch_size=batch_size, device=device, progress=progress)
-    masks = embed_masks(dataset, store, grid=grid, progress=progress)
-    banks, metrics = {}, {}
-    for layer in layers:
-        bank = layer_bank(method, layer, label, result.entries[layer], masks, params, banks_dir, device, progress)
-        banks[layer], metrics[layer] = bank, bank.metrics
+    label = label or default_label(model)
+    with progress_scope(label):  # every bar says which model it counts for
+        result = embed(model, dataset, layers, store, dtype=dtype, batch_size=batch_size, device=device, progress=progress)
+        masks = embed_masks(dataset, store, grid=grid, progress=progress)
+        banks, metrics = {}, {}
+        for layer in layers:
+            with progress_scope(layer):
+                bank = layer_bank(method, layer, label, result.entries[layer], masks, params, banks_dir, device, progress)
+            banks[layer], metrics[layer] = bank, bank.metrics
     order = layer_order(model, input_size or _adapter_input_size(model), store)
     probed = ProbedModel(
         label, model, layers, result.entries, banks, relative_depths(layers), relative_depths(layers, order), metrics, tuple(grid), entry.comparison
@@ -139,9 +144,13 @@ def probe_model(
     return probed
 
 
-def _default_label(model: LoadedModel) -> str:
-    """A model's default label: the last part of its spec (``zoo:mobilenet_v2`` → ``mobilenet_v2``)."""
-    name = Path(model.spec.rsplit(":", 1)[-1]).stem if ":" in model.spec else Path(model.spec.split(" ")[0]).stem
+def default_label(model: LoadedModel) -> str:
+    """A model's default label: the last part of its spec (``zoo:mobilenet_v2`` → ``mobilenet_v2``).
+
+    Builder arguments are left out: ``torchvision:resnet18?num_classes=10`` → ``resnet18``.
+    """
+    spec = model.spec.split("?", 1)[0]
+    name = Path(spec.rsplit(":", 1)[-1]).stem if ":" in spec else Path(spec.split(" ")[0]).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
@@ -203,11 +212,9 @@ def layer_order(model: LoadedModel, input_size: tuple[int, int], store: StoreLik
     path = Path(store.root) / "layer_orders" / f"{model.hash[:24]}_{input_size[0]}x{input_size[1]}.json"
     if path.is_file():
         try:
-            order = json.loads(path.read_text())
-            if isinstance(order, list) and all(isinstance(name, str) for name in order):
-                return order
-        except (OSError, ValueError):
-            pass  # unreadable cache: trace again and rewrite it
+            return read_json(path, ConceptLensError, schema=ListOf(Str()))
+        except ConceptLensError:
+            pass  # unreadable or malformed cache: trace again and rewrite it
     order = [info.name for info in list_layers(model, input_size)]
     atomic_write_text(path, json.dumps(order))
     return order
@@ -234,25 +241,84 @@ def layer_bank(
 ) -> ConceptBank:
     """The saved bank ``<banks_dir>/<label>__<layer>.<method>`` when its provenance matches the request, else a new one.
 
-    A new bank is saved when there is a banks folder (``banks_dir=None``: in memory only).
+    A new bank is saved when there is a banks folder (``banks_dir=None``: in memory only). A saved
+    bank of the same model (other data or parameters) is replaced; one of another model is never
+    overwritten: two models probed into one folder under one label is an error.
+
+    Raises
+    ------
+    BankError
+        When the file holds a bank of another model.
     """
     path = bank_path(banks_dir, label, layer, method) if banks_dir is not None else None
-    bank = _reusable_bank(path, activations, masks, params) if path is not None else None
-    if bank is None:
-        bank = fit_bank(method, layer, activations, masks, params, device, progress)
-        if path is not None:
-            bank.save(path)
+    saved = _saved_bank(path) if path is not None else None
+    if saved is not None and _same_request(saved, activations, masks, params):
+        return saved
+    if saved is not None:
+        check_bank_owner(saved, path, (activations.request or {}).get("model_hash"), label)
+    bank = fit_bank(method, layer, activations, masks, params, device, progress)
+    if path is not None:
+        bank.save(path)
     return bank
 
 
-def _reusable_bank(path: Path, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any]) -> ConceptBank | None:
+def current_bank(
+    banks_dir: str | Path, label: str, layer: str, method: str, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any]
+) -> ConceptBank | None:
+    """The saved bank :func:`layer_bank` would reuse for this request, else None (it would fit one).
+
+    Parameters
+    ----------
+    banks_dir, label, layer, method
+        Where the bank is saved (:func:`bank_path`).
+    activations, masks, params
+        The request, as for :func:`layer_bank`.
+    """
+    saved = _saved_bank(bank_path(banks_dir, label, layer, method))
+    return saved if saved is not None and _same_request(saved, activations, masks, params) else None
+
+
+def _saved_bank(path: Path) -> ConceptBank | None:
     if not Path(f"{path}.json").is_file():
         return None
     try:
-        bank = ConceptBank.load(path)
+        return ConceptBank.load(path)
     except BankError:
-        return None
+        return None  # unreadable: fitted again and rewritten
+
+
+def _same_request(bank: ConceptBank, activations: StoreEntry, masks: StoreEntry, params: dict[str, Any]) -> bool:
     provenance = bank.provenance
     same_data = provenance.get("activations_key") == activations.key and provenance.get("masks_key") == masks.key
-    same_params = all(provenance.get("params", {}).get(k) == v for k, v in params.items())
-    return bank if same_data and same_params else None
+    return same_data and all(provenance.get("params", {}).get(k) == v for k, v in params.items())
+
+
+def check_bank_owner(bank: ConceptBank | str | Path, path: str | Path, model_hash: str | None, label: str) -> None:
+    """Refuse to overwrite the bank at ``path`` when it was trained on another model than ``model_hash``.
+
+    Parameters
+    ----------
+    bank : ConceptBank, str or Path
+        The saved bank, or its base path (nothing to check when no readable bank is there).
+    path : str or Path
+        The bank's base path, for the message.
+    model_hash : str or None
+        The hash of the model about to be saved there (None: not known, nothing checked).
+    label : str
+        The model's name in bank files.
+
+    Raises
+    ------
+    BankError
+        When the saved bank records another model's hash.
+    """
+    if not isinstance(bank, ConceptBank):
+        bank = _saved_bank(Path(bank))
+        if bank is None:
+            return
+    saved_on = bank.provenance.get("model_hash")
+    if saved_on and model_hash and saved_on != model_hash:
+        raise BankError(
+            f"{path}.json", f"holds the bank of another model (hash {str(saved_on)[:12]}, this one {str(model_hash)[:12]}) under the name {label!r}",
+            "give this model its own name (--name, or the model's name in the config), write to another --out/--banks folder, or delete the file",
+        )

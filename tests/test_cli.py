@@ -111,7 +111,7 @@ def test_probe_writes_banks_and_metrics(tmp_path, capsys, method):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "layer1" in out
-    bank = ConceptBank.load(tmp_path / "out" / "banks" / f"model__layer1.{method}", expected_channels=64)
+    bank = ConceptBank.load(tmp_path / "out" / "banks" / f"resnet18__layer1.{method}", expected_channels=64)  # named after the spec
     assert bank.method == method
     assert (tmp_path / "out" / f"probe_{method}.json").is_file()
     if method == "linear":

@@ -171,7 +171,7 @@ def test_devices_accepted(device):
         (("models", 0, "layers"), [], "models[0].layers", ["the list is empty"]),
         (("models", 0, "layers"), "backbone.block2", "models[0].layers", ["expected a list"]),
         (("models", 0, "input_size"), [224, 224.5], "models[0].input_size[1]", ["expected an integer"]),
-        (("tcav", "targets"), [{"spec": "top:x"}], "tcav.targets[0].spec", ["'x'"]),
+        (("tcav", "targets"), [{"spec": "top:1:x"}], "tcav.targets[0].spec", ["'x'"]),  # top:x is a class name, looked up at run time
         (("tcav", "targets"), [{"spec": "logits:1"}], "tcav.targets[0].spec", ["unknown target kind"]),
         (("tcav", "targets"), [{"inputs": "car"}], "tcav.targets[0].spec", ["required key 'spec' is missing"]),
         (("tcav", "targets"), [{"spec": "top:1", "models": ["vgx"]}], "tcav.targets[0].models[0]", ["no model is named 'vgx'", "did you mean 'vgg'?"]),
@@ -225,13 +225,13 @@ def test_env_and_home_expansion_in_path_fields(monkeypatch, tmp_path):
     data["data"]["coco_images"] = "${CL_DATA}/images"
     data["out"] = "~/results"
     data["models"][0]["weights"] = "${CL_DATA}/w.pth"
-    data["name"] = "${CL_DATA}"  # not a path field: kept as written
+    data["models"][0]["layers"] = ["${CL_DATA}"]  # not a path field: kept as written (a name may not hold $ at all)
     config = parse_config(data, SOURCE)
     assert config.data.spec == f"{tmp_path}/annotations/x.json"
     assert config.data.coco_images == f"{tmp_path}/images"
     assert config.out == "/home/someone/results"
     assert config.models[0].weights == f"{tmp_path}/w.pth"
-    assert config.name == "${CL_DATA}"
+    assert config.models[0].layers == ["${CL_DATA}"]
 
 
 def test_unset_env_variable(monkeypatch):

@@ -183,25 +183,25 @@ def test_killed_probe_training_resumes_to_identical_banks(tmp_path, reference_pr
     dying = run_hooked({"marker_dir": str(tmp_path), "die_in_write": [".net2vec.json", 1]}, probe_argv(store, out))
     code, _, err = finish(dying)
     assert code == -9 and (tmp_path / "dying").exists(), err
-    assert [p.name for p in bank_files(out)] == ["model__backbone.block2.net2vec.safetensors"]
-    assert list((out / "banks").glob(".model__backbone.block2.net2vec.json.*.tmp"))
+    assert [p.name for p in bank_files(out)] == ["synthetic_vgg_centernet__backbone.block2.net2vec.safetensors"]
+    assert list((out / "banks").glob(".synthetic_vgg_centernet__backbone.block2.net2vec.json.*.tmp"))
     # 2. killed from outside while the second layer trains (the first bank is complete by then)
     training = run_hooked({"marker_dir": str(tmp_path), "pause_fit": 2}, probe_argv(store, out))
     wait_for(lambda: (tmp_path / "training").exists(), training, what="training of the second layer")
     kill9(training)
-    assert [p.name for p in bank_files(out)] == ["model__backbone.block2.net2vec.json", "model__backbone.block2.net2vec.safetensors"]
-    first = ConceptBank.load(out / "banks" / "model__backbone.block2.net2vec")
+    assert [p.name for p in bank_files(out)] == ["synthetic_vgg_centernet__backbone.block2.net2vec.json", "synthetic_vgg_centernet__backbone.block2.net2vec.safetensors"]
+    first = ConceptBank.load(out / "banks" / "synthetic_vgg_centernet__backbone.block2.net2vec")
     assert not (out / "probe_net2vec.json").exists()
-    stamp = (out / "banks" / "model__backbone.block2.net2vec.json").stat().st_mtime_ns
+    stamp = (out / "banks" / "synthetic_vgg_centernet__backbone.block2.net2vec.json").stat().st_mtime_ns
     # 3. the rerun reuses the finished bank, trains the other and matches the uninterrupted run bitwise
     assert main(probe_argv(store, out)) == 0
-    assert (out / "banks" / "model__backbone.block2.net2vec.json").stat().st_mtime_ns == stamp
-    assert torch.equal(first.vectors, ConceptBank.load(out / "banks" / "model__backbone.block2.net2vec").vectors)
+    assert (out / "banks" / "synthetic_vgg_centernet__backbone.block2.net2vec.json").stat().st_mtime_ns == stamp
+    assert torch.equal(first.vectors, ConceptBank.load(out / "banks" / "synthetic_vgg_centernet__backbone.block2.net2vec").vectors)
     for path in bank_files(out):  # every bank file is whole
         if path.suffix == ".json":
             ConceptBank.load(path)
     for path in (out / "banks").glob(".*"):  # only the killed write's temporary file: never read
-        assert re.fullmatch(r"\.model__backbone\.block2\.net2vec\.json\.\w+\.tmp", path.name), path.name
+        assert re.fullmatch(r"\.synthetic_vgg_centernet__backbone\.block2\.net2vec\.json\.\w+\.tmp", path.name), path.name
         path.unlink()
     assert_same_results(out, reference_probe)
 
@@ -212,7 +212,7 @@ def test_half_written_bank_is_rejected(tmp_path, reference_probe):
     (out / "banks").mkdir(parents=True)
     for path in (reference_probe / "banks").iterdir():
         (out / "banks" / path.name).write_bytes(path.read_bytes())
-    tensors = out / "banks" / "model__backbone.block3.net2vec.safetensors"
+    tensors = out / "banks" / "synthetic_vgg_centernet__backbone.block3.net2vec.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-64])
     with pytest.raises(BankError, match="checksum"):
         ConceptBank.load(tensors)

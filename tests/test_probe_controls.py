@@ -138,6 +138,15 @@ def test_pooled_iou_and_paired_bootstrap_by_hand():
     assert record["controls"]["random_weights"]["set_iou"] == 0.25 and record["controls"]["permuted_masks"]["set_iou"] is None
 
 
+def test_no_bootstrap_means_no_interval_and_no_encoded_call():
+    strong, weak = counts([[8]] * 30, [[10]] * 30), counts([[2]] * 30, [[10]] * 30)
+    low, high = bootstrap_selectivity(strong, {"random_weights": weak}, n_bootstrap=0, seed=0)
+    assert np.isnan(low).all() and np.isnan(high).all()
+    record = control_records(strong, {"random_weights": weak}, {}, n_bootstrap=0)["c"]
+    assert record["selectivity"] == pytest.approx(0.6) and record["selectivity_ci"] == [None, None]
+    assert not record["encoded"] and record["verdict"].startswith("selectivity CI undefined")
+
+
 def test_verdicts():
     n = 30
     strong = counts([[8]] * n, [[10]] * n)  # 0.8 on every image

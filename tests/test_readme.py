@@ -1,9 +1,16 @@
-"""The README's quick starts run as written, and every import in its Python examples resolves.
+"""The README's examples run as written, and every import in its Python examples resolves.
 
 Quick starts are the README's code blocks fenced as ```` ```python quickstart ````. Each runs in a
 fresh interpreter, in a temporary working folder that holds exactly the files the quick starts
 name: ``my_concepts/`` (a 40-image synthetic world written in the folder layout, as ``conceptlens
 synth`` writes it) and ``scene.png`` (one more scene). Their printed numbers are checked too.
+
+Every ```` ```bash ```` block runs as written, in README order, in one empty folder (a block may use
+what an earlier one wrote), with ``bash -euo pipefail``, the venv's scripts on ``PATH`` and an empty
+torch hub cache (nothing may need a download). Commands that need the repository checkout
+(``make``) or data from elsewhere (COCO) are prose with the command inline, not ```` ```bash ````
+blocks. A cheap static check runs first: every ``conceptlens`` command of the README, in a block or
+inline, names a subcommand and only flags that its ``--help`` lists.
 """
 
 from __future__ import annotations
@@ -12,13 +19,17 @@ import ast
 import importlib
 import os
 import re
+import shlex
 import subprocess
 import sys
+import sysconfig
+import time
 from pathlib import Path
 
 import pytest
 
 import conceptlens as cl
+from conceptlens.cli import EXAMPLES, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -126,3 +137,106 @@ def test_every_import_in_the_readme_examples_resolves() -> None:
 def test_readme_uses_only_the_public_api_through_cl() -> None:
     used = {match for _, code in python_blocks() for match in re.findall(r"\bcl\.([A-Za-z_]\w*)", code)}
     assert used and used <= set(cl.__all__), sorted(used - set(cl.__all__))
+
+
+# ------------------------------------------------------------------ the command-line examples (```bash)
+
+BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+FENCED = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+INLINE_COMMAND = re.compile(r"`(conceptlens [^`\n]+)`")
+FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
+REPO_PATH = re.compile(r"(?<![\w./$~-])((?:configs|docs|tests|concepts|conceptlens|probes|attribution|benchmarks)/[\w./*-]*[\w*])")
+BLOCK_TIMEOUT_S = 900  # per block; the whole README takes a few minutes on 2 CPU cores
+
+
+def bash_blocks() -> list[str]:
+    """The README's ```` ```bash ```` blocks, in order."""
+    return BASH_BLOCK.findall(README.read_text(encoding="utf-8"))
+
+
+def command_lines(block: str) -> list[list[str]]:
+    """The words of every command of a shell block: continuation lines joined, comments dropped."""
+    return [words for line in block.replace("\\\n", " ").splitlines() if (words := shlex.split(line, comments=True))]
+
+
+def subcommand_flags() -> dict[str, set[str]]:
+    """Every subcommand of ``conceptlens`` with the flags its ``--help`` lists."""
+    parser = build_parser()
+    (subparsers,) = [action for action in parser._actions if action.choices and action.dest == "command"]
+    return {name: set(FLAG.findall(sub.format_help())) for name, sub in subparsers.choices.items()}
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """``(where, words)`` of every ``conceptlens`` command: the lines of ```bash blocks, then inline code in the prose."""
+    text = README.read_text(encoding="utf-8")
+    found = [(f"bash block {number}", words) for number, block in enumerate(bash_blocks(), 1)
+             for words in command_lines(block) if words[0] == "conceptlens"]
+    prose = FENCED.sub("", text)
+    found += [(f"inline `{span}`", span.split()) for span in INLINE_COMMAND.findall(prose)]
+    return found
+
+
+def test_readme_has_runnable_command_examples() -> None:
+    blocks = bash_blocks()
+    assert len(blocks) >= 6
+    text = README.read_text(encoding="utf-8")
+    assert text.index("## Quick start: your model, your images") < text.index("## Set-up") < text.index("```python quickstart")
+    quick_start = [words[1] for words in command_lines(blocks[0]) if words[0] == "conceptlens"]
+    assert quick_start == ["synth", "init", "run", "run"]  # example images, a config for the model, its dry run, the run
+
+
+def test_every_readme_command_names_a_subcommand_and_its_flags() -> None:
+    known = subcommand_flags()
+    problems = []
+    commands = readme_commands()
+    assert sum(where.startswith("bash") for where, _ in commands) >= 15
+    for where, words in commands:
+        if len(words) < 2 or words[1] not in known:
+            problems.append(f"{where}: {' '.join(words)}: unknown subcommand (known: {', '.join(sorted(known))})")
+            continue
+        unknown = [flag for flag in FLAG.findall(" ".join(words[2:])) if flag.split("=")[0] not in known[words[1]]]
+        if unknown:
+            problems.append(f"{where}: conceptlens {words[1]} has no {', '.join(unknown)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_names_only_files_that_exist_in_the_repository() -> None:
+    named = set(REPO_PATH.findall(README.read_text(encoding="utf-8")))
+    assert {"configs/demo.yaml", "docs/METHODS.md"} <= named
+    missing = sorted(path for path in named if not any(ROOT.glob(path)))
+    assert not missing, f"README names files the repository lacks: {missing}"
+
+
+def _demo_time(text: str) -> str:
+    match = re.search(r"about (\S+ (?:s|seconds|minutes?)) on 2 CPU cores", text)
+    assert match, text
+    return match.group(1)
+
+
+def test_the_demo_time_is_stated_once_and_matches_demo_help(capsys) -> None:
+    stated = _demo_time(EXAMPLES["demo"])
+    paragraphs = README.read_text(encoding="utf-8").split("\n\n")
+    demo_times = {_demo_time(p) for p in paragraphs if "conceptlens demo" in p and re.search(r"about \S+ (?:s|seconds|minutes?) on 2 CPU cores", p)}
+    assert demo_times == {stated}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    assert f"about {stated} on 2 CPU cores" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_bash_example_runs_as_written_from_an_empty_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    scripts = sysconfig.get_path("scripts")  # the venv's bin/, where `conceptlens` is installed
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_WAIT_POLICY": "PASSIVE",
+           "TORCH_HOME": str(tmp_path / "torch-home")}
+    timings = []
+    for number, block in enumerate(bash_blocks(), 1):
+        started = time.perf_counter()
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True, text=True,
+                              timeout=BLOCK_TIMEOUT_S)
+        timings.append(f"block {number}: {time.perf_counter() - started:.0f} s")
+        assert done.returncode == 0, (f"README bash block {number} exits {done.returncode}:\n{block}\n"
+                                      f"--- stdout ---\n{done.stdout[-2000:]}\n--- stderr ---\n{done.stderr[-4000:]}")
+    print("; ".join(timings))
+    assert (folder / "conceptlens-resnet18" / "report.html").is_file()  # where the quick start says its report is

@@ -252,7 +252,10 @@ VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "met
 
 
 class StrictParser(HTMLParser):
-    """Records tags and checks that every opened non-void tag closes, in order."""
+    """Records tags and checks that every opened non-void tag closes, in order.
+
+    Tags inside inline ``<svg>`` count as ``svg:<tag>``; ``ids`` and ``links`` (``href="#…"``) are collected.
+    """
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -261,12 +264,17 @@ class StrictParser(HTMLParser):
         self.counts: dict[str, int] = {}
         self.images: list[str] = []
         self.urls: list[str] = []
+        self.ids: list[str] = []
+        self.links: list[str] = []
         self.section_ids: list[str] = []
         self.section_text: dict[str, list[str]] = {}
 
     def handle_starttag(self, tag, attrs):
-        self.counts[tag] = self.counts.get(tag, 0) + 1
+        key = f"svg:{tag}" if "svg" in self.stack else tag
+        self.counts[key] = self.counts.get(key, 0) + 1
         attrs = dict(attrs)
+        self.ids += [attrs["id"]] if attrs.get("id") else []
+        self.links += [attrs["href"][1:]] if (attrs.get("href") or "").startswith("#") else []
         self.urls += [v for k, v in attrs.items() if k in ("src", "href", "action", "data", "poster") and v]
         if tag == "img":
             self.images.append(attrs.get("src", ""))
@@ -291,7 +299,7 @@ class StrictParser(HTMLParser):
             self.stack.pop()
 
     def handle_data(self, data):
-        if "section" in self.stack and self.section_ids:
+        if "section" in self.stack and self.section_ids and "script" not in self.stack:
             self.section_text.setdefault(self.section_ids[-1], []).append(data)
 
 
@@ -330,8 +338,9 @@ def test_html_is_well_formed(report_text):
 
 def test_every_image_is_an_inline_png(report_text):
     images = parse(report_text).images
-    # 2 probe plots, 2 segmentation figures, 6 NCAV grids, 1 flow plot, 3 blocks × (2 methods + CKA pooled + CKA spatial), 2 TCAV charts
-    assert len(images) == 2 + 2 + 6 + 1 + 3 * 4 + 2
+    # 2 probe plots, 4 per-concept examples, 2 segmentation figures, 6 NCAV grids, 1 flow plot,
+    # 3 blocks × (2 methods + CKA pooled + CKA spatial), 2 TCAV charts
+    assert len(images) == 2 + 4 + 2 + 6 + 1 + 3 * 4 + 2
     for src in images:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -345,7 +354,8 @@ def test_no_external_resources(report_text):
     assert all(url.startswith(("#", "data:image/png;base64,")) for url in parsed.urls)
     assert not re.search(r"https?://", report_text)
     assert not re.search(r"url\(", report_text)
-    assert "<script" not in report_text.lower()
+    assert re.findall(r"<script[^>]*>", report_text, flags=re.IGNORECASE) == ["<script>"]  # one inline script, no src
+    assert not re.search(r"\b(fetch|XMLHttpRequest|import\(|eval)\b", report_text.split("<script>", 1)[1])
     assert "<link" not in report_text.lower()
     assert "@import" not in report_text
 
@@ -360,7 +370,7 @@ def test_summary_and_tables(report_text):
     tcav = " ".join(parse(report_text).section_text["tcav"])
     assert "2 of 42 inputs have no valid target for resnet:top:1; left out: img_0007, img_0012" in tcav
     assert "&lt; 0.001" in report_text and "< 0.001" not in report_text  # p of the planted hypothesis, escaped
-    assert not re.search(r"<(?![a-zA-Z/!])", report_text)  # no stray '<' outside tags
+    assert not re.search(r"<(?![a-zA-Z/!])", report_text.split("<script>", 1)[0])  # no stray '<' outside tags (the script compares numbers)
 
 
 def test_findings_from_planted_numbers(results_dir):
@@ -399,12 +409,17 @@ def test_findings_from_planted_numbers(results_dir):
 
 
 def test_findings_rendered_in_groups(report_text):
+    from conceptlens.report.anchors import concept_anchor, ncav_anchor, pair_anchor
+
     section = report_text.split('<section id="findings">', 1)[1].split("</section>", 1)[0]
     assert re.findall(r"<h3>([^<]*)</h3>", section) == ["Probes", "Similarity", "TCAV", "NCAVs"]
     assert section.count('<ul class="findings">') == 4
-    assert "<li>In vgg, backbone.block2 has NCAVs matching sky (IoU 0.72) and wheel (IoU 0.41).</li>" in section
+    assert (f'<li>In vgg, backbone.block2 has NCAVs matching sky (IoU 0.72) and wheel (IoU 0.41). '
+            f'<a class="ref" href="#{ncav_anchor("vgg", "backbone.block2")}">→ prototypes</a></li>') in section
     assert "<li>The concept wheel is best encoded at relative depth 0.50 in vgg" in section
-    assert "<li>No probed layer of resnet encodes road (best set IoU 0.08, below 0.10).</li>" in section
+    assert (f'<li>No probed layer of resnet encodes road (best set IoU 0.08, below 0.10). '
+            f'<a class="ref" href="#{concept_anchor("road")}">→ per-concept view</a></li>') in section
+    assert f'href="#{pair_anchor("vgg", "resnet")}">→ heatmaps</a>' in section
     for name in ("Vgg", "Resnet", "Wheel", "Sky", "Road", "Car"):
         assert f"<li>{name} " not in section, name
 
@@ -456,13 +471,13 @@ def test_title_and_figure_folder(results_dir, tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "<title>My &lt;report&gt;</title>" in text
     saved = sorted((tmp_path / "figs").glob("*.png"))
-    assert len(saved) == 2 + 2 + 6 + 1 + 2  # every figure the report draws itself
+    assert len(saved) == 2 + 4 + 2 + 6 + 1 + 2  # every figure the report draws itself
 
 
 def test_unreadable_results(tmp_path):
     with pytest.raises(ReportError, match="not a directory"):
         load_results(tmp_path / "nothing")
-    with pytest.raises(ReportError, match="holds no pipeline results"):
+    with pytest.raises(ReportError, match="holds no results"):
         load_results(tmp_path)
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(ReportError, match="not valid JSON"):
@@ -670,9 +685,10 @@ def test_report_with_controls(controlled_dir, report_text):
     assert parsed.errors == [] and parsed.section_ids == [sid for sid, _ in SECTIONS]
     findings_text = " ".join(parsed.section_text["findings"])
     assert "Not distinguishable from control" in findings_text and "Resnet" not in findings_text
-    assert "<li>The concept sky is encoded in resnet (best raw set IoU 0.85 at layer2): below random-weights control.</li>" in text
-    summary = " ".join(parsed.section_text["summary"])
-    assert "test split too small for the run: 50 test images are too few for 24 hypotheses: needs 116" in summary.lower()
+    assert ("<li>The concept sky is encoded in resnet (best raw set IoU 0.85 at layer2): below random-weights control. "
+            '<a class="ref" href="#concept-sky">→ per-concept view</a></li>') in text
+    # the sample-size notice heads the key findings, above everything it qualifies
+    assert "test split too small for the run: 50 test images are too few for 24 hypotheses: needs 116" in findings_text.lower()
     assert "Probe vs controls across depth" in " ".join(parsed.section_text["probe-quality"])
     assert "chance-corrected" in " ".join(parsed.section_text["similarity"])
     assert "run sd" in " ".join(parsed.section_text["tcav"])
@@ -751,6 +767,7 @@ def test_adjacency_is_stated_only_over_significant_best_matches(controlled_dir, 
 def test_ncav_matches_need_to_clear_their_permuted_masks_control(results_dir, tmp_path):
     from conceptlens.concepts.errors import ConceptLensError
     from conceptlens.concepts.store.artifacts import read_artifact
+
     from conceptlens.report.findings import not_distinguishable
 
     out = tmp_path / "ncav_controls"
@@ -778,7 +795,7 @@ def test_ncav_matches_need_to_clear_their_permuted_masks_control(results_dir, tm
     section = write_report(out).read_text(encoding="utf-8")
     rejected_list = section.split('<ul class="rejected">', 1)[1].split("</ul>", 1)[0]
     assert ("<li>In vgg, backbone.block2 has an NCAV matching wheel (IoU 0.41): the IoU does not exceed its permuted-masks control "
-            "(wheel 0.38) by the margin 0.05.</li>") in rejected_list
+            "(wheel 0.38) by the margin 0.05. <a class=\"ref\" href=\"#ncavs-vgg-backbone-block2-") in rejected_list
 
 
 def test_ncav_findings_without_control_margin_are_unchanged(results_dir, tmp_path):
@@ -794,3 +811,188 @@ def test_ncav_findings_without_control_margin_are_unchanged(results_dir, tmp_pat
     record = {k: meta[k] for k in ("model", "layers", "ncavs", "fidelity")}
     assert PrototypesMeta.from_json(record).to_json() == record  # the record adds no key with controls off
     assert findings(load_results(out)) == findings(load_results(results_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# a report people explore: layout, links, per-concept view, tables, NCAVs, command folders
+
+
+def _section(text: str, sid: str) -> str:
+    return text.split(f'<section id="{sid}">', 1)[1].split("</section>", 1)[0]
+
+
+def test_key_findings_first_and_run_summary_last(report_text):
+    ids = parse(report_text).section_ids
+    assert ids[0] == "findings" and ids[-1] == "summary" and ids.index("concepts") == 2
+    assert "<h2>Key findings</h2>" in report_text and "<h2>Run summary (versions, hashes)</h2>" in report_text
+
+
+def test_every_internal_link_has_its_target(results_dir, report_text):
+    parsed = parse(report_text)
+    assert len(parsed.ids) == len(set(parsed.ids))  # ids are unique
+    assert sorted(set(parsed.links) - set(parsed.ids)) == []
+    items = re.findall(r"<li>.*?</li>", _section(report_text, "findings"))
+    assert len(items) == len(findings(load_results(results_dir)))
+    assert all('class="ref" href="#' in item for item in items)  # each finding links to what it rests on
+
+
+def test_anchors_are_unique_ids():
+    from conceptlens.report.anchors import (
+        concept_anchor,
+        ncav_anchor,
+        pair_anchor,
+        slug,
+    )
+
+    assert concept_anchor("sky") == "concept-sky" and pair_anchor("vgg", "resnet") == "similarity-vgg-vs-resnet"
+    assert concept_anchor("traffic light") != concept_anchor("traffic-light")  # replaced characters add a hash of the name
+    assert re.fullmatch(r"ncavs-vgg-backbone-block2-[0-9a-f]{6}", ncav_anchor("vgg", "backbone.block2"))
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", slug("a b", "c:d/é"))
+
+
+def test_concept_view_holds_every_concept_without_script(report_text):
+    from conceptlens.report.anchors import concept_anchor
+
+    view = report_text.split('<div id="concept-view">', 1)[1].split("</section>", 1)[0]
+    assert re.findall(r'<option value="([^"]*)">', view) == [concept_anchor(c) for c in CONCEPTS]
+    blocks = {c: view.split(f'<div class="concept-block" id="{concept_anchor(c)}">', 1)[1].split('<div class="concept-block"', 1)[0] for c in CONCEPTS}
+    tips = re.findall(r"<title>([^<]*)</title>", blocks["wheel"])
+    assert len(tips) == 6  # 2 models × 3 layers, one point each (no controls in this fixture)
+    assert "vgg · backbone.block2 (relative depth 0.50): set IoU 0.62" in tips
+    assert len(re.findall(r"<title>", blocks["car"])) == 5  # resnet's car has no set IoU at layer1: a gap, not a point
+    assert blocks["wheel"].count('<tr class="sig">') == 1  # its TCAV rows: the planted hypothesis is significant
+    # NCAVs whose best overlap is wheel: vgg block2 (0.41) matches; vgg block3 (0.05), resnet layer2 (0.09), layer3 (0.15) do not
+    assert blocks["wheel"].count("<td>matches</td>") == 1 and blocks["wheel"].count('<span class="unmatched">unmatched</span>') == 3
+    assert "No TCAV hypothesis tests this concept" in blocks["car"] and "No TCAV" not in blocks["sky"]
+    assert all(f'alt="segmentation of {c}"' in blocks[c] for c in CONCEPTS)
+
+
+def test_tables_carry_sort_keys_and_exact_values(report_text):
+    tcav = _section(report_text, "tcav")
+    assert '<table class="sortable filterable">' in tcav
+    assert '<td class="num" data-sort="0.000375">&lt; 0.001</td>' in tcav  # the planted raw p: shown rounded, sorted by its value
+    assert re.search(r'<td class="num" data-sort="0\.(91|90999)\d*" title="mean over runs = 0\.91">0\.91</td>', tcav)
+    probe = _section(report_text, "probe-quality")
+    assert '<table class="sortable filterable">' in probe
+    assert '<td class="num" data-sort="0.62" title="test set IoU = 0.62">0.62</td>' in probe  # vgg's wheel at block2
+
+
+def test_ncavs_read_unmatched_and_name_the_relative_error(report_text):
+    from conceptlens.report.anchors import ncav_anchor
+
+    ncavs = _section(report_text, "ncavs")
+    assert "rel. error" not in ncavs and "fidelity" not in ncavs
+    assert "relative reconstruction error (held-out)" in ncavs and "relative reconstruction error (training)" in ncavs
+    unmatched = '<span class="unmatched">unmatched</span> <span class="dim">'
+    assert f"<td><code>backbone.block1</code></td><td>ncav_2</td><td>{unmatched}(overlaps no concept)</span></td>" in ncavs
+    assert f"<td><code>backbone.block1</code></td><td>ncav_0</td><td>{unmatched}(its best overlap, sky, has set IoU 0.12, below 0.2)</span></td>" in ncavs
+    assert "<td><code>backbone.block2</code></td><td>ncav_0</td><td>wheel</td>" in ncavs
+    # the per-layer summary lists the matches that count only: car (0.18) is below the match level
+    block2 = ncavs.split(f'href="#{ncav_anchor("vgg", "backbone.block2")}"', 1)[1].split("</tr>", 1)[0]
+    assert "wheel (0.41), sky (0.72)" in block2 and "car" not in block2
+    assert f'<figure id="{ncav_anchor("vgg", "backbone.block2")}">' in ncavs
+
+
+def test_ncav_figure_dims_the_patch_where_the_ncav_is_weak():
+    from conceptlens.report.figures import ncav_figure
+
+    patches = np.full((1, 2, 8, 8, 3), 200, dtype=np.uint8)
+    heat = np.zeros((1, 2, 8, 8), dtype=np.uint8)
+    heat[:, :, :, :4] = 255  # fires on the left half
+    drawn = ncav_figure(patches, [NCAVLabel("ncav_0", "sky", 0.1)], "m", "l", matched=[False], heat=heat)
+    shown = np.asarray(drawn.axes[0].images[0].get_array())
+    assert (shown[:, :4] == 200).all() and (shown[:, 4:] == 60).all()  # 200 × (0.3 + 0.7 × weight)
+    texts = [t.get_text() for t in drawn.axes[0].texts]
+    assert texts[0] == "ncav_0 · unmatched" and texts[1] == "best overlap sky 0.10"
+    plain = ncav_figure(patches, [NCAVLabel("ncav_0", "sky", 0.5)], "m", "l", matched=[True])
+    assert (np.asarray(plain.axes[0].images[0].get_array()) == 200).all()
+    assert plain.axes[0].texts[0].get_text() == "ncav_0 → sky\nset IoU 0.50"
+
+
+def test_prototype_heat_reaches_the_report(results_dir, tmp_path):
+    from conceptlens.concepts.errors import ConceptLensError
+    from conceptlens.concepts.store.artifacts import read_artifact
+
+    out = tmp_path / "heat"
+    shutil.copytree(results_dir, out)
+    meta, tensors = read_artifact(out / "prototypes" / "vgg", "report-prototypes", 1, (), ConceptLensError)
+    tensors = dict(tensors)
+    for index in range(3):
+        tensors[f"heat_{index}"] = torch.full(tuple(tensors[f"patches_{index}"].shape[:4]), 128, dtype=torch.uint8)
+    write_artifact(out / "prototypes" / "vgg", "report-prototypes", 1, tensors, meta)
+    ncavs = _section(write_report(out).read_text(encoding="utf-8"), "ncavs")
+    assert ncavs.count("no activation maps in these results") == 3  # resnet's layers only
+
+
+def test_patch_heat_scales_the_map_by_the_ncav_peak():
+    from conceptlens.concepts.geometry import Geometry
+
+    from conceptlens.pipeline import PATCH_SIZE, _patch_heat
+
+    geometry = Geometry((64, 64), (64, 64), (0, 0), (64, 64))
+    peaks = {"geometry": [geometry], "cell": [[(3, 3)]], "shape": (8, 8)}
+    flat = torch.full((1, 1, 8, 8), 2.0)
+    assert (_patch_heat(flat, (64, 64), peaks, 0, 0, 4.0) == 128).all()  # half the NCAV's peak
+    assert (_patch_heat(flat, (64, 64), peaks, 0, 0, 2.0) == 255).all()
+    left = torch.zeros((1, 1, 8, 8))
+    left[..., :4] = 2.0  # fires left of x = 32; the patch around cell (3, 3) spans x 20–35
+    heat = _patch_heat(left, (64, 64), peaks, 0, 0, 2.0)
+    assert heat.shape == (PATCH_SIZE, PATCH_SIZE) and heat.dtype == np.uint8
+    assert (heat[:, 0] == 255).all() and (heat[:, -1] < 128).all() and (np.diff(heat.astype(int), axis=1) <= 0).all()
+
+
+def test_report_renders_the_folders_of_single_commands(results_dir, tmp_path):
+    probe = tmp_path / "probe"  # conceptlens probe: probe_<method>.json named by its model key
+    probe.mkdir()
+    data = json.loads((results_dir / "probe_vgg_net2vec.json").read_text())
+    write_json(probe / "probe_net2vec.json", {**data, "model": "zoo:synthetic_vgg_centernet"})
+    parsed = parse(write_report(probe).read_text(encoding="utf-8"))
+    assert parsed.errors == [] and parsed.section_ids == [sid for sid, _ in SECTIONS]
+    text = " ".join(parsed.section_text["probe-quality"])
+    assert "zoo:synthetic_vgg_centernet" in text and "backbone.block2" in text and "0.62" in text
+    for sid in ("segmentation", "ncavs", "similarity", "tcav", "summary"):
+        assert NOT_RUN in " ".join(parsed.section_text[sid]), sid
+    compare = tmp_path / "compare"  # conceptlens compare: compare.json with heatmaps/ beside it
+    shutil.copytree(results_dir / "compare_net2vec", compare)
+    text = write_report(compare).read_text(encoding="utf-8")
+    parsed = parse(text)
+    assert NOT_RUN not in " ".join(parsed.section_text["similarity"]) and NOT_RUN in " ".join(parsed.section_text["probe-quality"])
+    assert len(parsed.images) == 1 + 3 * 3  # the flow plot, then per block the Net2Vec heatmap and both CKA ones
+    tcav = tmp_path / "tcav"  # conceptlens tcav: tcav.json and tcav.csv
+    tcav.mkdir()
+    for name in ("tcav.json", "tcav.csv"):
+        shutil.copy(results_dir / name, tcav / name)
+    parsed = parse(write_report(tcav).read_text(encoding="utf-8"))
+    assert len(parsed.images) == 2 and NOT_RUN in " ".join(parsed.section_text["similarity"])
+    assert "wheel" in " ".join(parsed.section_text["concepts"])  # TCAV's concepts get their blocks
+
+
+@pytest.mark.slow
+def test_demo_report_is_light_offline_and_complete(tmp_path):
+    from conceptlens.cli import demo_config_path
+    from conceptlens.config import load_config
+    from conceptlens.pipeline import run_pipeline
+    from conceptlens.report.anchors import concept_anchor
+
+    config = load_config(demo_config_path())
+    result = run_pipeline(config, tmp_path / "demo", verbose=False)
+    text = result.report.read_text(encoding="utf-8")
+    assert result.report.stat().st_size < 5_000_000
+    parsed = parse(text)
+    assert parsed.errors == [] and all(url.startswith(("#", "data:image/png;base64,")) for url in parsed.urls)
+    assert not re.search(r"https?://", text)
+    for concept in config.data.concepts or load_results(tmp_path / "demo").concepts:
+        assert f'<div class="concept-block" id="{concept_anchor(concept)}">' in text
+    assert "no activation maps" not in text  # the pipeline writes where each NCAV fires
+
+
+def test_tcav_bars_start_at_the_null_and_fade_when_not_significant():
+    from conceptlens.report.figures import tcav_figure
+    from conceptlens.report.results import TCAVRow
+
+    rows = [TCAVRow(concept="wheel", layer="l", target="t", mean=0.9, null_mean=0.55, significant=True, ci_low=0.8, ci_high=0.95),
+            TCAVRow(concept="sky", layer="l", target="t", mean=0.6, null_mean=0.55, significant=False, ci_low=0.3, ci_high=0.8),
+            TCAVRow(concept="sail", layer="l", target="t", mean=0.4, significant=False)]  # no null: the bar starts at chance, 0.5
+    bars = [p for p in tcav_figure(rows, "t", "sign_count", {}).axes[0].patches if p.get_height() == pytest.approx(0.7)]
+    assert [(round(b.get_x(), 6), round(b.get_width(), 6)) for b in bars] == [(0.55, 0.35), (0.55, 0.05), (0.5, -0.1)]
+    assert [b.get_alpha() for b in bars] == [0.85, 0.25, 0.25]

@@ -1,22 +1,27 @@
-"""The self-contained HTML concept report of a pipeline results folder, and the figures conceptlens draws.
+"""The self-contained HTML concept report of a results folder, and the figures conceptlens draws.
 
-:func:`write_report` reads what the pipeline wrote (``run.json``, ``probe_<model>_<method>.json``,
-``compare_<method>/``, ``tcav.json``, ``examples/<model>.*``, ``prototypes/<model>.*``), draws every
-figure itself with matplotlib (Agg, in memory), and writes ``<out>/report.html``: one file, inline
-CSS, figures as ``data:image/png;base64`` URIs, no script and no external resource, so that it opens
-offline and can be mailed or archived as it is. The bytes depend only on the results (no
+:func:`write_report` reads what a pipeline run wrote (``run.json``, ``probe_<model>_<method>.json``,
+``compare_<method>/``, ``tcav.json``, ``examples/<model>.*``, ``prototypes/<model>.*``), or the
+``--out`` folder of ``conceptlens probe``, ``compare`` or ``tcav``, draws every figure itself with
+matplotlib (Agg, in memory), and writes ``<out>/report.html``: one file, inline CSS and script,
+figures as ``data:image/png;base64`` URIs, no external resource, so that it opens offline and can
+be mailed or archived as it is. The script only adds sorting, filtering and a one-concept-at-a-time
+view; the page reads and prints in full without it. The bytes depend only on the results (no
 timestamps, PNGs without a software tag), so rendering twice gives the same file.
 
-Sections (``<section id=…>``): ``summary``, ``probe-quality``, ``segmentation``, ``ncavs``,
-``similarity``, ``tcav``, ``findings``. An input that the run did not produce leaves its section
-with a "not run in this configuration" note.
+Sections (``<section id=…>``), in page order: ``findings`` (each linked to the figure or table it
+rests on), ``probe-quality``, ``concepts`` (the per-concept view), ``segmentation``, ``ncavs``,
+``similarity``, ``tcav``, ``summary`` (versions, hashes). An input that the results lack leaves its
+section with a "not run in this configuration" note.
 
 Modules, one job each: :mod:`~conceptlens.report.results` (typed records of the result files,
 shared with their writers), :mod:`~conceptlens.report.loading` (a results folder into
 :class:`Results`), :mod:`~conceptlens.report.findings` (sentences from the numbers),
 :mod:`~conceptlens.report.figures` (every figure, the heatmaps and concept-map overlays too),
-:mod:`~conceptlens.report.sections` and :mod:`~conceptlens.report.html` (the page),
-:mod:`~conceptlens.report.formatting` (numbers as text), :mod:`~conceptlens.report.render`.
+:mod:`~conceptlens.report.svg` (inline SVG charts), :mod:`~conceptlens.report.anchors` (the ids
+links point at), :mod:`~conceptlens.report.sections`, :mod:`~conceptlens.report.concept_view` and
+:mod:`~conceptlens.report.html` (the page), :mod:`~conceptlens.report.assets` (its CSS and
+script), :mod:`~conceptlens.report.formatting` (numbers as text), :mod:`~conceptlens.report.render`.
 """
 
 from conceptlens.report.figures import (

@@ -3,8 +3,8 @@
 Result figures written as PNG files: :func:`similarity_heatmap` (a comparison's layer × layer
 matrix, depth-ordered) and :func:`overlay_concept_maps` (concept maps over one image). The report's
 figures, returned as :class:`~matplotlib.figure.Figure` for :class:`FigureSink` to turn into PNG
-bytes: :func:`probe_figure`, :func:`segmentation_figure`, :func:`ncav_figure`,
-:func:`flow_figure` and :func:`tcav_figure`, coloured by :func:`concept_palette`.
+bytes: :func:`probe_figure`, :func:`segmentation_figure`, :func:`concept_examples_figure`,
+:func:`ncav_figure`, :func:`flow_figure` and :func:`tcav_figure`, coloured by :func:`concept_palette`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from PIL import Image
 
 from conceptlens.concepts.store.atomic import atomic_write_bytes
 from conceptlens.report.formatting import METHOD_NAMES, STATISTIC_NAMES, f2, number
@@ -35,8 +36,8 @@ from conceptlens.report.results import (
 )
 
 __all__ = [
-    "CONTROL_STYLES", "DISTINCT_COLORS", "DPI", "MAX_EXAMPLE_CONCEPTS", "MAX_PROBE_LINES", "STYLE", "FigureSink", "concept_color", "concept_palette",
-    "flow_figure", "ncav_figure", "overlay_concept_maps", "overlay_layout", "probe_controls_figure", "probe_figure", "segmentation_figure",
+    "CONTROL_STYLES", "DISTINCT_COLORS", "DPI", "MAX_CONCEPT_EXAMPLES", "MAX_EXAMPLE_CONCEPTS", "MAX_PROBE_LINES", "STYLE", "FigureSink", "compact_png",
+    "concept_color", "concept_examples_figure", "concept_palette", "flow_figure", "ncav_figure", "overlay_concept_maps", "overlay_layout", "probe_controls_figure", "probe_figure", "segmentation_figure",
     "similarity_heatmap", "tcav_figure",
 ]
 
@@ -51,6 +52,8 @@ MAX_EXAMPLE_CONCEPTS = 4
 MAX_PROBE_LINES = 12
 #: Up to this many concepts get clearly distinct colours (see :func:`concept_palette`).
 DISTINCT_COLORS = 18
+#: At most this many example images per model in a concept's own segmentation figure.
+MAX_CONCEPT_EXAMPLES = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,15 +366,30 @@ class FigureSink:
         self.count = 0
 
     def png(self, figure: Figure, name: str) -> bytes:
-        """The PNG bytes of ``figure`` at :data:`DPI`, trimmed to its content, on white."""
+        """The PNG bytes of ``figure`` at :data:`DPI`, trimmed to its content, on white, in 256 colours (:func:`compact_png`)."""
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.12, facecolor="white", metadata={"Software": None})
-        data = buffer.getvalue()
+        data = compact_png(buffer.getvalue())
         if self.folder is not None:
             self.count += 1
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
             atomic_write_bytes(self.folder / f"{self.count:02d}_{safe}.png", data)
         return data
+
+
+def compact_png(data: bytes) -> bytes:
+    """``data`` (a PNG) re-encoded with a 256-colour palette (median cut, no dithering), when that is smaller.
+
+    Figures of lines, flat colours and small image patches look the same and take about a third of
+    the bytes, which keeps a report with many figures light. Deterministic: the same input gives
+    the same bytes.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", optimize=True)
+    smaller = buffer.getvalue()
+    return smaller if len(smaller) < len(data) else data
 
 
 def concept_palette(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
@@ -472,8 +490,10 @@ def probe_controls_figure(probe: ProbeResults, model: str, concepts: Sequence[st
         grid[index // columns][index % columns].set_visible(False)
     handles = [Line2D([], [], color="#333", linewidth=1.6, marker="o", markersize=4.5, label="trained (filled: encoded)")]
     handles += [Line2D([], [], color="#555", linestyle=style, linewidth=1.2, label=label) for label, style in CONTROL_STYLES.values()]
-    figure.legend(handles=handles, loc="outside upper center", ncols=3, frameon=False)
-    figure.supxlabel("relative depth", fontsize=9)
+    for index in range(len(panels)):
+        if index + columns >= len(panels):  # no panel below: this one shows the x axis
+            grid[index // columns][index % columns].set_xlabel("relative depth", fontsize=8)
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)  # below: the title keeps the top
     figure.supylabel("test set IoU", fontsize=9)
     figure.suptitle(f"{model}: probe vs controls across depth", fontsize=10)
     return figure
@@ -579,29 +599,101 @@ def segmentation_figure(meta: ExamplesMeta, tensors: Mapping[str, np.ndarray], m
     return figure
 
 
-def ncav_figure(patches: np.ndarray, ncavs: Sequence[NCAVLabel], model: str, layer: str) -> Figure:
-    """One row per NCAV: its label and its top patches ``patches`` (k, p, s, s, 3)."""
+def concept_examples_figure(examples: Mapping[str, tuple[ExamplesMeta, Mapping[str, np.ndarray]]], concept: str, color: Any) -> Figure | None:
+    """One concept's segmentation on example test images: per model a row of up to :data:`MAX_CONCEPT_EXAMPLES` images
+    that show it, the ground truth filled in ``color`` and the prediction (p > 0.5) outlined in black.
+
+    ``examples`` maps a model to its examples' metadata and tensors. None when no example shows the concept.
+    """
+    rows = []
+    for model, (meta, tensors) in examples.items():
+        if concept not in meta.concepts:
+            continue
+        k = list(meta.concepts).index(concept)
+        shown = []
+        for i in range(int(meta.n_examples if meta.n_examples is not None else len(meta.ids))):
+            truth = tensors.get(f"truth_{i}")
+            if f"image_{i}" in tensors and truth is not None and k < truth.shape[0] and truth[k].any():
+                shown.append(i)
+        if shown:
+            rows.append((model, meta, tensors, k, shown[:MAX_CONCEPT_EXAMPLES]))
+    if not rows:
+        return None
+    panel, label = 1.55, 1.0
+    figure = Figure(figsize=(label + MAX_CONCEPT_EXAMPLES * panel, 0.35 + len(rows) * (panel + 0.3)))
+    grid = figure.add_gridspec(len(rows), MAX_CONCEPT_EXAMPLES, left=label / (label + MAX_CONCEPT_EXAMPLES * panel), right=1.0, top=1 - 0.35 / figure.get_figheight(),
+                               bottom=0.0, wspace=0.06, hspace=0.3)
+    for row, (model, meta, tensors, k, shown) in enumerate(rows):
+        for column, i in enumerate(shown):
+            axes = figure.add_subplot(grid[row, column])
+            image = np.asarray(tensors[f"image_{i}"], dtype=np.uint8)
+            truth = np.asarray(tensors[f"truth_{i}"][k]) > 0
+            pred = np.asarray(tensors.get(f"pred_{i}", np.zeros((k + 1, *truth.shape)))[k], dtype=np.float32) > 0.5
+            _draw_masks(axes, image, [truth], [color], 0.5, grey=True)
+            if pred.any() and not pred.all():
+                height, width = image.shape[:2]
+                axes.contour(np.linspace(0, width - 1, pred.shape[1]), np.linspace(0, height - 1, pred.shape[0]), pred.astype(float), levels=[0.5],
+                             colors=["black"], linewidths=1.1, linestyles="--")
+            union = np.logical_or(truth, pred).sum()
+            iou = np.logical_and(truth, pred).sum() / union if union else math.nan
+            ident = meta.ids[i] if i < len(meta.ids) else f"example {i}"
+            axes.set_title(f"{ident} · IoU {f2(iou)}", fontsize=8)
+            if column == 0:
+                layer = meta.best_layers.get(concept, "")
+                axes.text(-0.08, 0.5, f"{model}\n{layer}" if layer else model, transform=axes.transAxes, ha="right", va="center", fontsize=8.5)
+    handles = [Patch(facecolor=color, alpha=0.6, edgecolor=color, label="ground truth"),
+               Line2D([], [], color="black", linestyle="--", linewidth=1.1, label="predicted (p > 0.5)")]
+    figure.legend(handles=handles, loc="upper center", ncols=2, frameon=False, fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    return figure
+
+
+def ncav_figure(patches: np.ndarray, ncavs: Sequence[NCAVLabel], model: str, layer: str, matched: Sequence[bool] | None = None,
+                heat: np.ndarray | None = None) -> Figure:
+    """One row per NCAV: its label and its top patches ``patches`` (k, p, s, s, 3), large.
+
+    ``matched[j]``: whether NCAV j's match counts (see :func:`conceptlens.report.findings.ncav_match_counts`);
+    an NCAV whose match does not count reads "unmatched" (with its best overlap, dimmed). ``heat``
+    (k, p, s, s) uint8, where the NCAV fires on each patch (0–255, its peak over the patches = 255):
+    the patch is dimmed where the map is weak and the half-peak level is outlined.
+    """
     k, p = patches.shape[0], patches.shape[1]
-    cell, label_width, title_height = 0.85, 2.4, 0.45
+    cell, label_width, title_height = 1.2, 2.1, 0.5
     width, height = label_width + p * cell, title_height + k * cell
     figure = Figure(figsize=(width, height))
-    grid = figure.add_gridspec(k, p, left=label_width / width, right=1.0, bottom=0.0, top=1 - title_height / height, wspace=0.08, hspace=0.08)
+    grid = figure.add_gridspec(k, p, left=label_width / width, right=1.0, bottom=0.0, top=1 - title_height / height, wspace=0.06, hspace=0.06)
     for row in range(k):
         info = ncavs[row] if row < len(ncavs) else NCAVLabel()
         name = info.name if info.name is not None else f"ncav_{row}"
-        label = f"{name} → {info.label} (IoU {f2(info.set_iou)})" if info.label else f"{name} (no match)"
+        counts = bool(info.label) if matched is None or row >= len(matched) else matched[row]
         for column in range(p):
             axes = figure.add_subplot(grid[row, column])
-            axes.imshow(np.asarray(patches[row, column], dtype=np.uint8), interpolation="nearest")
+            picture = np.asarray(patches[row, column], dtype=np.float32)
+            weight = None if heat is None else np.asarray(heat[row, column], dtype=np.float32) / 255.0
+            if weight is not None:
+                picture = picture * (0.3 + 0.7 * weight[..., None])
+            axes.imshow(np.clip(picture, 0, 255).astype(np.uint8), interpolation="bilinear")
+            if weight is not None and weight.max() > 0.5 > weight.min():
+                axes.contour(weight, levels=[0.5], colors=["#ffd400"], linewidths=1.0)
             axes.set_xticks([])
             axes.set_yticks([])
             for spine in axes.spines.values():
                 spine.set_visible(True)
                 spine.set_color("#bbbbbb")
             if column == 0:
-                axes.text(-0.12, 0.5, label, transform=axes.transAxes, ha="right", va="center", fontsize=9)
-    figure.suptitle(f"{model} · {layer}: top {p} patches per NCAV", fontsize=10, y=1 - 0.12 / height, va="top")
+                _ncav_label(axes, name, info, counts)
+    what = "where the NCAV fires outlined" if heat is not None else "patches centred where the NCAV peaks"
+    figure.suptitle(f"{model} · {layer}: top {p} patches per NCAV ({what})", fontsize=10, y=1 - 0.12 / height, va="top")
     return figure
+
+
+def _ncav_label(axes: Any, name: str, info: NCAVLabel, counts: bool) -> None:
+    """An NCAV's row label left of its first patch: its concept (and IoU) or "unmatched" (and its best overlap, dimmed)."""
+    if counts:
+        axes.text(-0.1, 0.5, f"{name} → {info.label}\nset IoU {f2(info.set_iou)}", transform=axes.transAxes, ha="right", va="center", fontsize=9)
+        return
+    axes.text(-0.1, 0.58, f"{name} · unmatched", transform=axes.transAxes, ha="right", va="center", fontsize=9, style="italic", color="#555")
+    if info.label:
+        axes.text(-0.1, 0.3, f"best overlap {info.label} {f2(info.set_iou)}", transform=axes.transAxes, ha="right", va="center", fontsize=7.5, color="#888")
 
 
 def flow_figure(models: Sequence[str], compare: Mapping[str, Comparison]) -> Figure | None:
@@ -667,6 +759,7 @@ def tcav_figure(records: Sequence[TCAVRow], target: str, statistic: str, colors:
         rows.append((layer, None))
         rows += [(r.concept, r) for r in records if r.layer == layer]
     bounded = statistic in ("sign_count", "magnitude")
+    neutral = 0.5 if statistic == "sign_count" else 0.0  # the score of a concept with no influence
     figure = Figure(figsize=(6.0, 0.8 + 0.3 * len(rows)))
     axes = figure.add_subplot()
     ys = np.arange(len(rows))[::-1]
@@ -676,7 +769,11 @@ def tcav_figure(records: Sequence[TCAVRow], target: str, statistic: str, colors:
             continue
         mean, null = number(record.mean), number(record.null_mean)
         low, high = number(record.ci_low), number(record.ci_high)
-        axes.barh(y, mean, height=0.7, color=concept_color(colors, record.concept), alpha=0.8)
+        # the bar spans score − null (a score at the null draws no bar); faded unless significant
+        base = null if math.isfinite(null) else neutral
+        color = concept_color(colors, record.concept)
+        axes.barh(y, mean - base, left=base, height=0.7, color=color, alpha=0.85 if record.significant else 0.25,
+                  edgecolor=color, linewidth=0.8)
         if math.isfinite(low) and math.isfinite(high):
             axes.errorbar(mean, y, xerr=[[max(0.0, mean - low)], [max(0.0, high - mean)]], fmt="none", ecolor="#222", elinewidth=1.1, capsize=3)
         if math.isfinite(null):
@@ -696,12 +793,14 @@ def tcav_figure(records: Sequence[TCAVRow], target: str, statistic: str, colors:
             tick.set_fontweight("bold")
     if bounded:
         axes.set_xlim(0, 1.08)
-    axes.axvline(0.5 if statistic == "sign_count" else 0.0, color="#cccccc", linewidth=0.8, zorder=0)
+    axes.axvline(neutral, color="#cccccc", linewidth=0.8, zorder=0)
     axes.set_ylim(-0.6, len(rows) - 0.4)
-    axes.set_xlabel(f"{STATISTIC_NAMES.get(statistic, statistic)} score (mean over runs)")
+    axes.set_xlabel(f"{STATISTIC_NAMES.get(statistic, statistic)} score (mean over runs; bars start at the null)")
     axes.grid(axis="x", color="#eeeeee", linewidth=0.7)
     axes.set_axisbelow(True)
     handles = [
+        Patch(facecolor="#888888", alpha=0.85, label="score − null, significant"),
+        Patch(facecolor="#888888", alpha=0.25, edgecolor="#888888", label="score − null, not significant"),
         Line2D([], [], color="black", marker="|", markersize=12, markeredgewidth=2.2, linestyle="none", label="null mean (random CAVs)"),
         Line2D([], [], color="#222", marker="|", markersize=6, linewidth=1.1, label="bootstrap CI"),
         Line2D([], [], color="none", marker="$*$", markersize=9, markerfacecolor="black", markeredgecolor="black", label=f"significant{test}"),

@@ -7,10 +7,17 @@ can capitalise its first letter without changing an identifier.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from conceptlens.concepts.compare.similarity import BLIND_LAYER_IOU
+from conceptlens.report.anchors import (
+    concept_anchor,
+    ncav_anchor,
+    pair_anchor,
+    tcav_anchor,
+)
 from conceptlens.report.formatting import (
     METHOD_NAMES,
     STATISTIC_NAMES,
@@ -21,10 +28,10 @@ from conceptlens.report.formatting import (
     p_phrase,
 )
 from conceptlens.report.loading import Results
-from conceptlens.report.results import BestLayer, TCAVResults
+from conceptlens.report.results import BestLayer, NCAVLabel, TCAVResults
 
-__all__ = ["MAX_TCAV_FINDINGS", "NCAV_MATCH_IOU", "NEAR_DIAGONAL", "WELL_ENCODED_IOU", "findings", "grouped_findings", "not_distinguishable",
-           "sample_size_notices"]
+__all__ = ["MAX_TCAV_FINDINGS", "NCAV_MATCH_IOU", "NEAR_DIAGONAL", "WELL_ENCODED_IOU", "Finding", "Rejection", "findings", "grouped_findings",
+           "linked_findings", "linked_rejections", "ncav_controls", "ncav_match_counts", "ncav_unmatched_reason", "not_distinguishable", "sample_size_notices"]
 
 #: A shallowest layer is "already well encoded" at set IoU ≥ this and ≥ 90 % of the concept's best.
 WELL_ENCODED_IOU = 0.5
@@ -34,6 +41,21 @@ NCAV_MATCH_IOU = 0.2
 NEAR_DIAGONAL = 0.2
 #: At most this many significant TCAV hypotheses are listed one by one in the findings.
 MAX_TCAV_FINDINGS = 8
+
+
+class Finding(NamedTuple):
+    """A sentence and the id of the report element (figure, table, concept block) it rests on."""
+
+    text: str
+    anchor: str
+
+
+class Rejection(NamedTuple):
+    """A claim the controls do not support, the reason, and the id of the element it rests on."""
+
+    claim: str
+    reason: str
+    anchor: str
 
 
 def findings(results: Results) -> list[str]:
@@ -64,6 +86,22 @@ def grouped_findings(results: Results) -> list[tuple[str, list[str]]]:
     Where the results carry controls, a finding is stated only when it clears them; the others are
     listed by :func:`not_distinguishable`.
     """
+    return [(heading, [item.text for item in items]) for heading, items in linked_findings(results)]
+
+
+def linked_findings(results: Results) -> list[tuple[str, list[Finding]]]:
+    """:func:`grouped_findings` with each sentence's anchor: the id of the figure or table it rests on
+    (see :mod:`conceptlens.report.anchors`; ``tcav`` for the TCAV summary).
+
+    Parameters
+    ----------
+    results : Results
+        A loaded results folder.
+
+    Returns
+    -------
+    list of (str, list of Finding)
+    """
     groups = [
         ("Probes", _probe_findings(results)),
         ("Similarity", _ridge_findings(results) + _adjacency_findings(results)),
@@ -82,6 +120,21 @@ def not_distinguishable(results: Results) -> list[tuple[str, str]]:
     hypotheses on a degenerate layer or not significant in every robustness variant; NCAVs: a match
     whose IoU does not exceed its permuted-masks control by the controls' margin. Empty when the
     results carry no controls (controls off, older results).
+    """
+    return [(item.claim, item.reason) for item in linked_rejections(results)]
+
+
+def linked_rejections(results: Results) -> list[Rejection]:
+    """:func:`not_distinguishable` with each claim's anchor (the element it rests on).
+
+    Parameters
+    ----------
+    results : Results
+        A loaded results folder.
+
+    Returns
+    -------
+    list of Rejection
     """
     return (_probe_rejections(results) + _similarity_rejections(results) + _adjacency_rejections(results) + _tcav_rejections(results.tcav)
             + _ncav_rejections(results))
@@ -133,7 +186,7 @@ def _encoded_best(probe, concept: str) -> tuple[BestLayer | None, bool]:
     return BestLayer(layers[-i], depths[-i], ious[-i]), True
 
 
-def _probe_rejections(results: Results) -> list[tuple[str, str]]:
+def _probe_rejections(results: Results) -> list[Rejection]:
     out = []
     for model in results.models:
         probe = results.probe(model, "net2vec")
@@ -146,7 +199,7 @@ def _probe_rejections(results: Results) -> list[tuple[str, str]]:
             raw = probe.best(concept)
             verdict = ((probe.metrics.get(raw.layer, {}).get(concept) or {}).get("verdict") if raw else None) or "does not clear its controls at any layer"
             where = f" (best raw set IoU {raw.set_iou:.2f} at {raw.layer})" if raw and math.isfinite(raw.set_iou) else ""
-            out.append((f"the concept {concept} is encoded in {model}{where}", verdict))
+            out.append(Rejection(f"the concept {concept} is encoded in {model}{where}", verdict, concept_anchor(concept)))
     return out
 
 
@@ -157,7 +210,7 @@ def _significant_cell(block, i: int, j: int) -> bool | None:
     return block.significant[i][j] is True
 
 
-def _similarity_rejections(results: Results) -> list[tuple[str, str]]:
+def _similarity_rejections(results: Results) -> list[Rejection]:
     out = []
     for method, compare in results.compare.items():
         for block in compare.blocks:
@@ -167,8 +220,8 @@ def _similarity_rejections(results: Results) -> list[tuple[str, str]]:
             kept = [p for p in pairs if _significant_cell(block, p[0], p[1])]
             if not kept:
                 kind = "cross-model ridge" if block.a != block.b else "within-model ridge"
-                out.append((f"the {kind} of {block.a} vs {block.b} ({METHOD_NAMES.get(method, method)})",
-                            "no best-match cell is above its permutation null after Holm correction"))
+                out.append(Rejection(f"the {kind} of {block.a} vs {block.b} ({METHOD_NAMES.get(method, method)})",
+                                     "no best-match cell is above its permutation null after Holm correction", pair_anchor(block.a, block.b)))
     return out
 
 
@@ -177,21 +230,22 @@ def _tcav_controlled(tcav: TCAVResults | None) -> bool:
     return tcav is not None and tcav.test not in (None, "ttest")
 
 
-def _tcav_rejections(tcav: TCAVResults | None) -> list[tuple[str, str]]:
+def _tcav_rejections(tcav: TCAVResults | None) -> list[Rejection]:
     out = []
     for r in (tcav.records if _tcav_controlled(tcav) else ()):
         if not r.significant:
             continue
         claim = f"for target {r.target}, {r.concept} at {r.layer} is significant"
         if r.degenerate_layer:
-            out.append((claim, f"degenerate layer: {r.degenerate_reason or 'its CAVs do not separate concept from random images better than random sets do'}"))
+            out.append(Rejection(claim, f"degenerate layer: {r.degenerate_reason or 'its CAVs do not separate concept from random images better than random sets do'}",
+                                 tcav_anchor(r.target)))
         elif r.robust is False:
             failed = [name for name, v in (r.variants or {}).items() if isinstance(v, dict) and v.get("significant") is False]
-            out.append((claim, "not significant in every robustness variant" + (f" (fails: {', '.join(failed)})" if failed else "")))
+            out.append(Rejection(claim, "not significant in every robustness variant" + (f" (fails: {', '.join(failed)})" if failed else ""), tcav_anchor(r.target)))
     return out
 
 
-def _probe_findings(results: Results) -> list[str]:
+def _probe_findings(results: Results) -> list[Finding]:
     out = []
     models = [m for m in results.models if results.probe(m, "net2vec")]
     for concept in results.concepts:
@@ -204,9 +258,9 @@ def _probe_findings(results: Results) -> list[str]:
             (blind if best.set_iou < BLIND_LAYER_IOU else encoded).append((model, best))
         if encoded:
             parts = [f"{b.depth:.2f} in {m} ({b.layer}, set IoU {b.set_iou:.2f})" for m, b in encoded]
-            out.append(f"the concept {concept} is best encoded at relative depth {join_words(parts)}")
+            out.append(Finding(f"the concept {concept} is best encoded at relative depth {join_words(parts)}", concept_anchor(concept)))
         for model, best in blind:
-            out.append(f"no probed layer of {model} encodes {concept} (best set IoU {best.set_iou:.2f}, below {BLIND_LAYER_IOU:.2f})")
+            out.append(Finding(f"no probed layer of {model} encodes {concept} (best set IoU {best.set_iou:.2f}, below {BLIND_LAYER_IOU:.2f})", concept_anchor(concept)))
     for model in models:
         probe = results.probe(model, "net2vec")
         for concept in results.concepts:
@@ -216,11 +270,11 @@ def _probe_findings(results: Results) -> list[str]:
             if not layers or best is None or math.isnan(ious[0]) or len(layers) < 2 or first.get("encoded") is False:
                 continue
             if ious[0] >= WELL_ENCODED_IOU and ious[0] >= 0.9 * best.set_iou:
-                out.append(f"the shallowest layer of {model} already encodes {concept} well ({layers[0]}, set IoU {ious[0]:.2f})")
+                out.append(Finding(f"the shallowest layer of {model} already encodes {concept} well ({layers[0]}, set IoU {ious[0]:.2f})", concept_anchor(concept)))
     return out
 
 
-def _ridge_findings(results: Results) -> list[str]:
+def _ridge_findings(results: Results) -> list[Finding]:
     out = []
     for method, compare in results.compare.items():
         depth_of = compare.depth_of()
@@ -241,14 +295,15 @@ def _ridge_findings(results: Results) -> list[str]:
                 extra += f"; {len(pairs)} of {len(block.rows)} best matches significant"
             where = f"the cross-model ridge of {block.a} vs {block.b} ({METHOD_NAMES.get(method, method)})"
             if gap <= NEAR_DIAGONAL:
-                out.append(f"{where} lies near the diagonal (mean |d_A − d_B| = {gap:.2f}{extra}): the best-matching layers sit at similar relative depths")
+                text = f"{where} lies near the diagonal (mean |d_A − d_B| = {gap:.2f}{extra}): the best-matching layers sit at similar relative depths"
             else:
-                out.append(f"{where} lies off the diagonal (mean |d_A − d_B| = {gap:.2f}{extra}): the best-matching layers sit at different relative depths")
+                text = f"{where} lies off the diagonal (mean |d_A − d_B| = {gap:.2f}{extra}): the best-matching layers sit at different relative depths"
+            out.append(Finding(text, pair_anchor(block.a, block.b)))
     return out
 
 
-def _adjacency(results: Results) -> list[tuple[str, str | None, str | None]]:
-    """Within-model adjacency per block: (finding or None, rejected claim or None, its reason or None).
+def _adjacency(results: Results) -> list[tuple[str | None, str | None, str | None, str]]:
+    """Within-model adjacency per block: (finding or None, rejected claim or None, its reason or None, the block's anchor).
 
     Without controls every layer's best match counts. With controls (the block has ``significant``)
     only best matches whose cell is significant count: the finding is stated over those layers, the
@@ -282,7 +337,7 @@ def _adjacency(results: Results) -> list[tuple[str, str | None, str | None]]:
                                 f"within {block.a}, the most similar other layer is a neighbouring one for {adjacent_all} of {len(pairs)} layers ({name})")
                     reason = f"none of the {len(pairs)} best-match cells is above its permutation null after Holm correction"
             if not kept:
-                out.append((None, rejected, reason))
+                out.append((None, rejected, reason, pair_anchor(block.a, block.b)))
                 continue
             adjacent = sum(abs(ranks[i] - ranks[j]) == 1 for i, j, *_ in kept)
             matrix = np.array([[number(v) for v in row] for row in (block.corrected or block.similarity)])  # chance-corrected when controlled
@@ -298,41 +353,68 @@ def _adjacency(results: Results) -> list[tuple[str, str | None, str | None]]:
                 finding = f"within {block.a}, adjacent layers are the most similar ({name}: every layer's best match is a neighbouring layer{means})"
             else:
                 finding = f"within {block.a}, the most similar other layer is a neighbouring one for {adjacent} of {len(pairs) if not dropped else len(kept)} layers ({name}{means})"
-            out.append((finding, rejected, reason))
+            out.append((finding, rejected, reason, pair_anchor(block.a, block.b)))
     return out
 
 
-def _adjacency_findings(results: Results) -> list[str]:
-    return [finding for finding, _, _ in _adjacency(results) if finding]
+def _adjacency_findings(results: Results) -> list[Finding]:
+    return [Finding(finding, anchor) for finding, _, _, anchor in _adjacency(results) if finding]
 
 
-def _adjacency_rejections(results: Results) -> list[tuple[str, str]]:
-    return [(claim, reason) for _, claim, reason in _adjacency(results) if claim]
+def _adjacency_rejections(results: Results) -> list[Rejection]:
+    return [Rejection(claim, reason or "", anchor) for _, claim, reason, anchor in _adjacency(results) if claim]
 
 
-def _tcav_findings(tcav: TCAVResults | None) -> list[str]:
+def _tcav_findings(tcav: TCAVResults | None) -> list[Finding]:
     if not tcav or not tcav.records:
         return []
     records = tcav.records
     correction, alpha, statistic = tcav.correction, number(tcav.alpha), tcav.statistic
     significant = [r for r in records if r.significant]
-    out = [f"{len(significant)} of {len(records)} TCAV hypotheses are significant at α = {alpha:g} after {correction} correction"]
+    summary = f"{len(significant)} of {len(records)} TCAV hypotheses are significant at α = {alpha:g} after {correction} correction"
     cleared = [r for r in significant if r.robust is not False and not r.degenerate_layer] if _tcav_controlled(tcav) else significant
     if len(cleared) < len(significant):
-        out[0] += f"; {len(cleared)} of them also robust to every variant and on a non-degenerate layer"
+        summary += f"; {len(cleared)} of them also robust to every variant and on a non-degenerate layer"
+    out = [Finding(summary, "tcav")]
     significant = cleared
     value = f3g if statistic == "mean_sensitivity" else f2
     for r in significant[:MAX_TCAV_FINDINGS]:
         direction = "raises" if number(r.mean) > number(r.null_mean) else "lowers"
-        out.append(f"for target {r.target}, {r.concept} at {r.layer} is significant and {direction} the target "
-                   f"({STATISTIC_NAMES.get(statistic, statistic)} {value(r.mean)} vs null {value(r.null_mean)}, "
-                   f"{p_phrase(f'p_{correction}', r.adjusted_p(correction))})")
+        out.append(Finding(f"for target {r.target}, {r.concept} at {r.layer} is significant and {direction} the target "
+                           f"({STATISTIC_NAMES.get(statistic, statistic)} {value(r.mean)} vs null {value(r.null_mean)}, "
+                           f"{p_phrase(f'p_{correction}', r.adjusted_p(correction))})", tcav_anchor(r.target)))
     if len(significant) > MAX_TCAV_FINDINGS:
-        out.append(f"… and {len(significant) - MAX_TCAV_FINDINGS} more significant TCAV hypotheses (see the TCAV table)")
+        out.append(Finding(f"… and {len(significant) - MAX_TCAV_FINDINGS} more significant TCAV hypotheses (see the TCAV table)", "tcav"))
     return out
 
 
-def _ncav_controls(results: Results, model: str) -> tuple[dict[tuple[str, str], float], float | None]:
+def ncav_unmatched_reason(ncav: NCAVLabel, control_iou: float | None, margin: float | None) -> str | None:
+    """Why ``ncav`` reads "unmatched" in the report; None when its match counts (:func:`ncav_match_counts`).
+
+    Parameters
+    ----------
+    ncav : NCAVLabel
+        The NCAV with its best-overlapping concept and that set IoU.
+    control_iou : float or None
+        Its permuted-masks control IoU (None: none).
+    margin : float or None
+        The controls' margin (None: the results carry no NCAV controls).
+
+    Returns
+    -------
+    str or None
+    """
+    if ncav.label is None:
+        return "overlaps no concept"
+    iou = number(ncav.set_iou)
+    if not iou >= NCAV_MATCH_IOU:
+        return f"its best overlap, {ncav.label}, has set IoU {f2(iou)}, below {NCAV_MATCH_IOU:g}"
+    if not ncav_match_counts(iou, control_iou, margin):
+        return f"set IoU {f2(iou)} does not exceed its permuted-masks control {f2(control_iou)} by the margin {number(margin):g}"
+    return None
+
+
+def ncav_controls(results: Results, model: str) -> tuple[dict[tuple[str, str], float], float | None]:
     """``model``'s NCAV controls from its prototypes: {(layer, ncav): control IoU} and the margin (None: no controls)."""
     prototypes = results.prototypes.get(model)
     meta = prototypes.meta if prototypes else None
@@ -342,8 +424,34 @@ def _ncav_controls(results: Results, model: str) -> tuple[dict[tuple[str, str], 
     return control, number(meta.control_margin)
 
 
-def _ncav_matches(results: Results) -> list[tuple[str | None, str | None, str | None]]:
-    """Per model and layer: (finding or None, rejected claim or None, its reason or None).
+def ncav_match_counts(iou: float | None, control_iou: float | None, margin: float | None) -> bool:
+    """Whether an NCAV's match to its concept counts: set IoU ≥ :data:`NCAV_MATCH_IOU` and, with controls
+    (``margin`` not None), above its permuted-masks ``control_iou`` by more than ``margin``.
+
+    Parameters
+    ----------
+    iou : float or None
+        The match's set IoU on the test images.
+    control_iou : float or None
+        The same match's IoU against permuted masks (None: no control for it).
+    margin : float or None
+        The controls' margin; None when the results carry no NCAV controls.
+
+    Returns
+    -------
+    bool
+    """
+    iou = number(iou)
+    if not iou >= NCAV_MATCH_IOU:
+        return False
+    if margin is None:
+        return True
+    floor = number(control_iou)
+    return math.isfinite(floor) and iou > floor + number(margin)
+
+
+def _ncav_matches(results: Results) -> list[tuple[str | None, str | None, str | None, str]]:
+    """Per model and layer: (finding or None, rejected claim or None, its reason or None, the layer's anchor).
 
     Without controls every NCAV match with set IoU ≥ :data:`NCAV_MATCH_IOU` counts. With controls
     (the prototypes carry ``control_margin``) a match counts only when its IoU exceeds its
@@ -351,7 +459,7 @@ def _ncav_matches(results: Results) -> list[tuple[str | None, str | None, str | 
     """
     out = []
     for model in results.models:
-        control, margin = _ncav_controls(results, model)
+        control, margin = ncav_controls(results, model)
         for layer, ncavs in results.ncav_labels(model).items():
             best: dict[str, float] = {}
             failed: dict[str, tuple[float, float]] = {}
@@ -361,7 +469,7 @@ def _ncav_matches(results: Results) -> list[tuple[str | None, str | None, str | 
                     continue
                 if margin is not None:
                     floor = control.get((layer, ncav.name), number(ncav.control_iou))
-                    if not (math.isfinite(floor) and iou > floor + margin):
+                    if not ncav_match_counts(iou, floor, margin):
                         if iou > failed.get(concept, (-1.0, 0.0))[0]:
                             failed[concept] = (iou, floor)
                         continue
@@ -378,13 +486,13 @@ def _ncav_matches(results: Results) -> list[tuple[str | None, str | None, str | 
                 rejected = f"in {model}, {layer} has {noun} matching {join_words([f'{c} (IoU {v:.2f})' for c, (v, _) in items])}"
                 controls = join_words([f"{c} {f2(floor)}" for c, (_, floor) in items])
                 reason = f"the IoU does not exceed its permuted-masks control ({controls}) by the margin {margin:g}"
-            out.append((finding, rejected, reason))
+            out.append((finding, rejected, reason, ncav_anchor(model, layer)))
     return out
 
 
-def _ncav_findings(results: Results) -> list[str]:
-    return [finding for finding, _, _ in _ncav_matches(results) if finding]
+def _ncav_findings(results: Results) -> list[Finding]:
+    return [Finding(finding, anchor) for finding, _, _, anchor in _ncav_matches(results) if finding]
 
 
-def _ncav_rejections(results: Results) -> list[tuple[str, str]]:
-    return [(claim, reason) for _, claim, reason in _ncav_matches(results) if claim]
+def _ncav_rejections(results: Results) -> list[Rejection]:
+    return [Rejection(claim, reason or "", anchor) for _, claim, reason, anchor in _ncav_matches(results) if claim]

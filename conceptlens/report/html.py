@@ -1,17 +1,23 @@
 """HTML building blocks of the report: escaping, figures, tables, notes and the page around the sections.
 
-The page is one file with inline CSS and no script or external resource; figures are embedded as
-``data:image/png;base64`` URIs.
+The page is one file with the inline style sheet and script of :mod:`conceptlens.report.assets`
+and no external resource; figures are embedded as ``data:image/png;base64`` URIs. Everything reads
+(and prints) without the script; it only adds sorting, filtering and the one-concept-at-a-time view.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["NOT_RUN", "caption", "escape", "figure", "key_values", "missing", "page", "table"]
+from conceptlens.report.assets import CSS, SCRIPT
+from conceptlens.report.formatting import f2, number
+
+__all__ = ["NOT_RUN", "Cell", "caption", "escape", "figure", "key_values", "missing", "num", "page", "table"]
 
 #: The note of a section whose inputs the run did not produce.
 NOT_RUN = "Not run in this configuration"
@@ -22,10 +28,47 @@ def escape(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def figure(data: bytes, alt: str, caption_html: str = "") -> str:
-    """A ``<figure>`` with the PNG ``data`` inline and an optional caption (already HTML)."""
+@dataclass(frozen=True)
+class Cell:
+    """A table cell: its HTML, the value it sorts by (``data-sort``) and its hover text (``title``).
+
+    A table cell given as a plain string is its HTML, sorted by its text, without hover text.
+    """
+
+    html: str
+    sort: str | float | None = None
+    title: str | None = None
+
+    def attributes(self) -> str:
+        """The cell's ``data-sort`` and ``title`` attributes (with a leading space), escaped."""
+        out = ""
+        if self.sort is not None:
+            out += f' data-sort="{escape(_sort_text(self.sort))}"'
+        if self.title:
+            out += f' title="{escape(self.title)}"'
+        return out
+
+
+def _sort_text(value: str | float) -> str:
+    if isinstance(value, str):
+        return value
+    value = number(value)
+    return "" if math.isnan(value) else repr(value)
+
+
+def num(value: Any, text: Callable[[Any], str] = f2, what: str = "") -> Cell:
+    """A numeric cell: ``text(value)`` shown, the exact value on hover (after ``what``) and as the sort key."""
+    exact = number(value)
+    if math.isnan(exact):
+        return Cell(escape(text(value)), sort="")
+    return Cell(escape(text(value)), sort=exact, title=f"{what}{' = ' if what else ''}{exact:.6g}")
+
+
+def figure(data: bytes, alt: str, caption_html: str = "", anchor: str | None = None) -> str:
+    """A ``<figure>`` with the PNG ``data`` inline and an optional caption (already HTML) and ``id``."""
     caption_part = f"<figcaption>{caption_html}</figcaption>" if caption_html else ""
-    return f"<figure>{_img(data, alt)}{caption_part}</figure>"
+    ident = f' id="{escape(anchor)}"' if anchor else ""
+    return f"<figure{ident}>{_img(data, alt)}{caption_part}</figure>"
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -42,19 +85,31 @@ def caption(text: str) -> str:
     return f'<p class="caption">{text}</p>'
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (), row_class: Callable[[int], str] | None = None,
-          head_html: str | None = None) -> str:
-    """A scrollable table: ``header`` texts (escaped) or ``head_html``; cells are HTML, ``numeric`` columns right-aligned.
+def table(header: Sequence[str], rows: Iterable[Sequence[str | Cell]], numeric: Sequence[int] = (), row_class: Callable[[int], str] | None = None,
+          head_html: str | None = None, *, sortable: bool = False, filterable: bool = False) -> str:
+    """A scrollable table: ``header`` texts (escaped) or ``head_html``; cells are HTML or :class:`Cell`, ``numeric`` columns right-aligned.
 
-    ``row_class(i)`` gives row i a CSS class (empty: none).
+    ``row_class(i)`` gives row i a CSS class (empty: none). ``sortable``: a click on a header cell
+    of the last header row sorts the rows (by each cell's sort value); ``filterable``: a filter box
+    above the table hides the rows that do not contain its words. Both need the page's script and
+    change nothing without it.
     """
     head = head_html or "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"
     body = []
     for index, row in enumerate(rows):
-        cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
+        cells = "".join(_cell(c, i in numeric) for i, c in enumerate(row))
         css = row_class(index) if row_class else ""
         body.append(f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
-    return f'<div class="table-wrap"><table>\n<thead>{head}</thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table></div>"
+    classes = " ".join(name for name, on in (("sortable", sortable), ("filterable", filterable)) if on)
+    opening = f'<table class="{classes}">' if classes else "<table>"
+    return f'<div class="table-wrap">{opening}\n<thead>{head}</thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table></div>"
+
+
+def _cell(cell: str | Cell, numeric: bool) -> str:
+    css = ' class="num"' if numeric else ""
+    if isinstance(cell, Cell):
+        return f"<td{css}{cell.attributes()}>{cell.html}</td>"
+    return f"<td{css}>{cell}</td>"
 
 
 def key_values(title: str, pairs: Sequence[tuple[str, str]]) -> str:
@@ -64,71 +119,18 @@ def key_values(title: str, pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def page(title: str, subtitle_html: str, sections: Sequence[tuple[str, str, str]], footer_html: str) -> str:
-    """The whole page: header, table of contents and ``sections`` as (id, heading, body HTML), then the footer."""
+    """The whole page: header, table of contents and ``sections`` as (id, heading, body HTML), then the footer and the script."""
     toc = "\n".join(f'<li><a href="#{sid}">{escape(heading)}</a></li>' for sid, heading, _ in sections)
     body = "\n".join(f'<section id="{sid}">\n<h2>{escape(heading)}</h2>\n{html_body}\n</section>' for sid, heading, html_body in sections)
-    return _PAGE.format(title=escape(title), style=_CSS, heading=escape(title), subtitle=subtitle_html, toc=toc, sections=body, footer=footer_html)
+    return _PAGE.format(title=escape(title), style=CSS, heading=escape(title), subtitle=subtitle_html, toc=toc, sections=body, footer=footer_html,
+                        script=SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------------
 # page
 
-_CSS = """
-:root { --fg:#1d232a; --dim:#66707a; --line:#d5d9de; --accent:#2b6cb0; --bg-soft:#f5f7f9; }
-* { box-sizing: border-box; }
-body { margin:0; font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; font-size:15px;
-       line-height:1.5; color:var(--fg); background:#fff; }
-header { padding:1.4rem 2rem 1rem; border-bottom:1px solid var(--line); background:var(--bg-soft); }
-header h1 { margin:0 0 .3rem; font-size:1.6rem; font-weight:600; }
-header p { margin:0; color:var(--dim); }
-.layout { display:grid; grid-template-columns:210px minmax(0,1fr); gap:2rem; max-width:1400px; margin:0 auto; padding:0 2rem 3rem; }
-nav.toc { position:sticky; top:0; align-self:start; padding:1.2rem 0; font-size:.9rem; }
-nav.toc h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.06em; color:var(--dim); margin:0 0 .4rem; }
-nav.toc ol { margin:0; padding-left:1.2rem; }
-nav.toc li { margin:.2rem 0; }
-a { color:var(--accent); text-decoration:none; }
-a:hover { text-decoration:underline; }
-main { min-width:0; }
-section { padding-top:1.2rem; border-bottom:1px solid var(--line); padding-bottom:1.2rem; scroll-margin-top:.5rem; }
-section h2 { font-size:1.35rem; margin:.2rem 0 .6rem; }
-h3 { font-size:1.08rem; margin:1.2rem 0 .4rem; }
-h4 { font-size:.98rem; margin:1rem 0 .3rem; color:#333; }
-.caption { color:#444; background:var(--bg-soft); border-left:3px solid var(--accent); padding:.4rem .7rem; margin:.5rem 0 .9rem; max-width:70rem; }
-.missing { color:var(--dim); font-style:italic; }
-.dim { color:var(--dim); font-size:.85em; }
-code { font-family: "SFMono-Regular", Consolas, "Liberation Mono", monospace; font-size:.88em; }
-figure { margin:.4rem 0 1rem; }
-figure img { max-width:100%; height:auto; display:block; border:1px solid #eceff2; }
-figcaption { color:var(--dim); font-size:.88rem; margin-top:.25rem; }
-.grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(440px, 1fr)); gap:1rem 1.5rem; align-items:start; }
-.table-wrap { overflow-x:auto; margin:.4rem 0 1rem; }
-table { border-collapse:collapse; font-size:.88rem; }
-th, td { border:1px solid var(--line); padding:.25rem .55rem; text-align:left; vertical-align:top; }
-thead th { background:var(--bg-soft); font-weight:600; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-tr.sig td { background:#eef8ee; }
-.kv-row { display:flex; flex-wrap:wrap; gap:1rem 2rem; align-items:flex-start; }
-.kv h3 { margin-top:.4rem; }
-.kv th { background:var(--bg-soft); font-weight:600; white-space:nowrap; }
-.swatch { display:inline-block; width:.8em; height:.8em; border-radius:2px; margin-right:.4em; vertical-align:baseline; }
-ul.findings { margin:.2rem 0 .8rem; }
-ul.findings li, ul.notes li, ul.rejected li { margin:.3rem 0; }
-ul.rejected li { color:var(--dim); }
-.notice { border-left:4px solid #d9822b; background:#fff6ec; padding:.4rem .8rem; margin:.4rem 0 1rem; }
-details { margin:.2rem 0 1rem; }
-summary { cursor:pointer; color:var(--accent); }
-footer { color:var(--dim); font-size:.85rem; text-align:center; padding:1rem; }
-@media (max-width: 900px) {
-  .layout { display:block; padding:0 1rem 2rem; }
-  nav.toc { background:#fff; border-bottom:1px solid var(--line); padding:.5rem 0; z-index:1; }
-  nav.toc ol { display:flex; flex-wrap:wrap; gap:.2rem 1rem; list-style:none; padding:0; }
-  .grid { grid-template-columns:1fr; }
-}
-@media print { nav.toc { display:none; } .layout { display:block; } }
-""".strip()
-
 _PAGE = """<!DOCTYPE html>
-<html lang="en">
+<html lang="en" class="no-js">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -154,6 +156,9 @@ _PAGE = """<!DOCTYPE html>
 </main>
 </div>
 <footer>{footer}</footer>
+<script>
+{script}
+</script>
 </body>
 </html>
 """

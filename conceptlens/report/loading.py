@@ -1,4 +1,11 @@
-"""Read a pipeline results folder into one :class:`Results` (typed records, artifact tensors as numpy)."""
+"""Read a results folder into one :class:`Results` (typed records, artifact tensors as numpy).
+
+Two layouts are read. A pipeline run (``conceptlens run`` / ``demo``): ``run.json``,
+``probe_<model>_<method>.json``, ``compare_<method>/``, ``tcav.json``, ``examples/`` and
+``prototypes/``. The single commands' output folders: ``conceptlens probe`` writes
+``probe_<method>.json`` (its model named by the file's ``model`` key), ``conceptlens compare``
+writes ``compare.json`` with ``heatmaps/`` beside it, ``conceptlens tcav`` writes ``tcav.json``.
+"""
 
 from __future__ import annotations
 
@@ -102,9 +109,11 @@ def load_results(out: str | Path) -> Results:
     models = [str(m.name) for m in (run.models if run else ()) if m.name is not None]
     probes = _probes(root, models)
     compare, heatmaps = _comparisons(root)
+    models += [m for m in dict.fromkeys(str(layer.model) for c in compare.values() for layer in c.layers if layer.model) if m not in models]
     tcav = _read(TCAVResults, root / "tcav.json") if (root / "tcav.json").is_file() else None
     if run is None and not probes and not compare and tcav is None:
-        raise ReportError(str(root), "holds no pipeline results (run.json, probe_*.json, compare_*/, tcav.json)", "run the pipeline into this folder first")
+        raise ReportError(str(root), "holds no results (run.json, probe_*.json, compare.json, compare_*/, tcav.json)",
+                          "give the folder a pipeline run, conceptlens probe, compare or tcav wrote (their --out)")
     return Results(
         root=root, run=run, models=tuple(models), concepts=tuple(_concepts(run, probes)), probes=probes, compare=compare, heatmaps=heatmaps,
         tcav=tcav, examples=_inputs(root / "examples", models, EXAMPLES_KIND, ExamplesMeta),
@@ -118,14 +127,16 @@ def _read(record: type[_Record], path: Path) -> _Record:
 
 def _probe_methods() -> tuple[str, ...]:
     """The methods whose ``probe_<model>_<method>.json`` the report reads, in report order: the
-    registry's pixel-level methods (``net2vec``, ``nmf``, then any registered later)."""
+    registry's pixel-level methods (``net2vec``, ``nmf``, then any registered later), then the
+    image-level ones (``linear``: CAV accuracies)."""
     from conceptlens.probes.registry import method_names
 
-    return method_names("pixel")
+    return method_names("pixel") + method_names("image")
 
 
 def _probes(root: Path, models: list[str]) -> dict[str, dict[str, ProbeResults]]:
-    """Every ``probe_<model>_<method>.json``; models not in run.json are appended to ``models``."""
+    """Every ``probe_<model>_<method>.json``, and the ``probe_<method>.json`` of ``conceptlens probe``
+    (its model named by the file's ``model`` key); models not in run.json are appended to ``models``."""
     probes: dict[str, dict[str, ProbeResults]] = {}
     for method in _probe_methods():
         suffix = f"_{method}.json"
@@ -134,7 +145,22 @@ def _probes(root: Path, models: list[str]) -> dict[str, dict[str, ProbeResults]]
             if model not in models:
                 models.append(model)
             probes.setdefault(model, {})[method] = _read(ProbeResults, path)
+        single = root / f"probe_{method}.json"
+        if single.is_file():
+            record = _read(ProbeResults, single)
+            model = _model_label(record.model)
+            if model not in models:
+                models.append(model)
+            probes.setdefault(model, {})[method] = record
     return probes
+
+
+def _model_label(spec: str | None) -> str:
+    """How the report names the model of a ``conceptlens probe`` folder: its spec, a file's stem for a path, else "model"."""
+    if not spec:
+        return "model"
+    text = str(spec)
+    return Path(text).stem if ("/" in text or "\\" in text) else text
 
 
 def _comparisons(root: Path) -> tuple[dict[str, Comparison], dict[str, dict[str, Path]]]:
@@ -146,6 +172,12 @@ def _comparisons(root: Path) -> tuple[dict[str, Comparison], dict[str, dict[str,
         method = path.parent.name[len("compare_"):]
         compare[method] = _read(Comparison, path)
         heatmaps[method] = {f.name: f for f in sorted((path.parent / "heatmaps").glob("*.png"))}
+    if (root / "compare.json").is_file():  # a `conceptlens compare` folder: one method, heatmaps/ beside it
+        record = _read(Comparison, root / "compare.json")
+        method = str(record.method or "compare")
+        if method not in compare:
+            compare[method] = record
+            heatmaps[method] = {f.name: f for f in sorted((root / "heatmaps").glob("*.png"))}
     return compare, heatmaps
 
 

@@ -22,7 +22,8 @@ def write_report(out: str | Path, *, title: str | None = None, figures: str | Pa
     Parameters
     ----------
     out : path
-        A results directory written by the pipeline.
+        A results directory: a pipeline run's, or the ``--out`` folder of ``conceptlens probe``,
+        ``compare`` or ``tcav`` (the sections it has no data for say "not run").
     title : str, optional
         Page title; default "Concept report — <run name>".
     figures : path, optional

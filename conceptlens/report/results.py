@@ -33,7 +33,7 @@ from conceptlens.report.formatting import number
 
 __all__ = [
     "EXAMPLES_KIND", "PROTOTYPES_KIND", "REPORT_INPUTS_VERSION", "BestLayer", "Block", "Comparison", "DataInfo", "ExamplesMeta", "LayerInfo", "ModelInfo", "NCAVLabel", "ProbeResults",
-    "PrototypesMeta", "ResultsError", "Ridge", "RidgePair", "RunSummary", "StepTime", "TCAVResults", "TCAVRow",
+    "PrototypesMeta", "ResultsError", "Ridge", "RidgePair", "RunSummary", "StepTime", "TCAVResults", "TCAVRow", "WorkerTime",
 ]
 
 #: Artifact kinds and format version of the report inputs (``examples/<model>.*``, ``prototypes/<model>.*``).
@@ -127,14 +127,41 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
             inner = problem.culprit
             culprit = where + inner[len(hint.__name__):] if inner == hint.__name__ or inner.startswith(f"{hint.__name__}.") else inner
             raise ResultsError(culprit, problem.problem, problem.fix) from problem
+    return _scalar(value, hint, where)
+
+
+#: What a scalar field accepts (a float field takes integers too; booleans are never numbers).
+_SCALARS: dict[Any, tuple[str, Any]] = {
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("a boolean", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+}
+
+
+def _scalar(value: Any, hint: Any, where: str) -> Any:
+    """``value`` when it is of the scalar type ``hint`` (any value for other hints), else a ResultsError."""
+    expected, accepts = _SCALARS.get(hint, (None, None))
+    if accepts is not None and not accepts(value):
+        raise ResultsError(where, f"is {_a(_kind(value))}, not {expected}", "write the file again")
     return value
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def _kind(value: Any) -> str:
-    return {dict: "JSON object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "JSON object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 Matrix = tuple[tuple[Any, ...], ...]  # rows of numbers (None where undefined)
+
+
+def _is_matrix(value: Any) -> bool:
+    """True for a decoded :data:`Matrix` (a tuple of tuples)."""
+    return isinstance(value, tuple) and all(isinstance(row, tuple) for row in value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,12 +169,27 @@ Matrix = tuple[tuple[Any, ...], ...]  # rows of numbers (None where undefined)
 
 
 @dataclass(frozen=True)
+class WorkerTime(_Record):
+    """One Ray worker's share of a step: its processes (a restarted worker gets a new one), node, time and work done."""
+
+    worker: int = 0
+    pids: tuple[int, ...] = ()
+    node: str | None = None
+    seconds: float | None = None
+    units: int = 0  # images embedded, or banks fitted
+
+
+@dataclass(frozen=True)
 class StepTime(_Record):
-    """One step of a run: its name, wall time and whether it was skipped (results up to date)."""
+    """One step of a run: its name, wall time and whether it was skipped (results up to date).
+
+    ``workers``: per Ray worker, for the steps that ran on a Ray cluster (absent otherwise).
+    """
 
     name: str = ""
     seconds: float | None = None
     skipped: bool = False
+    workers: tuple[WorkerTime, ...] | None = field(default=None, metadata=_OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)
@@ -281,7 +323,7 @@ class RidgePair(_Record):
     def from_json(cls, data: Any) -> RidgePair:
         """Also reads a bare ``[a, b]`` pair (depths and score then come from the block)."""
         if isinstance(data, (list, tuple)) and len(data) == 2:
-            return cls(int(data[0]), int(data[1]))
+            return cls(_scalar(data[0], int, "RidgePair[0]"), _scalar(data[1], int, "RidgePair[1]"))
         return super().from_json(data)
 
 
@@ -326,6 +368,21 @@ class Block(_Record):
     cka_spatial_ci_low: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
     cka_spatial_ci_high: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
     cka_spatial_significant: Matrix | None = field(default=None, metadata=_OMIT_IF_NONE)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Block:
+        """Also checks that every matrix is rows × columns and every ridge pair indexes a row and a column."""
+        block = super().from_json(data)
+        shape = (len(block.rows), len(block.columns))
+        for item in dataclasses.fields(cls):
+            matrix = getattr(block, item.name)
+            if _is_matrix(matrix) and matrix and (
+                    len(matrix) != shape[0] or any(len(row) != shape[1] for row in matrix)):
+                raise ResultsError(f"Block.{item.name}", f"is not {shape[0]} × {shape[1]} (rows × columns)", "write the file again")
+        for i, pair in enumerate(block.ridge.pairs if block.ridge else ()):
+            if not (0 <= pair.a < shape[0] and 0 <= pair.b < shape[1]):
+                raise ResultsError(f"Block.ridge.pairs[{i}]", f"({pair.a}, {pair.b}) is outside the {shape[0]} × {shape[1]} block", "write the file again")
+        return block
 
     def controlled(self, prefix: str = "") -> dict[str, Matrix] | None:
         """The control matrices of the similarity (``prefix`` ``""``) or of CKA (``"cka_pooled_"``,
@@ -476,6 +533,8 @@ class TCAVResults(_Record):
     missing_lines: tuple[str, ...] = ()
     sample_size: dict[str, Any] | None = field(default=None, metadata=_OMIT_IF_NONE)
     step_key: str | None = field(default=None, metadata=_OMIT_IF_NONE)
+    #: target name -> display name with the class name (``"vgg:top:1" -> "vgg:top:1 (car)"``), where the model's class names are known
+    target_labels: dict[str, str] | None = field(default=None, metadata=_OMIT_IF_NONE)
 
     @classmethod
     def from_result(cls, result: Any, provenance: dict[str, Any]) -> TCAVResults:
@@ -525,7 +584,8 @@ class PrototypesMeta(_Record):
     With controls on, each label has its ``control_iou`` and ``control_margin`` is the controls'
     margin a match must clear its control by (omitted with controls off).
 
-    The artifact's tensors: ``patches_<n>`` (k, p, s, s, 3) uint8 for the n-th layer of ``layers``.
+    The artifact's tensors: ``patches_<n>`` (k, p, s, s, 3) uint8 for the n-th layer of ``layers`` and, from
+    this version on, ``heat_<n>`` (k, p, s, s) uint8: where each NCAV fires on its patches (255: its peak).
     """
 
     model: str | None = None

@@ -1,7 +1,8 @@
 """The report's sections: each turns the loaded results into its HTML body (tables, figures, captions).
 
-An input that the run did not produce leaves its section with a "not run in this configuration"
-note (:func:`conceptlens.report.html.missing`).
+Key findings come first, each linked to the figure or table it rests on; the run summary (versions,
+hashes, times) comes last. An input that the run did not produce leaves its section with a "not
+run in this configuration" note (:func:`conceptlens.report.html.missing`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import numpy as np
 from matplotlib.colors import to_hex
 
 from conceptlens.concepts.compare.similarity import BLIND_LAYER_IOU
+from conceptlens.report.anchors import (
+    concept_anchor,
+    ncav_anchor,
+    pair_anchor,
+    tcav_anchor,
+)
+from conceptlens.report.concept_view import concept_view_section
 from conceptlens.report.figures import (
+    CONTROL_STYLES,
     MAX_EXAMPLE_CONCEPTS,
     MAX_PROBE_LINES,
     FigureSink,
@@ -31,8 +40,10 @@ from conceptlens.report.findings import (
     NCAV_MATCH_IOU,
     NEAR_DIAGONAL,
     WELL_ENCODED_IOU,
-    grouped_findings,
-    not_distinguishable,
+    linked_findings,
+    linked_rejections,
+    ncav_controls,
+    ncav_unmatched_reason,
     sample_size_notices,
 )
 from conceptlens.report.formatting import (
@@ -43,20 +54,31 @@ from conceptlens.report.formatting import (
     number,
     p_value,
 )
-from conceptlens.report.html import caption, escape, figure, key_values, missing, table
+from conceptlens.report.html import (
+    Cell,
+    caption,
+    escape,
+    figure,
+    key_values,
+    missing,
+    num,
+    table,
+)
 from conceptlens.report.loading import Results
+from conceptlens.report.results import TCAVResults
 
 __all__ = ["SECTIONS", "section_bodies"]
 
 #: Section ids and headings, in report order.
 SECTIONS = (
-    ("summary", "Run summary"),
+    ("findings", "Key findings"),
     ("probe-quality", "Probe quality"),
+    ("concepts", "Per concept"),
     ("segmentation", "Concept segmentation"),
     ("ncavs", "NCAVs (unsupervised concepts)"),
     ("similarity", "Layer similarity"),
     ("tcav", "TCAV"),
-    ("findings", "Findings"),
+    ("summary", "Run summary (versions, hashes)"),
 )
 
 Colors = Mapping[str, Any]
@@ -70,6 +92,7 @@ def section_bodies(results: Results, colors: Colors, sink: FigureSink) -> dict[s
     bodies: dict[str, Callable[[], str]] = {
         "summary": lambda: _summary_section(results),
         "probe-quality": lambda: _probe_section(results, colors, sink),
+        "concepts": lambda: concept_view_section(results, colors, sink),
         "segmentation": lambda: _segmentation_section(results, colors, sink),
         "ncavs": lambda: _ncav_section(results, sink),
         "similarity": lambda: _similarity_section(results, sink),
@@ -101,8 +124,7 @@ def _summary_section(results: Results) -> str:
                   ("splits", escape(" / ".join(f"{k} {v}" for k, v in (data.splits if data else {}).items()) or "—")),
                   ("concepts", escape(", ".join(data.concepts if data else ()) or "—"))]
     version_pairs = [(k, escape(v)) for k, v in run.versions.items()]
-    parts = [_sample_size_notice(results)]
-    parts += ['<div class="kv-row">', key_values("Run", run_pairs), key_values("Data", data_pairs)]
+    parts = ['<div class="kv-row">', key_values("Run", run_pairs), key_values("Data", data_pairs)]
     if version_pairs:
         parts.append(key_values("Versions", version_pairs))
     parts.append("</div>")
@@ -139,8 +161,9 @@ def _sample_size_notice(results: Results) -> str:
 
 def _probe_section(results: Results, colors: Colors, sink: FigureSink) -> str:
     models = [m for m in results.models if results.probe(m, "net2vec")]
+    linear = _linear_section(results)
     if not models:
-        return missing("no Net2Vec probe results, probe_<model>_net2vec.json")
+        return missing("no Net2Vec probe results, probe_<model>_net2vec.json") + linear
     concepts = results.concepts
     shape = "line" if len(concepts) <= MAX_PROBE_LINES else "row"
     parts = [caption(f"Each {shape} is one concept: its set IoU on the held-out test images (pixels pooled over the whole set) when a linear "
@@ -160,19 +183,52 @@ def _probe_section(results: Results, colors: Colors, sink: FigureSink) -> str:
         for model, drawn in controlled:
             if drawn:
                 parts.append(figure(sink.png(drawn, f"probe_controls_{model}"), f"probe vs controls of {model}"))
-    head = ("<tr><th rowspan=\"2\">concept</th>" + "".join(f'<th colspan="3">{escape(m)}</th>' for m in models) + "</tr><tr>"
-            + "".join("<th>best layer</th><th>depth</th><th>set IoU</th>" for _ in models) + "</tr>")
-    rows = []
-    for concept in concepts:
-        row = [f'<span class="swatch" style="background:{to_hex(concept_color(colors, concept))}"></span>{escape(concept)}']
-        for model in models:
-            best = results.probe(model, "net2vec").best(concept)
-            row += [f"<code>{escape(best.layer)}</code>", f2(best.depth), f2(best.set_iou)] if best else ["—", "—", "—"]
-        rows.append(row)
-    numeric = [i for m in range(len(models)) for i in (2 + 3 * m, 3 + 3 * m)]
     parts.append("<h3>Best layer per concept</h3>")
-    parts.append(table([], rows, numeric=numeric, head_html=head))
+    parts.append(_best_layer_table(results, models, colors))
+    parts.append(linear)
     return "\n".join(parts)
+
+
+def _linear_section(results: Results) -> str:
+    """The held-out accuracy of image-level linear CAVs (``probe_linear.json``), per model, layer and concept; empty without them."""
+    rows = []
+    for model in results.models:
+        probe = results.probe(model, "linear")
+        for layer, by_concept in (probe.metrics if probe else {}).items():
+            for concept, entry in by_concept.items():
+                rows.append([escape(model), f"<code>{escape(layer)}</code>", escape(concept), num(entry.get("accuracy_mean"), what="mean held-out accuracy"),
+                             num(entry.get("accuracy_std"), what="sd over runs")])
+    if not rows:
+        return ""
+    return ("<h3>Linear CAVs (image level)</h3>"
+            + caption("Held-out accuracy of linear CAVs separating each concept's images from random images, mean and sd over the runs "
+                      "(one random set each); 0.5 is chance.")
+            + table(["model", "layer", "concept", "accuracy", "sd"], rows, numeric=(3, 4), sortable=True, filterable=True))
+
+
+def _best_layer_table(results: Results, models: list[str], colors: Colors) -> str:
+    """Per concept and model, the best layer with its set IoU beside the controls' at that layer (when the probe has them)."""
+    controlled = any("encoded" in entry for m in models for by_concept in results.probe(m, "net2vec").metrics.values()
+                     for entry in by_concept.values() if isinstance(entry, dict))
+    rows = []
+    for concept in results.concepts:
+        name = (f'<span class="swatch" style="background:{to_hex(concept_color(colors, concept))}"></span>'
+                f'<a href="#{escape(concept_anchor(concept))}">{escape(concept)}</a>')
+        for model in models:
+            probe = results.probe(model, "net2vec")
+            best = probe.best(concept)
+            row = [Cell(name, sort=concept), escape(model)]
+            row += [f"<code>{escape(best.layer)}</code>", num(best.depth, what="relative depth"), num(best.set_iou, what="test set IoU")] if best else ["—", "", ""]
+            if controlled:
+                entry = (probe.metrics.get(best.layer, {}).get(concept) or {}) if best else {}
+                controls = entry.get("controls") or {}
+                row += [num((controls.get(kind) or {}).get("set_iou"), what=f"{label} control set IoU") for kind, (label, _) in CONTROL_STYLES.items()]
+                row.append("—" if "encoded" not in entry else "encoded" if entry.get("encoded") is True else escape(entry.get("verdict") or "not encoded"))
+            rows.append(row)
+    head = ["concept", "model", "best layer", "depth", "set IoU"]
+    if controlled:
+        head += ["random-weights control", "permuted-masks control", "verdict at that layer"]
+    return table(head, rows, numeric=(3, 4, 5, 6), sortable=True, filterable=True)
 
 
 def _segmentation_section(results: Results, colors: Colors, sink: FigureSink) -> str:
@@ -196,10 +252,12 @@ def _ncav_section(results: Results, sink: FigureSink) -> str:
     nmf_models = [m for m in results.models if results.probe(m, "nmf")]
     if not results.prototypes and not nmf_models:
         return missing("no NMF probe, probe_<model>_nmf.json, and no prototypes/<model>.json")
-    parts = [caption("NMF splits a layer's activations into k non-negative concept directions (NCAVs) without labels. Each row shows the image "
-                     "patches where one NCAV is most active; the label is the known concept its map overlaps best (set IoU on the test "
-                     "images). Fidelity is the relative reconstruction error ‖V − SP‖/‖V‖ on held-out images: lower means the NCAVs "
-                     "explain more of the layer.")]
+    parts = [caption(f"NMF splits a layer's activations into k non-negative concept directions (NCAVs) without labels. Each row shows the "
+                     f"image patches where one NCAV is most active, dimmed where its map is weak and outlined (yellow) where it reaches half "
+                     f"its peak. The label is the known concept its map overlaps best (set IoU on the test images); an NCAV reads "
+                     f"<i>unmatched</i> when that overlap is below {NCAV_MATCH_IOU:g} or, with controls, does not exceed its permuted-masks "
+                     "control by the margin. The relative reconstruction error ‖V − SP‖/‖V‖ says how much of the layer the NCAVs leave "
+                     "unexplained: lower is better; the held-out one is on test images.")]
     for model in results.models:
         proto = results.prototypes.get(model)
         probe = results.probe(model, "nmf")
@@ -207,6 +265,7 @@ def _ncav_section(results: Results, sink: FigureSink) -> str:
             continue
         parts.append(f"<h3>{escape(model)}</h3>")
         labels = results.ncav_labels(model)
+        control, margin = ncav_controls(results, model)
         fidelities = proto.meta.fidelity if proto else {}
         layers = list((proto.meta.layers if proto else ()) or (probe.layers if probe else None) or labels.keys())
         rows = []
@@ -215,23 +274,56 @@ def _ncav_section(results: Results, sink: FigureSink) -> str:
             first = next(iter(((probe.metrics if probe else {}).get(layer) or {}).values()), {})
             if fidelity is None:
                 fidelity = first.get("fidelity")
-            matched = [f"{escape(n.label)} ({f2(n.set_iou)})" for n in labels.get(layer, []) if n.label]
-            rows.append([f"<code>{escape(layer)}</code>", str(len(labels.get(layer, []))), f2(fidelity), f2(first.get("relative_error")), ", ".join(matched) or "—"])
-        parts.append(table(["layer", "NCAVs", "fidelity (held-out rel. error)", "training rel. error", "matched concepts (set IoU)"], rows, numeric=(1, 2, 3)))
+            ncavs = labels.get(layer, [])
+            matched = [f"{escape(n.label)} ({f2(n.set_iou)})" for n in ncavs
+                       if ncav_unmatched_reason(n, control.get((layer, n.name), number(n.control_iou)), margin) is None]
+            link = f'<a href="#{escape(ncav_anchor(model, layer))}"><code>{escape(layer)}</code></a>' if proto else f"<code>{escape(layer)}</code>"
+            rows.append([link, str(len(ncavs)), num(fidelity, what="held-out relative reconstruction error"),
+                         num(first.get("relative_error"), what="training relative reconstruction error"), ", ".join(matched) or '<span class="unmatched">none</span>'])
+        parts.append(table(["layer", "NCAVs", "relative reconstruction error (held-out)", "relative reconstruction error (training)",
+                            "matched concepts (set IoU)"], rows, numeric=(1, 2, 3)))
+        parts.append(_ncav_table(model, labels, control, margin))
         if not proto:
             parts.append(missing("no prototype patches, prototypes/<model>.json"))
             continue
-        parts.append('<div class="grid">')
-        for index, layer in enumerate(proto.meta.layers):
-            patches = proto.tensors.get(f"patches_{index}")
-            if patches is None or patches.ndim != 5 or patches.shape[0] == 0:
-                continue
-            ncavs = proto.meta.ncavs.get(layer) or labels.get(layer, [])
-            drawn = ncav_figure(patches, ncavs, model, layer)
-            parts.append(figure(sink.png(drawn, f"ncavs_{model}_{layer}"), f"NCAV prototypes of {model} {layer}",
-                                f"<code>{escape(layer)}</code> · fidelity (relative error) {f2(fidelities.get(layer))}"))
-        parts.append("</div>")
+        parts += _ncav_figures(model, proto, labels, control, margin, sink)
     return "\n".join(parts)
+
+
+def _ncav_table(model: str, labels: Mapping[str, Any], control: Mapping[tuple[str, str], float], margin: float | None) -> str:
+    """Every NCAV of ``model``: its best-overlapping concept, set IoU, control and whether it matches, in a sortable table."""
+    rows = []
+    for layer, ncavs in labels.items():
+        for ncav in ncavs:
+            floor = control.get((layer, ncav.name), number(ncav.control_iou))
+            reason = ncav_unmatched_reason(ncav, floor, margin)
+            status = escape(ncav.label) if reason is None else f'<span class="unmatched">unmatched</span> <span class="dim">({escape(reason)})</span>'
+            rows.append([f"<code>{escape(layer)}</code>", escape(ncav.name or ""), status, escape(ncav.label or "—"), num(ncav.set_iou, what="set IoU"),
+                         num(floor, what="permuted-masks control IoU")])
+    head = ["layer", "NCAV", "matched concept", "best overlap", "set IoU", "control IoU"]
+    return (f"<details><summary>every NCAV of {escape(model)}: matched concept, set IoU and control ({len(rows)} rows)</summary>"
+            + table(head, rows, numeric=(4, 5), sortable=True, filterable=True) + "</details>")
+
+
+def _ncav_figures(model: str, proto: Any, labels: Mapping[str, Any], control: Mapping[tuple[str, str], float], margin: float | None,
+                  sink: FigureSink) -> list[str]:
+    """The prototype figure of every layer of ``model`` (larger patches, where the NCAV fires when the results hold its maps)."""
+    parts = ['<div class="grid ncav-grid">']
+    for index, layer in enumerate(proto.meta.layers):
+        patches = proto.tensors.get(f"patches_{index}")
+        if patches is None or patches.ndim != 5 or patches.shape[0] == 0:
+            continue
+        heat = proto.tensors.get(f"heat_{index}")
+        heat = heat if heat is not None and heat.shape == patches.shape[:4] else None
+        ncavs = proto.meta.ncavs.get(layer) or labels.get(layer, [])
+        matched = [ncav_unmatched_reason(n, control.get((layer, n.name), number(n.control_iou)), margin) is None for n in ncavs]
+        drawn = ncav_figure(patches, ncavs, model, layer, matched, heat)
+        note = "" if heat is not None else " · no activation maps in these results (run the prototypes step again to see where each NCAV fires)"
+        parts.append(figure(sink.png(drawn, f"ncavs_{model}_{layer}"), f"NCAV prototypes of {model} {layer}",
+                            f"<code>{escape(layer)}</code> · held-out relative reconstruction error {f2(proto.meta.fidelity.get(layer))}{escape(note)}",
+                            anchor=ncav_anchor(model, layer)))
+    parts.append("</div>")
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +354,41 @@ def _similarity_section(results: Results, sink: FigureSink) -> str:
     parts.append(caption("Per model pair, each row layer's best-matching column layer (within a model: the best other layer), the mean "
                          "relative-depth gap |d_A − d_B| of these matches and the correlation of their depths."))
     parts.append(table(["method", "pair", "", "best match per row (similarity)", "mean |d_A − d_B|", "depth r"], _ridge_rows(results), numeric=(4, 5)))
+    cells = _ridge_cells(results)
+    if cells:
+        parts.append("<h3>Best matches against their null</h3>")
+        parts.append(caption("Every best match of the ridges above: the raw similarity, the mean similarity of images permuted between the "
+                             "two layers (the null), the chance-corrected similarity (s − null)/(1 − null), its bootstrap CI and the "
+                             "permutation p-value; significant after Holm correction over the block's cells."))
+        parts.append(table(["method", "pair", "row layer", "best match", "|d_A − d_B|", "similarity", "null", "corrected", "CI (raw)", "p", "significant"],
+                           cells, numeric=(4, 5, 6, 7, 8, 9), sortable=True, filterable=True))
     return "\n".join(parts)
+
+
+def _matrix_cell(matrices: Mapping[str, Any], i: int, j: int) -> Callable[[str], Any]:
+    """A reader of cell (i, j) of each matrix in ``matrices`` by key (None for a matrix that is missing)."""
+    return lambda key: matrices[key][i][j] if matrices.get(key) is not None else None
+
+
+def _ridge_cells(results: Results) -> list[list[str | Cell]]:
+    """One row per ridge pair of every block with controls: raw, null, corrected, CI, p and significance."""
+    rows: list[list[str | Cell]] = []
+    for method, result in results.compare.items():
+        depth_of = result.depth_of()
+        for block in result.blocks:
+            controls = block.controlled("")
+            if controls is None:
+                continue
+            for i, j, da, db, score in block.ridge_pairs(depth_of):
+                value = _matrix_cell(controls, i, j)
+                significant = value("significant")
+                rows.append([escape(METHOD_NAMES.get(method, method)), f'<a href="#{escape(pair_anchor(block.a, block.b))}">{escape(f"{block.a} vs {block.b}")}</a>',
+                             f"<code>{escape(block.rows[i])}</code>", f"<code>{escape(block.columns[j])}</code>", num(abs(da - db), what="depth gap"),
+                             num(score, what="raw similarity"), num(value("null_mean"), what="permutation null mean"),
+                             num(value("corrected"), what="chance-corrected similarity"),
+                             Cell(f"{f2(value('ci_low'))} – {f2(value('ci_high'))}", number(value("ci_low")), "bootstrap CI of the raw similarity"),
+                             Cell(escape(p_value(value("p_value"))), number(value("p_value"))), "✔" if significant is True else "✘" if significant is False else "—"])
+    return rows
 
 
 def _heatmap_grids(results: Results) -> list[str]:
@@ -271,7 +397,7 @@ def _heatmap_grids(results: Results) -> list[str]:
     compare, heatmaps = results.compare, results.heatmaps
     for a, b in dict.fromkeys((block.a, block.b) for c in compare.values() for block in c.blocks):
         stem = f"{a}_vs_{b}"
-        parts.append(f"<h4>{escape(f'within {a}' if a == b else f'{a} (rows) vs {b} (columns)')}</h4>")
+        parts.append(f"<h4 id=\"{escape(pair_anchor(a, b))}\">{escape(f'within {a}' if a == b else f'{a} (rows) vs {b} (columns)')}</h4>")
         figures = []
         for method in compare:
             data = _heatmap(heatmaps.get(method, {}), f"{method}_{stem}.png")
@@ -314,6 +440,13 @@ def _heatmap(files: Mapping[str, Path], name: str) -> bytes | None:
 # TCAV and findings
 
 
+def _tcav_test_name(tcav: TCAVResults) -> str:
+    """The significance test the run used, as the caption names it."""
+    if tcav.test in (None, "ttest"):
+        return "two-sided t-test"
+    return "exact two-sided permutation test of the runs against the null CAVs" if tcav.test == "permutation" else escape(tcav.test)
+
+
 def _tcav_section(results: Results, colors: Colors, sink: FigureSink) -> str:
     tcav = results.tcav
     if not tcav:
@@ -321,47 +454,65 @@ def _tcav_section(results: Results, colors: Colors, sink: FigureSink) -> str:
     records, statistic, correction, alpha = tcav.records, tcav.statistic, tcav.correction, number(tcav.alpha)
     n_hypotheses = tcav.n_hypotheses if tcav.n_hypotheses is not None else len(records)
     parts = [caption(f"TCAV score = fraction of the target's inputs whose output grows when the activation moves towards the concept "
-                     f"(statistic <code>{escape(statistic)}</code>). Bars are means over CAVs trained against different random sets, whiskers the "
-                     f"bootstrap confidence interval, the black tick the mean score of random-vs-random CAVs (the null). A star marks a "
-                     f"significant difference from the null: two-sided t-test, {escape(correction)} correction over "
+                     f"(statistic <code>{escape(statistic)}</code>). Each bar runs from the null (the black tick: the mean score of random-vs-random CAVs) "
+                     f"to the mean over CAVs trained against different random sets, so a score no better than chance draws no bar; "
+                     f"faded bars are not significant. Whiskers are the "
+                     f"bootstrap confidence interval, the purple line the spread (± sd) across CAV runs. A star marks a "
+                     f"significant difference from the null: {_tcav_test_name(tcav)}, {escape(correction)} correction over "
                      f"{escape(n_hypotheses)} hypotheses, α = {alpha:g}.")]
     if not records:
         parts.append(missing("tcav.json has no records"))
+    shown = tcav.target_labels or {}  # display names with the class name
     for target in dict.fromkeys(r.target for r in records):
-        drawn = tcav_figure([r for r in records if r.target == target], target, statistic, colors, f" (p_{correction} < {alpha:g})")
-        parts.append(figure(sink.png(drawn, f"tcav_{target}"), f"TCAV scores for {target}"))
+        drawn = tcav_figure([r for r in records if r.target == target], shown.get(target, target), statistic, colors, f" (p_{correction} < {alpha:g})")
+        parts.append(figure(sink.png(drawn, f"tcav_{target}"), f"TCAV scores for {shown.get(target, target)}", anchor=tcav_anchor(target)))
     if records:
         value = f3g if statistic == "mean_sensitivity" else f2
-        rows = [[escape(r.concept), f"<code>{escape(r.layer)}</code>", escape(r.target), value(r.mean), value(r.null_mean),
-                 f"{value(r.ci_low)} – {value(r.ci_high)}", escape(p_value(r.p)), escape(p_value(r.adjusted_p(correction))), "✔" if r.significant else ""]
+        rows = [[Cell(f'<a href="#{escape(concept_anchor(r.concept))}">{escape(r.concept)}</a>', sort=r.concept), f"<code>{escape(r.layer)}</code>",
+                 escape(shown.get(r.target, r.target)), num(r.mean, value, "mean over runs"), num(r.null_mean, value, "null mean (random CAVs)"),
+                 Cell(f"{value(r.ci_low)} – {value(r.ci_high)}", number(r.ci_low), f"bootstrap CI {f3g(r.ci_low)} to {f3g(r.ci_high)}"),
+                 Cell(escape(p_value(r.p)), number(r.p)), Cell(escape(p_value(r.adjusted_p(correction))), number(r.adjusted_p(correction))),
+                 "✔" if r.significant else ""]
                 for r in records]
         head = ["concept", "layer", "target", "mean", "null mean", "CI", "p", f"p ({correction})", "significant"]
         if any(r.run_std is not None or r.robust is not None for r in records):  # controls: run spread, robustness, degenerate layers
             head += ["run sd", "robust", "layer note"]
             for row, r in zip(rows, records):
-                row += [value(r.run_std), {True: "✔", False: "✘"}.get(r.robust, "—"), "degenerate" if r.degenerate_layer else ""]
-        parts.append(table(head, rows, numeric=(3, 4, 5, 6, 7), row_class=lambda i: "sig" if records[i].significant else ""))
+                row += [num(r.run_std, value, "sd across CAV runs"), {True: "✔", False: "✘"}.get(r.robust, "—"), "degenerate" if r.degenerate_layer else ""]
+        parts.append(table(head, rows, numeric=(3, 4, 5, 6, 7, 9), row_class=lambda i: "sig" if records[i].significant else "", sortable=True, filterable=True))
     if tcav.missing_lines:
         parts.append("<h3>Inputs left out</h3><ul class=\"notes\">" + "".join(f"<li>{escape(line)}</li>" for line in tcav.missing_lines) + "</ul>")
     return "\n".join(parts)
 
 
 def _findings_section(results: Results) -> str:
-    groups = grouped_findings(results)
+    groups = linked_findings(results)
+    notice = _sample_size_notice(results)
     if not groups:
-        return missing("no results to summarise")
-    parts = [caption(f"Sentences computed from the numbers in the sections above. Thresholds: a concept counts as encoded from set IoU "
-                     f"{BLIND_LAYER_IOU:g}, as well encoded from {WELL_ENCODED_IOU:g}; an NCAV matches a concept from set IoU {NCAV_MATCH_IOU:g}; "
-                     f"a ridge is near the diagonal when its mean |d_A − d_B| is at most {NEAR_DIAGONAL:g}.")]
-    for heading, sentences in groups:  # sentences start with a plain word (see findings): capitalising it keeps identifiers intact
+        return notice + missing("no results to summarise")
+    parts = [notice, caption(f"Sentences computed from the numbers in the sections below; each links to the figure or table it rests on. "
+                             f"Thresholds: a concept counts as encoded from set IoU {BLIND_LAYER_IOU:g}, as well encoded from "
+                             f"{WELL_ENCODED_IOU:g}; an NCAV matches a concept from set IoU {NCAV_MATCH_IOU:g}; a ridge is near the diagonal "
+                             f"when its mean |d_A − d_B| is at most {NEAR_DIAGONAL:g}.")]
+    for heading, items in groups:  # sentences start with a plain word (see findings): capitalising it keeps identifiers intact
         parts.append(f"<h3>{escape(heading)}</h3>")
-        parts.append("<ul class=\"findings\">" + "".join(f"<li>{escape(s[0].upper() + s[1:])}.</li>" for s in sentences) + "</ul>")
-    rejected = not_distinguishable(results)
+        parts.append("<ul class=\"findings\">" + "".join(f"<li>{escape(f.text[0].upper() + f.text[1:])}.{_see(f.anchor)}</li>" for f in items) + "</ul>")
+    rejected = linked_rejections(results)
     if rejected:
         parts.append("<h3>Not distinguishable from control</h3>")
         parts.append(caption("Claims the raw numbers suggest but the controls, nulls or robustness checks do not support, with the reason."))
-        parts.append("<ul class=\"rejected\">" + "".join(f"<li>{escape(claim[0].upper() + claim[1:])}: {escape(reason)}.</li>" for claim, reason in rejected) + "</ul>")
-    notices = sample_size_notices(results)
-    if notices:
-        parts.append("<h3>Sample size</h3><ul class=\"notes\">" + "".join(f"<li>{escape(n[0].upper() + n[1:])}.</li>" for n in notices) + "</ul>")
+        parts.append("<ul class=\"rejected\">" + "".join(f"<li>{escape(r.claim[0].upper() + r.claim[1:])}: {escape(r.reason)}.{_see(r.anchor)}</li>"
+                                                        for r in rejected) + "</ul>")
     return "\n".join(parts)
+
+
+#: What a finding's link says, by the kind of element its anchor names (the first prefix that matches).
+_SEE = (("concept-", "per-concept view"), ("similarity-", "heatmaps"), ("ncavs-", "prototypes"), ("tcav-", "TCAV chart"), ("tcav", "TCAV table"))
+
+
+def _see(anchor: str) -> str:
+    """The link after a finding to the element it rests on (none without an anchor)."""
+    if not anchor:
+        return ""
+    label = next((text for prefix, text in _SEE if anchor.startswith(prefix)), "figure")
+    return f' <a class="ref" href="#{escape(anchor)}">→ {label}</a>'

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, random_permutations
 from conceptlens.concepts.errors import ConceptLensError
@@ -311,7 +311,7 @@ def cka_statistics(
     images_kept, cells_kept = None, None
     accumulator, held = None, [[] for _ in entries]
     starts = range(0, len(indices), batch_size)
-    for start in tqdm(starts, desc=f"CKA {mode}", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc=f"CKA {mode}", unit="batch", show=progress):
         rows = indices[start : start + batch_size]
         samples = [_read_samples(reader, rows, mode, grid, w) for reader, w in zip(readers, whole)]
         _check_samples(samples, entries)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 __all__ = [
     "DEFAULT_N_PERMUTATIONS",
@@ -114,7 +114,7 @@ def paired_overlaps(
     """
     batches = [range(s, min(s + batch_size, n_items)) for s in range(0, n_items, batch_size)]
     permuted = per_item = sizes = None
-    for outer in tqdm(batches, desc="similarity null", unit="batch", disable=not progress):
+    for outer in progress_bar(batches, desc="similarity null (image permutations)", unit="batch", show=progress):
         x = read_binary(outer)
         g, c, b, cells = x.shape
         if permuted is None:

@@ -24,7 +24,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, paired_overlaps, random_permutations
-from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.errors import ConceptLensError, closest_names
 from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
 __all__ = [
@@ -332,7 +332,7 @@ def _common_concepts(layers: Sequence[LayerMaps], concepts: Sequence[str] | None
     for concept in concepts:
         for layer in layers:
             if concept not in layer.concepts:
-                raise CompareError(f"concept {concept!r}", f"not in the bank of {layer.label}", f"its concepts: {', '.join(layer.concepts)}")
+                raise CompareError(f"concept {concept!r}", f"not in the bank of {layer.label}", f"its concepts: {closest_names(concept, layer.concepts)}")
     return list(concepts)
 
 

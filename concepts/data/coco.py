@@ -22,16 +22,27 @@ from conceptlens.concepts.data.coco_checks import (
 )
 from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
 from conceptlens.concepts.data.imageio import read_image
-from conceptlens.concepts.errors import DataError
-from conceptlens.concepts.store.artifacts import file_sha256
+from conceptlens.concepts.errors import DataError, closest_names
+from conceptlens.concepts.store.artifacts import file_sha256, read_json
+from conceptlens.concepts.store.schema import Int, ListOf, Record, Str, Where, check
+from conceptlens.concepts.store.strict_json import render_path
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 __all__ = ["REFERENCE_AREA_RANGE", "CocoDataset"]
 
 REFERENCE_AREA_RANGE = (0.025, 0.8)
-_REQUIRED_KEYS = ("images", "annotations", "categories")
+MAX_COCO_BYTES = 2 * 1024**3
+"""The largest COCO annotation file read (train2017's instances file is about 450 MB)."""
 _DROP_FIX = DROP_FIX
+# The shape of a COCO instances file: the sections first, then what every entry needs before
+# pycocotools indexes it (sizes, file names and geometry are checked per image by coco_checks).
+COCO_FILE = Record({section: ListOf() for section in ("images", "annotations", "categories")})
+COCO_ENTRIES = Record({
+    "images": ListOf(Record({"id": Int()})),
+    "annotations": ListOf(Record({"id": Int(), "image_id": Int(), "category_id": Int()})),
+    "categories": ListOf(Record({"id": Int(), "name": Str(non_empty=True)})),
+})
 
 
 class CocoDataset(ConceptDataset):
@@ -194,15 +205,15 @@ def _load_coco(path: Path) -> COCO:
     if not path.is_file():
         raise DataError(str(path), "annotation file does not exist", "check the path to the COCO JSON file")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise DataError(str(path), f"not a valid JSON file ({error})", "re-download or re-export it") from error
-    missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
+        data = read_json(path, DataError, fix="re-download or re-export it", max_bytes=MAX_COCO_BYTES)
+    except DataError as error:
+        raise DataError(error.culprit, f"not a valid JSON file: {error.problem}", error.fix) from None
+    missing = [key for key in COCO_FILE.required if key not in data]
     if missing:
-        raise DataError(
-            str(path), f"not a COCO instances file: missing {', '.join(missing)}", "use an instances_*.json file"
-        )
-    _check_entries(data, path)
+        raise DataError(str(path), f"not a COCO instances file: missing {', '.join(missing)}", "use an instances_*.json file")
+    check(data, COCO_FILE, path, DataError, "use an instances_*.json file as written by COCO tools")
+    check(data, COCO_ENTRIES, path, DataError, _DROP_FIX.replace("annotation", "entry"), label=_entry_label)
+    check_ids(data, path)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -210,21 +221,15 @@ def _load_coco(path: Path) -> COCO:
     return coco
 
 
-_ENTRY_KEYS = {"images": ("id",), "annotations": ("image_id", "category_id"), "categories": ("id", "name")}
-
-
-def _check_entries(data: dict[str, Any], path: Path) -> None:
-    """Each of images/annotations/categories must be a list of objects with the keys pycocotools indexes by."""
-    for section, keys in _ENTRY_KEYS.items():
-        entries = data[section]
-        if not isinstance(entries, list):
-            raise DataError(f"{path}: {section}", f"must be a list, got {type(entries).__name__}", "use an instances_*.json file as written by COCO tools")
-        for position, entry in enumerate(entries):
-            lacking = [key for key in keys if not isinstance(entry, dict) or key not in entry]
-            if lacking:
-                name = f"{path}: {section}[{position}]" + (f" (id {entry['id']})" if isinstance(entry, dict) and "id" in entry else "")
-                raise DataError(name, f"lacks {', '.join(lacking)}", f"{_DROP_FIX.replace('annotation', 'entry')}")
-    check_ids(data, path)
+def _entry_label(data: dict[str, Any], where: Where) -> str:
+    """A key path that names the entry's id too: ``annotations[0] (id 7).image_id``."""
+    text = render_path(where)
+    if len(where) >= 2 and isinstance(where[1], int):
+        entry = data[where[0]][where[1]]
+        if isinstance(entry, dict) and isinstance(entry.get("id"), (int, str)):
+            head = render_path(where[:2])
+            text = f"{head} (id {entry['id']!r})" + text[len(head):]
+    return text
 
 
 def _select_categories(coco: COCO, names: Sequence[str] | None, path: Path) -> list[int]:
@@ -240,9 +245,8 @@ def _select_categories(coco: COCO, names: Sequence[str] | None, path: Path) -> l
     for name in names:
         if name not in by_name:
             close = difflib.get_close_matches(name, list(by_name), n=3)
-            hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(list(by_name)[:20])}"
             fix = f"use {' or '.join(repr(c) for c in close)}" if close else "use a category name of the file"
-            raise DataError(f"category {name!r}", f"not in {path.name}; {hint}", fix)
+            raise DataError(f"category {name!r}", f"not in {path.name}; {closest_names(name, by_name)}", fix)
     if len(set(names)) != len(names):
         raise DataError(", ".join(names), "a category is requested twice", "list each category once")
     return [by_name[name] for name in names]

@@ -3,7 +3,7 @@
 pycocotools' native code trusts its input: a NaN or huge polygon coordinate crashes it or makes
 it allocate tens of GB, and a compressed RLE whose runs do not cover the image decodes to
 uninitialised (or overflowed) memory. Every value that native code would see is checked here
-first: ids are integers and unique, image sizes are positive integers within the pixel bound,
+first: ids are unique (their types are checked by :data:`conceptlens.concepts.data.coco.COCO_ENTRIES`), image sizes are positive integers within the pixel bound,
 ``file_name`` is a relative path inside the images folder, polygon coordinates are finite numbers
 within one image size of the image with a bounded outline, and RLE runs (list or compressed
 string, decoded here in Python) are non-negative and sum to height x width.
@@ -32,18 +32,13 @@ def _is_integer(value: Any) -> bool:
 
 
 def check_ids(data: dict[str, Any], path: Path) -> None:
-    """Refuse non-integer ids and references, and an image or category id given twice."""
-    keys = {"images": ("id",), "categories": ("id",), "annotations": ("image_id", "category_id")}
-    for section, names in keys.items():
+    """Refuse an image or category id given twice (their types are checked by the file's schema first)."""
+    for section in ("images", "categories"):
         seen: set[int] = set()
-        for position, entry in enumerate(data[section]):
-            for name in names:
-                if not _is_integer(entry[name]):
-                    raise DataError(f"{path}: {section}[{position}]", f"{name} must be an integer, got {entry[name]!r}", "fix the entry")
-            if section != "annotations":
-                if entry["id"] in seen:
-                    raise DataError(f"{path}: {section}: id {entry['id']}", "is given twice", "give every entry a unique id")
-                seen.add(entry["id"])
+        for entry in data[section]:
+            if entry["id"] in seen:
+                raise DataError(f"{path}: {section}: id {entry['id']}", "is given twice", "give every entry a unique id")
+            seen.add(entry["id"])
 
 
 def _file_name_problem(name: Any) -> str | None:

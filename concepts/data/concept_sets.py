@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from conceptlens.concepts.data.dataset import ConceptDataset
-from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.errors import DataError, closest_names
 
 __all__ = ["concept_image_sets", "concept_set_indices", "mask_coverage"]
 
@@ -68,7 +68,7 @@ def concept_set_indices(
     sets: dict[str, np.ndarray] = {}
     for concept in concepts or dataset.concepts:
         if concept not in dataset.concepts:
-            raise DataError(f"concept {concept!r}", f"is not a concept of {dataset.name!r}", f"use one of {', '.join(dataset.concepts)}")
+            raise DataError(f"concept {concept!r}", f"is not a concept of {dataset.name!r}", closest_names(concept, dataset.concepts))
         showing = pool[coverage[pool, dataset.concepts.index(concept)] >= min_fraction]
         if len(showing) < 2:
             raise DataError(f"concept {concept!r}", f"only {len(showing)} training images show it (≥ {min_fraction:g} of the image)",

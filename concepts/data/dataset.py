@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.errors import DataError, closest_names
 
-__all__ = ["SPLITS", "ArrayDataset", "ConceptDataset", "ConceptSelection", "SubsetDataset", "assign_splits", "read_splits", "write_splits"]
+__all__ = ["SPLITS", "ArrayDataset", "ConceptDataset", "ConceptSelection", "SubsetDataset", "assign_splits", "read_split_file", "read_splits", "write_splits"]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -143,14 +143,9 @@ class ConceptSelection(ConceptDataset):
     """A view of another dataset with a subset of its concepts (same images, ids and split)."""
 
     def __init__(self, parent: ConceptDataset, names: Sequence[str]) -> None:
-        import difflib
-
         for name in names:
             if name not in parent.concepts:
-                close = difflib.get_close_matches(name, parent.concepts, n=3)
-                hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(parent.concepts)}"
-                fix = f"use {' or '.join(repr(c) for c in close)}" if close else f"use one of {', '.join(parent.concepts)}"
-                raise DataError(f"concept {name!r}", f"not in dataset {parent.name!r}; {hint}", fix)
+                raise DataError(f"concept {name!r}", f"not in dataset {parent.name!r}", closest_names(name, parent.concepts))
         if len(set(names)) != len(names):
             raise DataError(f"concepts {list(names)}", "a concept is listed twice", "list each concept once")
         self.parent = parent
@@ -209,20 +204,36 @@ def write_splits(path: Path, splits: dict[str, list[str]], seed: int) -> None:
 
 def read_splits(path: Path, ids: Sequence[str]) -> dict[str, list[str]]:
     """Read a splits JSON written by :func:`write_splits` and check it covers ``ids`` exactly."""
+    return read_split_file(path, ids)[0]
+
+
+def read_split_file(path: Path, ids: Sequence[str]) -> tuple[dict[str, list[str]], int]:
+    """The split and the seed (-1: unknown) of a splits JSON written by :func:`write_splits`.
+
+    The file is read strictly (:func:`conceptlens.concepts.store.artifacts.read_json`): each split
+    is a list of unique ids, all strings or all integers, the seed an integer >= -1, and together
+    the splits list exactly ``ids``.
+
+    Raises
+    ------
+    DataError
+        Naming the file and the key path (``splits.json: train[3]``) and saying to delete the file.
+    """
+    from conceptlens.concepts.store.artifacts import read_json
+    from conceptlens.concepts.store.schema import Ids, Int, Record
+
     path = Path(path)
-    try:
-        stored = json.loads(path.read_text())
-        splits = {split: list(stored[split]) for split in SPLITS}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(str(path), f"not a valid splits file ({error})", "delete it to recompute the split") from error
+    schema = Record({split: Ids() for split in SPLITS}, optional={"seed": Int(min=-1)})
+    stored = read_json(path, DataError, fix="delete it to recompute the split", schema=schema)
+    splits = {split: list(stored[split]) for split in SPLITS}
     listed = [item for split in SPLITS for item in splits[split]]
-    if sorted(listed) != sorted(ids):
+    if len(listed) != len(set(listed)) or set(listed) != set(ids):
         raise DataError(
             str(path),
             "the stored split does not list exactly the dataset's ids (images were added or removed)",
             "delete the file to recompute the split",
         )
-    return splits
+    return splits, stored.get("seed", -1)
 
 
 class ArrayDataset(ConceptDataset):

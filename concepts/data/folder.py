@@ -11,7 +11,6 @@ Optional files in ``root``:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import json
@@ -21,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
+from conceptlens.concepts.store.artifacts import read_json
 from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
-from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits, read_splits, write_splits
-from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.store.schema import Ids, ListOf, MapOf, Str, culprit
+from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits, read_split_file, write_splits
+from conceptlens.concepts.errors import DataError, closest_names
 from conceptlens.concepts.data.imageio import index_by_stem, list_image_files, read_image, read_image_size, read_mask
 
 __all__ = ["FolderDataset", "write_folder_dataset"]
@@ -74,9 +75,10 @@ class FolderDataset(ConceptDataset):
         self.name = self.root.name
         self.image_files = _index_images(self.root / "images")
         self.ids = sorted(self.image_files)
-        self.concepts = _select_concepts(_concept_folders(self.root), concepts, self.root / "masks")
+        available = _concept_folders(self.root)
+        self.concepts = _select_concepts(available, concepts, self.root / "masks")
         self.mask_files = {c: _index_masks(self.root / "masks" / c, self.image_files) for c in self.concepts}
-        self.invalid = _read_invalid(self.root / INVALID_FILE, self.concepts, self.ids)
+        self.invalid = _read_invalid(self.root / INVALID_FILE, self.concepts, self.ids, available)
         self.splits, self.split_seed = self._load_splits(seed)
         self._digests: dict[str, tuple[tuple[int, int], str]] = {}
         if validate:
@@ -87,14 +89,12 @@ class FolderDataset(ConceptDataset):
         path = self.root / SPLITS_FILE
         if not path.is_file():
             return assign_splits(self.ids, seed), seed
-        splits = read_splits(path, self.ids)
-        stored_seed = json.loads(path.read_text()).get("seed", -1)
-        return splits, stored_seed if isinstance(stored_seed, int) else -1
+        return read_split_file(path, self.ids)
 
     def _validate(self, progress: bool) -> None:
         """Check every image header and every mask of the chosen concepts."""
         total = len(self.ids) + sum(len(files) for files in self.mask_files.values())
-        with tqdm(total=total, desc=f"checking {self.name}", disable=not progress) as bar:
+        with progress_bar(total=total, desc=f"checking {self.name}", unit="file", show=progress) as bar:
             sizes = {}
             for item_id in self.ids:
                 sizes[item_id] = read_image_size(self.image_files[item_id])
@@ -216,12 +216,7 @@ def _read_concepts_file(path: Path, folders: list[str]) -> list[str] | None:
     """Return the concept order of ``concepts.json``, checked against the folders, or None."""
     if not path.is_file():
         return None
-    try:
-        listed = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(str(path), f"not valid JSON ({error})", "fix it or delete it") from error
-    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
-        raise DataError(str(path), "must be a JSON list of concept names", "fix it or delete it")
+    listed = read_json(path, DataError, fix="make it a JSON list of the concept folder names, or delete it", schema=ListOf(Str(non_empty=True)))
     twice = sorted({name for name in listed if listed.count(name) > 1})
     if twice:
         raise DataError(str(path), f"lists {', '.join(repr(n) for n in twice)} more than once", "list each concept once, or delete concepts.json to use the sorted folder names")
@@ -242,13 +237,7 @@ def _select_concepts(available: list[str], requested: list[str] | None, masks: P
         return list(available)
     for name in requested:
         if name not in available:
-            close = difflib.get_close_matches(name, available, n=3)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise DataError(
-                name,
-                f"no concept folder {masks / name}; available: {', '.join(available)}{hint}",
-                "use one of the available concept names",
-            )
+            raise DataError(name, f"no concept folder {masks / name}; {closest_names(name, available)}", "use one of the available concept names")
     if len(set(requested)) != len(requested):
         raise DataError(", ".join(requested), "a concept is requested twice", "list each concept once")
     return list(requested)
@@ -272,19 +261,25 @@ def _index_masks(folder: Path, images: dict[str, Path]) -> dict[str, Path]:
     return files
 
 
-def _read_invalid(path: Path, concepts: list[str], ids: list[str]) -> dict[str, set[str]]:
-    """Read ``invalid_masks.json`` (concept -> ids of filtered-out pairs); empty sets if absent."""
+def _read_invalid(path: Path, concepts: list[str], ids: list[str], available: list[str]) -> dict[str, set[str]]:
+    """Read ``invalid_masks.json`` (concept -> ids of filtered-out pairs); empty sets if absent.
+
+    Every concept must be a concept folder (``available``) and every id an image's.
+    """
     invalid: dict[str, set[str]] = {concept: set() for concept in concepts}
     if not path.is_file():
         return invalid
-    try:
-        stored = json.loads(path.read_text())
-        pairs = {str(concept): [str(i) for i in items] for concept, items in stored.items()}
-    except (OSError, ValueError, AttributeError, TypeError) as error:
-        raise DataError(str(path), f"not a valid {{concept: [ids]}} JSON file ({error})", "fix or delete it") from error
-    unknown = sorted({i for items in pairs.values() for i in items} - set(ids))
-    if unknown:
-        raise DataError(str(path), f"lists ids without image: {unknown[:5]}", "fix or delete it")
+    fix = "fix or delete it"
+    pairs = read_json(path, DataError, fix="make it a JSON object {concept: [image ids]}, or delete it", schema=MapOf(Ids()))
+    stray = sorted(set(pairs) - set(available))
+    if stray:
+        raise DataError(culprit(path, (stray[0],)), f"is not a concept folder in masks/ ({closest_names(stray[0], available)})", fix)
+    known = set(ids)
+    pairs = {concept: [str(item) for item in items] for concept, items in pairs.items()}  # ids are file names
+    for concept, items in pairs.items():
+        unknown = next((i for i, item in enumerate(items) if item not in known), None)
+        if unknown is not None:
+            raise DataError(culprit(path, (concept, unknown)), f"lists ids without image: {items[unknown]!r}", fix)
     for concept in concepts:
         invalid[concept] = set(pairs.get(concept, []))
     return invalid
@@ -387,7 +382,7 @@ def write_folder_dataset(
     for concept in dataset.concepts:
         (root / "masks" / concept).mkdir(parents=True, exist_ok=True)
     invalid: dict[str, list[str]] = {concept: [] for concept in dataset.concepts}
-    for index in tqdm(range(len(dataset)), desc=f"writing {dataset.name}", disable=not progress):
+    for index in progress_bar(range(len(dataset)), desc=f"writing {dataset.name}", unit="image", show=progress):
         _write_item(dataset, index, root, invalid)
     atomic_write_text(root / CONCEPTS_FILE, json.dumps(list(dataset.concepts), indent=1))
     if any(invalid.values()):

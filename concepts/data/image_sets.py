@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptlens.concepts.data.dataset import ConceptDataset, assign_splits
-from conceptlens.concepts.errors import DataError
+from conceptlens.concepts.errors import DataError, closest_names
 from conceptlens.concepts.data.imageio import index_by_stem, list_image_files, read_image, read_image_size
 
 __all__ = ["ImageFolderDataset", "ImageSets"]
@@ -131,10 +131,7 @@ class ImageSets:
             The set's images, without masks.
         """
         if name not in self.files:
-            known = list(self.files)
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f"closest: {', '.join(close)}" if close else f"known: {', '.join(known)}"
-            raise DataError(name, f"no such image set in {self.root}; {hint}", "use a concept or random set name")
+            raise DataError(name, f"no such image set in {self.root}", f"use a concept or random set name: {closest_names(name, self.files)}")
         return ImageFolderDataset(self.files[name], name=name, seed=self.seed)
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.environment import package_versions, resolve_device
 from conceptlens.concepts.errors import LayerError, StoreError
 from conceptlens.concepts.data.dataset import ConceptDataset
+from conceptlens.concepts.embedding.decode import RangeDecoder, resolve_decode_workers
 from conceptlens.concepts.geometry import GRID_SAMPLING, Geometry, features_to_grid, image_cells
 from conceptlens.concepts.models.adapters import check_image_sizes
 from conceptlens.concepts.models.hooks import LayerCapture, LayerRef, resolve_layers
@@ -28,7 +29,7 @@ from conceptlens.concepts.models.loading import LoadedModel
 from conceptlens.concepts.store.activations import FORMAT_VERSION, ActivationStore, StoreEntry
 from conceptlens.concepts.store.temporary import open_store
 
-__all__ = ["REDUCTIONS", "EmbedResult", "embed", "embed_request", "reduce_features"]
+__all__ = ["REDUCTIONS", "EmbedPlan", "EmbedResult", "embed", "embed_ranges", "embed_request", "plan_embedding", "reduce_features"]
 
 REDUCTIONS = ("native", "grid", "mean", "max")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -42,6 +43,25 @@ class EmbedResult:
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     forward_batches: int = 0
+
+
+@dataclass
+class EmbedPlan:
+    """What an embedding still has to do: the entry per layer and the item ranges missing from each.
+
+    ``groups`` maps a shard size to the layers written with it (a resumed entry keeps the shard
+    size it was started with; the others take the batch size); layers whose entry is complete are
+    in ``reused``.
+    """
+
+    entries: dict[str, StoreEntry]
+    n_items: int
+    groups: dict[int, list[str]] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    def ranges(self, shard_size: int) -> list[tuple[int, int]]:
+        """The item ranges of ``shard_size`` that some layer of that group has no shard for yet."""
+        return _missing_ranges(self.entries, self.groups[shard_size], shard_size, self.n_items)
 
 
 def embed_request(
@@ -96,6 +116,7 @@ def embed(
     batch_size: int = 32,
     device: str | torch.device = "auto",
     progress: bool | None = None,
+    decode_workers: int | None = None,
 ) -> EmbedResult:
     """Embed ``dataset`` at ``layers`` of ``model`` into ``store``.
 
@@ -122,36 +143,131 @@ def embed(
         ``auto``, ``cpu`` or ``cuda``.
     progress : bool, optional
         Show a progress bar; default: only when stderr is a terminal.
+    decode_workers : int, optional
+        Threads decoding the next batches' images while the model runs on the current one (0:
+        decode in this thread, between forward passes); default
+        :func:`~conceptlens.concepts.embedding.decode.default_decode_workers`. The shards are
+        bitwise the same whatever the number.
 
     Returns
     -------
     EmbedResult
     """
     _check_arguments(reduce, dtype, batch_size, dataset)
-    store = open_store(store)
+    decode_workers = resolve_decode_workers(decode_workers)
     refs = resolve_layers(model.module, layers)
     torch_device = resolve_device(device)
     model.to(torch_device)
+    plan = plan_embedding(model, dataset, [ref.name for ref in refs], store, reduce=reduce, grid=grid, dtype=dtype, batch_size=batch_size)
+    result = EmbedResult(entries=plan.entries, reused=list(plan.reused))
+    show = sys.stderr.isatty() if progress is None else progress
+    for shard_size, names in plan.groups.items():
+        group = [ref for ref in refs if ref.name in names]
+        result.forward_batches += _embed_group(model, dataset, group, plan.entries, plan.ranges(shard_size), reduce, grid, dtype, torch_device, show,
+                                               decode_workers)
+        for name in names:
+            entry = plan.entries[name]
+            entry.finalize(_metadata(model, dataset, entry.request, entry), len(dataset))
+            result.computed.append(name)
+    return result
+
+
+def plan_embedding(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    store: ActivationStore | str | os.PathLike | None = None,
+    *,
+    reduce: str = "native",
+    grid: tuple[int, int] = (100, 100),
+    dtype: str = "float16",
+    batch_size: int = 32,
+) -> EmbedPlan:
+    """The store entries :func:`embed` would write with these arguments, and what each still lacks.
+
+    Corrupt shards are deleted on the way (:meth:`StoreEntry.valid_shards`), as :func:`embed` does.
+    Several processes can then each write a share of :meth:`EmbedPlan.ranges` with
+    :func:`embed_ranges`; a final :func:`embed` finds every shard present and writes the manifests.
+
+    Parameters
+    ----------
+    model, dataset, layers, store, reduce, grid, dtype, batch_size
+        As for :func:`embed`.
+
+    Returns
+    -------
+    EmbedPlan
+    """
+    _check_arguments(reduce, dtype, batch_size, dataset)
+    store = open_store(store)
+    names = [ref.name for ref in resolve_layers(model.module, layers)]
     fingerprint = dataset.image_fingerprint()
-    requests = {ref.name: embed_request(model, dataset, ref.name, reduce, grid, dtype, fingerprint) for ref in refs}
-    entries = {name: store.entry(request) for name, request in requests.items()}
-    result = EmbedResult(entries=entries)
-    pending: dict[int, list[LayerRef]] = {}
-    for ref in refs:
-        entry = entries[ref.name]
-        shards = entry.valid_shards()
-        if entry.is_complete:
-            result.reused.append(ref.name)
+    entries = {name: store.entry(embed_request(model, dataset, name, reduce, grid, dtype, fingerprint)) for name in names}
+    plan = EmbedPlan(entries=entries, n_items=len(dataset))
+    for name in names:
+        shards = entries[name].valid_shards()
+        if entries[name].is_complete:
+            plan.reused.append(name)
             continue
         shard_size = shards[0].end - shards[0].start if shards else batch_size
-        pending.setdefault(shard_size, []).append(ref)
-    show = sys.stderr.isatty() if progress is None else progress
-    for shard_size, group in pending.items():
-        result.forward_batches += _embed_group(model, dataset, group, entries, shard_size, reduce, grid, dtype, torch_device, show)
-        for ref in group:
-            entries[ref.name].finalize(_metadata(model, dataset, requests[ref.name], entries[ref.name]), len(dataset))
-            result.computed.append(ref.name)
-    return result
+        plan.groups.setdefault(shard_size, []).append(name)
+    return plan
+
+
+def embed_ranges(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    store: ActivationStore | str | os.PathLike | None,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    reduce: str = "native",
+    grid: tuple[int, int] = (100, 100),
+    dtype: str = "float16",
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    fingerprint: str | None = None,
+    decode_workers: int | None = None,
+) -> int:
+    """Write the shards of items ``ranges`` for ``layers`` (one shard per range), without a manifest.
+
+    A range whose shard a layer already has is not written again (several writers, or a retried
+    one, may share an entry); a range that every layer has is not run at all. Each range is one
+    forward pass, so its shard is bitwise the shard :func:`embed` writes for it with the same
+    ranges (:meth:`EmbedPlan.ranges`).
+
+    Parameters
+    ----------
+    model, dataset, layers, store, reduce, grid, dtype, device
+        As for :func:`embed`.
+    ranges : sequence of (int, int)
+        ``(start, end)`` item ranges, ``0 <= start < end <= len(dataset)``.
+    progress : bool
+        Show a progress bar.
+    fingerprint : str, optional
+        ``dataset.image_fingerprint()`` when the caller already has it (a worker writing many
+        range lists hashes a folder dataset's images once).
+    decode_workers : int, optional
+        As for :func:`embed`.
+
+    Returns
+    -------
+    int
+        The number of forward passes run.
+    """
+    _check_arguments(reduce, dtype, 1, dataset)
+    decode_workers = resolve_decode_workers(decode_workers)
+    for start, end in ranges:
+        if not 0 <= start < end <= len(dataset):
+            raise StoreError(f"item range ({start}, {end})", f"is not within the dataset's {len(dataset)} items", "pass ranges from EmbedPlan.ranges")
+    refs = resolve_layers(model.module, layers)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    fingerprint = fingerprint or dataset.image_fingerprint()
+    store = open_store(store)
+    entries = {ref.name: store.entry(embed_request(model, dataset, ref.name, reduce, grid, dtype, fingerprint)) for ref in refs}
+    todo = [(int(start), int(end)) for start, end in ranges]
+    return _embed_group(model, dataset, refs, entries, todo, reduce, grid, dtype, torch_device, progress, decode_workers)
 
 
 def _check_arguments(reduce: str, dtype: str, batch_size: int, dataset: ConceptDataset) -> None:
@@ -165,27 +281,37 @@ def _check_arguments(reduce: str, dtype: str, batch_size: int, dataset: ConceptD
         raise StoreError(f"dataset {dataset.name!r}", "has no images", "check the dataset path")
 
 
+def _layer_names(refs: Sequence[LayerRef], shown: int = 3) -> str:
+    """``layer2, layer3`` for a progress bar; ``layer1, layer2, layer3 +2`` when there are more."""
+    names = [ref.name for ref in refs]
+    return ", ".join(names[:shown]) + (f" +{len(names) - shown}" if len(names) > shown else "")
+
+
 def _embed_group(
     model: LoadedModel,
     dataset: ConceptDataset,
     refs: list[LayerRef],
     entries: dict[str, StoreEntry],
-    shard_size: int,
+    ranges: list[tuple[int, int]],
     reduce: str,
     grid: tuple[int, int],
     dtype: str,
     device: torch.device,
     show_progress: bool,
+    decode_workers: int = 0,
 ) -> int:
-    """Run the forward passes for layers sharing a shard size; return the number of batches."""
+    """Run the forward passes of ``ranges`` for layers sharing a shard size; return the number of batches.
+
+    A layer that already has a range's shard (another writer's) is not written again; a range
+    every layer has is skipped. ``decode_workers`` threads decode the next ranges' images
+    during each forward pass (:class:`~conceptlens.concepts.embedding.decode.RangeDecoder`).
+    """
     done = {ref.name: {(s.start, s.end) for s in entries[ref.name].shards()} for ref in refs}
-    ranges = [(start, min(start + shard_size, len(dataset))) for start in range(0, len(dataset), shard_size)]
     todo = [r for r in ranges if any(r not in done[ref.name] for ref in refs)]
     batches = 0
-    with LayerCapture(model.module, refs, stop_early=True) as capture, torch.no_grad():
-        bar = tqdm(total=sum(end - start for start, end in todo), desc="embedding", unit="img", disable=not show_progress)
-        for start, end in todo:
-            images = [dataset.image(i) for i in range(start, end)]
+    with LayerCapture(model.module, refs, stop_early=True) as capture, torch.no_grad(), RangeDecoder(dataset, todo, decode_workers) as decoded:
+        bar = progress_bar(total=sum(end - start for start, end in todo), desc=f"embedding {dataset.name} at {_layer_names(refs)}", unit="img", show=show_progress)
+        for start, end, images in decoded:
             sizes = [image.shape[:2] for image in images]
             check_image_sizes(model.adapter, sizes, [f"{dataset.name}: {dataset.ids[i]}" for i in range(start, end)])
             capture.reset()
@@ -202,6 +328,13 @@ def _embed_group(
             bar.update(end - start)
         bar.close()
     return batches
+
+
+def _missing_ranges(entries: dict[str, StoreEntry], names: list[str], shard_size: int, n_items: int) -> list[tuple[int, int]]:
+    """Ranges of ``shard_size`` tiling ``0..n_items`` that some layer of ``names`` has no shard for."""
+    done = {name: {(s.start, s.end) for s in entries[name].shards()} for name in names}
+    ranges = [(start, min(start + shard_size, n_items)) for start in range(0, n_items, shard_size)]
+    return [r for r in ranges if any(r not in done[name] for name in names)]
 
 
 def _check_values(features: torch.Tensor, dtype: str, layer: str, dataset: ConceptDataset, start: int, end: int) -> None:

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.errors import DataError
@@ -56,7 +56,7 @@ def embed_masks(
     done = {(s.start, s.end) for s in shards}
     ranges = [(start, min(start + shard_size, len(dataset))) for start in range(0, len(dataset), shard_size)]
     show = sys.stderr.isatty() if progress is None else progress
-    for start, end in tqdm([r for r in ranges if r not in done], desc="masks", unit="shard", disable=not show):
+    for start, end in progress_bar([r for r in ranges if r not in done], desc=f"masks of {dataset.name} on {grid[0]}x{grid[1]}", unit="shard", show=show):
         masks = torch.stack([masks_to_grid(dataset.masks(i), grid) for i in range(start, end)])
         valid = torch.from_numpy(np.stack([dataset.mask_valid(i) for i in range(start, end)]).astype(np.uint8))
         entry.write_shard(start, end, {"masks": masks.half(), "valid": valid})

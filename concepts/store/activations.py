@@ -32,7 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
-from conceptlens.concepts.store.files import read_regular, regular_sha256, safetensors_problem, special_kind
+from conceptlens.concepts.store.artifacts import read_json
+from conceptlens.concepts.store.files import regular_sha256, safetensors_problem, special_kind
+from conceptlens.concepts.store.schema import Anything, Ids, Int, ListOf, MapOf, Record, Str, check, culprit
 from conceptlens.concepts.errors import StoreError
 
 __all__ = ["ActivationStore", "EntryReader", "StoreEntry", "Shard", "padded_geometry", "request_key", "FORMAT_VERSION"]
@@ -43,6 +45,15 @@ KEY_PATTERN = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards verified in this process
 _REBUILD = "delete the entry folder and embed again"
+# The shape of a manifest (keys of other versions are allowed); ``_check_counts`` ties its numbers together.
+MANIFEST_SCHEMA = Record(
+    {"format_version": Int(), "key": Str(), "n_items": Int(min=0),
+     "shards": ListOf(Str(), unique=True)},  # each name is matched against SHARD_PATTERN first
+    optional={
+        "request": MapOf(Anything()), "key_request": MapOf(Anything()), "item_shape": ListOf(Int(min=0)),
+        "dataset": Record({"ids": Ids()}, optional={"name": Str(), "concepts": ListOf(Str()), "splits": MapOf(Ids())}),
+    },
+)
 
 
 def request_key(request: dict[str, Any]) -> str:
@@ -149,22 +160,18 @@ class StoreEntry:
     def _read_manifest(self) -> dict[str, Any]:
         """The manifest's JSON with its format and shard names checked (not its identity)."""
         self._check_folder()
-        data = read_regular(self.manifest_path, StoreError, _REBUILD, MAX_MANIFEST_BYTES, "manifest is implausibly large")
-        try:
-            manifest = json.loads(data)
-        except ValueError as error:
-            raise StoreError(str(self.manifest_path), f"cannot read manifest ({error})", _REBUILD) from error
-        if not isinstance(manifest, dict):
-            raise StoreError(str(self.manifest_path), "manifest is not a JSON object", _REBUILD)
+        manifest = read_json(self.manifest_path, StoreError, fix=_REBUILD, max_bytes=MAX_MANIFEST_BYTES)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 str(self.manifest_path),
                 f"format version {manifest.get('format_version')} is not {FORMAT_VERSION}",
                 "delete the entry folder and embed again",
             )
-        for item in manifest.get("shards", []):
+        for item in manifest.get("shards", []) if isinstance(manifest.get("shards"), list) else []:
             if not isinstance(item, str) or not SHARD_PATTERN.match(item):
                 raise StoreError(str(self.manifest_path), f"invalid shard name {item!r}", "delete the entry folder and embed again")
+        check(manifest, MANIFEST_SCHEMA, self.manifest_path, StoreError, _REBUILD)
+        _check_counts(manifest, self.manifest_path)
         return manifest
 
     def _check_folder(self) -> None:
@@ -443,6 +450,25 @@ class ActivationStore:
             return []
         found = [StoreEntry(self.root, p.name) for p in sorted(self.root.iterdir()) if KEY_PATTERN.match(p.name) and _is_real(p, stat.S_ISDIR)]
         return [entry for entry in found if entry.is_complete]
+
+
+def _check_counts(manifest: dict[str, Any], path: Path) -> None:
+    """Raise StoreError when the manifest's shards, ids and splits disagree with its ``n_items``."""
+    n_items = manifest["n_items"]
+    for index, name in enumerate(manifest["shards"]):
+        shard = Shard.from_path(path.parent / name)
+        if not shard.start < shard.end <= n_items:
+            raise StoreError(culprit(path, ("shards", index)), f"covers items {shard.start} to {shard.end}, outside the entry's {n_items}", _REBUILD)
+    dataset = manifest.get("dataset")
+    if dataset is None:
+        return
+    if len(dataset["ids"]) != n_items:
+        raise StoreError(culprit(path, ("dataset", "ids")), f"lists {len(dataset['ids'])} ids for n_items {n_items}", _REBUILD)
+    known = set(dataset["ids"])
+    for split, ids in dataset.get("splits", {}).items():
+        unknown = next((i for i, item in enumerate(ids) if item not in known), None)
+        if unknown is not None:
+            raise StoreError(culprit(path, ("dataset", "splits", split, unknown)), f"id {ids[unknown]!r} is not among dataset.ids", _REBUILD)
 
 
 def _canonical(request: Any) -> str:

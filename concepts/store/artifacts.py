@@ -22,6 +22,8 @@ from safetensors.torch import save as save_tensors
 from conceptlens.concepts.store.atomic import atomic_write_bytes, atomic_write_text
 from conceptlens.concepts.store.files import read_regular, read_safetensors_bytes
 from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.store.schema import Label, Schema, check
+from conceptlens.concepts.store.strict_json import JSONProblem, parse_json
 
 __all__ = ["artifact_paths", "write_artifact", "read_artifact", "file_sha256", "read_json", "write_json"]
 
@@ -98,11 +100,13 @@ def read_artifact(
     required: tuple[str, ...],
     error: type[ConceptLensError],
     accept_missing_kind: bool = False,
+    schema: Schema | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and check an artifact; raise ``error`` naming the file and the fix on any problem.
 
     Returns ``(metadata, tensors)``. ``accept_missing_kind`` admits files written before kinds
-    were recorded.
+    were recorded; ``schema`` is the shape of the metadata (checked once kind, format version and
+    ``required`` keys are).
     """
     json_path, tensor_path = artifact_paths(path)
     metadata = read_json(json_path, error)
@@ -114,6 +118,8 @@ def read_artifact(
     missing = [key for key in (*required, "tensors_sha256") if key not in metadata]
     if missing:
         raise error(str(json_path), f"missing keys {missing}", f"save the {kind} again")
+    if schema is not None:
+        check(metadata, schema, json_path, error, f"save the {kind} again")
     data = read_safetensors_bytes(tensor_path, error, f"save the {kind} again")
     if hashlib.sha256(data).hexdigest() != metadata["tensors_sha256"]:
         raise error(str(tensor_path), "checksum does not match its JSON (corrupt or replaced)", f"save the {kind} again")
@@ -124,36 +130,52 @@ def read_artifact(
     return metadata, tensors
 
 
-def read_json(path: str | Path, error: type[ConceptLensError] = ConceptLensError, *, fix: str = "save it again") -> dict[str, Any]:
-    """Read a JSON object from a file written by conceptlens (UTF-8, at most ``MAX_JSON_BYTES``).
+def read_json(
+    path: str | Path,
+    error: type[ConceptLensError] = ConceptLensError,
+    *,
+    fix: str = "save it again",
+    schema: Schema | None = None,
+    max_bytes: int = MAX_JSON_BYTES,
+    label: Label | None = None,
+) -> Any:
+    """Read a JSON file strictly and check its shape; every JSON file conceptlens reads comes through here.
 
-    The file must be a regular file: a symbolic link, FIFO or device is refused unopened
-    (:mod:`conceptlens.concepts.store.files`).
+    The file must be a regular file of at most ``max_bytes`` (a symbolic link, FIFO or device is
+    refused unopened, :mod:`conceptlens.concepts.store.files`), UTF-8 text with no key given twice
+    and nesting at most 64 levels deep (:mod:`conceptlens.concepts.store.strict_json`), and of the
+    shape ``schema`` (:mod:`conceptlens.concepts.store.schema`); without a schema, a JSON object.
 
     Parameters
     ----------
     path : str or Path
         The JSON file.
     error : type of ConceptLensError
-        Raised, naming the file, when it cannot be read, is too large, is not valid JSON or does
-        not hold a JSON object.
+        Raised, naming the file (and the key path), when it cannot be read, is too large, is not
+        valid JSON or does not have the expected shape.
     fix : str
         What the user should do when the file's content is bad (write it again, run a step again).
+    schema : Schema, optional
+        The expected shape (default: any JSON object).
+    max_bytes : int
+        The largest file read (checked before reading).
+    label : callable, optional
+        Renders key paths in errors (see :func:`conceptlens.concepts.store.schema.check`).
 
     Returns
     -------
-    dict
-        The object, as :func:`json.loads` returns it.
+    Any
+        The parsed value (a dict without ``schema``).
     """
     path = Path(path)
-    raw = read_regular(path, error, fix, MAX_JSON_BYTES, f"file is implausibly large for conceptlens JSON (over {MAX_JSON_BYTES} bytes)")
+    raw = read_regular(path, error, fix, max_bytes, f"file is implausibly large for conceptlens JSON (over {max_bytes} bytes)")
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except ValueError as problem:
-        raise error(str(path), f"not valid JSON ({problem})", fix) from problem
-    if not isinstance(data, dict):
+        data = parse_json(raw)
+    except JSONProblem as problem:
+        raise error(f"{path}: {problem.where}" if problem.where else str(path), problem.problem, fix) from None
+    if schema is None and not isinstance(data, dict):
         raise error(str(path), "is not a JSON object", fix)
-    return data
+    return check(data, schema, path, error, fix, label) if schema is not None else data
 
 
 def _json_default(value: Any) -> Any:

@@ -12,7 +12,6 @@ safetensors file whose length differs from the one its header describes, is refu
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import struct
@@ -20,10 +19,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from conceptlens.concepts.errors import ConceptLensError
+from conceptlens.concepts.store.schema import Int, ListOf, MapOf, Record, Str, find_problem
+from conceptlens.concepts.store.strict_json import JSONProblem, parse_json, render_path
 
 __all__ = ["special_kind", "open_regular", "read_regular", "regular_sha256", "read_safetensors_bytes", "safetensors_extent", "safetensors_problem"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+# A safetensors header: per tensor its dtype, shape and [start, end) byte offsets; "__metadata__" maps strings to strings.
+_TENSOR = Record({"dtype": Str(), "shape": ListOf(Int(min=0)), "data_offsets": ListOf(Int(min=0), min_len=2, max_len=2)})
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -126,11 +129,15 @@ def safetensors_extent(file: BinaryIO) -> int:
     if len(raw) < length:
         raise ValueError("header is cut short")
     try:
-        header = json.loads(raw)
-        ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as problem:
-        raise ValueError(f"unreadable header ({problem})") from problem
-    return 8 + length + max(ends, default=0)
+        header = parse_json(raw)
+    except JSONProblem as problem:
+        raise ValueError(f"unreadable header ({problem})") from None
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"} if isinstance(header, dict) else header
+    found = find_problem(tensors, MapOf(_TENSOR)) or find_problem(header.get("__metadata__", {}), MapOf(Str()))
+    if found is not None:
+        where, problem = found
+        raise ValueError(f"unreadable header ({render_path(where) or 'header'}: {problem})")
+    return 8 + length + max((info["data_offsets"][1] for info in tensors.values()), default=0)
 
 
 def _too_long(size: int, extent: int) -> str:

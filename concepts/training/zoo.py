@@ -414,8 +414,12 @@ def save_detector(model: CenterNetDetector, name: str, out_dir: str | Path, card
     return path
 
 
+#: Where ``train_zoo`` writes by default: a folder under the working directory, never the package.
+DEFAULT_OUT = "zoo-weights"
+
+
 def train_zoo(
-    out_dir: str | Path | None = None,
+    out_dir: str | Path = DEFAULT_OUT,
     steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -428,9 +432,10 @@ def train_zoo(
 
     Parameters
     ----------
-    out_dir : path, optional
-        Where to write ``<name>.safetensors`` and ``<name>.json`` (default: the shipped weights
-        folder of the package).
+    out_dir : path
+        Where to write ``<name>.safetensors`` and ``<name>.json`` (default ``./zoo-weights``). Never
+        inside the installed package: load retrained weights with
+        ``load_model("zoo:<name>", weights="zoo-weights/<name>.safetensors")``.
     steps : int, optional
         Training steps of each model (default: :data:`DEFAULT_CONFIGS`).
     seed : int
@@ -450,8 +455,13 @@ def train_zoo(
     -------
     dict
         Model name → its model card (held-out mAP@0.5 under ``evaluation.map50``).
+
+    Raises
+    ------
+    ModelSpecError
+        When ``out_dir`` lies inside the installed conceptlens package.
     """
-    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    out = _output_folder(out_dir)
     previous_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))
@@ -479,6 +489,15 @@ def train_zoo(
     return cards
 
 
+def _output_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path, refused when it lies inside the installed package (shipped weights stay as shipped)."""
+    out = Path(out_dir)
+    package = WEIGHTS_DIR.parents[2]  # conceptlens.concepts' folder (…/models/zoo/weights → its root)
+    if out.resolve() == package or package in out.resolve().parents:
+        raise ModelSpecError(f"--out {out_dir}", "is inside the installed conceptlens package", f"write elsewhere, e.g. --out ./{DEFAULT_OUT}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m conceptlens.concepts.training.zoo [--steps N] [--seed S] [--out DIR]``: run :func:`train_zoo`."""
     import argparse
@@ -486,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conceptlens.concepts.training.zoo", description=main.__doc__)
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: tuned per model)")
     parser.add_argument("--seed", type=int, default=0, help="torch and augmentation seed")
-    parser.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     args = parser.parse_args(argv)
     cards = train_zoo(args.out, steps=args.steps, seed=args.seed, progress=True, log_file=sys.stdout)
     for name, card in cards.items():

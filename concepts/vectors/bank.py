@@ -27,6 +27,7 @@ from conceptlens.concepts.store.artifacts import (
     read_artifact,
     write_artifact,
 )
+from conceptlens.concepts.store.schema import Anything, Bool, Int, ListOf, MapOf, Record, Str
 from conceptlens.concepts.vectors.projections import (
     ProjectionError,
     get_projection,
@@ -40,6 +41,12 @@ BANK_KIND = "concept bank"
 # The projection of each method from before banks recorded one: what a bank file without a
 # ``projection`` key (or a bank built without one) of these methods has always meant.
 LEGACY_PROJECTIONS = {"net2vec": "sigmoid_affine", "linear": "sigmoid_affine", "nmf": "nnls_codes"}
+# The shape of a bank's JSON (keys of other versions are allowed); the tensors are checked on load.
+BANK_SCHEMA = Record(
+    {"method": Str(non_empty=True), "layer": Str(), "concepts": ListOf(Str()), "n_channels": Int(min=1), "tensors_sha256": Str()},
+    optional={"projection": Str(non_empty=True), "standardized": Bool(), "metrics": MapOf(MapOf(Anything())), "provenance": MapOf(Anything())},
+)
+_RETRAIN = "train the bank again (check the activations it was trained on for NaN or infinity)"
 
 
 class BankError(ConceptLensError):
@@ -122,6 +129,19 @@ class ConceptBank:
             if stat is not None and tuple(stat.shape) != (self.n_channels,):
                 raise BankError(name, f"standardisation has shape {tuple(stat.shape)}", f"give ({self.n_channels},) statistics")
 
+    def check_finite(self, culprit: str) -> None:
+        """Raise :class:`BankError` naming ``culprit`` and the concepts whose numbers are not all finite.
+
+        A concept's vector and bias must be finite; the standardisation (when there is one) must be
+        finite with positive deviations, else every concept's maps are undefined.
+        """
+        rows = ~torch.isfinite(self.vectors).all(dim=1) | ~torch.isfinite(self.biases)
+        bad = [concept for concept, wrong in zip(self.concepts, rows.tolist()) if wrong]
+        if bad:
+            raise BankError(culprit, f"concepts {bad} have vectors or biases that are not finite (NaN or infinity)", _RETRAIN)
+        if self.channel_mean is not None and not (torch.isfinite(self.channel_mean).all() and torch.isfinite(self.channel_std).all() and (self.channel_std > 0).all()):
+            raise BankError(culprit, f"standardisation of concepts {self.concepts} is not finite and positive (NaN, infinity or a zero deviation)", _RETRAIN)
+
     @property
     def n_concepts(self) -> int:
         return len(self.concepts)
@@ -191,7 +211,12 @@ class ConceptBank:
 
     # ----------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
-        """Write ``<path>.safetensors`` and ``<path>.json`` atomically; return the JSON path."""
+        """Write ``<path>.safetensors`` and ``<path>.json`` atomically; return the JSON path.
+
+        A bank whose vectors, biases or standardisation hold NaN or infinity is refused
+        (:class:`BankError` naming the concepts), never written.
+        """
+        self.check_finite(f"concept bank ({self.method}, layer {self.layer!r})")
         tensors = {"vectors": self.vectors, "biases": self.biases}
         if self.channel_mean is not None:
             tensors["channel_mean"] = self.channel_mean.float()
@@ -222,7 +247,8 @@ class ConceptBank:
             Fail unless the bank was trained on the model with this hash.
         """
         metadata, tensors = read_artifact(
-            path, BANK_KIND, BANK_FORMAT_VERSION, ("method", "layer", "concepts", "n_channels"), BankError, accept_missing_kind=True
+            path, BANK_KIND, BANK_FORMAT_VERSION, ("method", "layer", "concepts", "n_channels"), BankError, accept_missing_kind=True,
+            schema=BANK_SCHEMA,
         )
         json_path, tensor_path = artifact_paths(path)
         if "vectors" not in tensors or "biases" not in tensors:
@@ -239,6 +265,7 @@ class ConceptBank:
             provenance=metadata.get("provenance", {}),
             projection=metadata.get("projection"),  # absent from files written before banks recorded it
         )
+        bank.check_finite(str(tensor_path))
         if bank.n_channels != metadata["n_channels"]:
             raise BankError(str(tensor_path), f"holds {bank.n_channels} channels, its JSON says {metadata['n_channels']}", "save the bank again")
         if expected_channels is not None and bank.n_channels != expected_channels:

@@ -23,7 +23,7 @@ from conceptlens.concepts.store.activations import (
     StoreEntry,
 )
 from conceptlens.concepts.vectors.bank import ConceptBank
-from tqdm.auto import tqdm
+from conceptlens.concepts.progress import progress_bar
 
 __all__ = ["bank_fingerprint", "concept_map_entry"]
 
@@ -78,7 +78,7 @@ def concept_map_entry(
     reader = EntryReader(activations)
     ranges = [(s, min(s + batch_size, len(indices))) for s in range(0, len(indices), batch_size)]
     show = sys.stderr.isatty() if progress is None else progress
-    for start, end in tqdm([r for r in ranges if r not in done], desc=f"maps {bank.layer}", unit="batch", disable=not show):
+    for start, end in progress_bar([r for r in ranges if r not in done], desc=f"concept maps {bank.layer}", unit="batch", show=show):
         rows = reader.rows(indices[start:end])
         with torch.no_grad():
             maps = _project(bank, rows, grid, on_grid, device)

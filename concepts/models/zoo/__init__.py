@@ -8,15 +8,14 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 
 from torch import nn
 
 from conceptlens.concepts.models.adapters import Adapter
-from conceptlens.concepts.errors import ModelSpecError
+from conceptlens.concepts.errors import ModelSpecError, closest_names
 
-__all__ = ["ZOO", "load_zoo_model"]
+__all__ = ["ZOO", "load_zoo_model", "zoo_categories"]
 
 ZOO: dict[str, str] = {
     "mobilenet_v2": "conceptlens.concepts.models.zoo.real:mobilenet_v2",
@@ -29,7 +28,21 @@ ZOO: dict[str, str] = {
 def load_zoo_model(name: str) -> tuple[nn.Module, Adapter]:
     """Build the zoo model ``name`` with its weights and adapter."""
     if name not in ZOO:
-        close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.3)
-        raise ModelSpecError(f"zoo:{name}", "no such zoo model", f"use one of {', '.join(close or ZOO)}")
+        raise ModelSpecError(f"zoo:{name}", "no such zoo model", closest_names(name, ZOO))
     module_path, _, attribute = ZOO[name].partition(":")
     return getattr(importlib.import_module(module_path), attribute)()
+
+
+def zoo_categories(name: str) -> tuple[str, ...]:
+    """The class names of zoo model ``name`` by output index.
+
+    The real classifiers give the 1000 ImageNet-1k names in logit order; the synthetic detectors
+    ``("__background__", "car", "house", "tree", "boat")``, by detection label (0 is background).
+    """
+    if ZOO[name].startswith("conceptlens.concepts.models.zoo.real:"):
+        from conceptlens.concepts.models.zoo.real import IMAGENET_CATEGORIES
+
+        return IMAGENET_CATEGORIES
+    from conceptlens.concepts.data.synthetic import OBJECT_CLASSES
+
+    return ("__background__", *OBJECT_CLASSES)

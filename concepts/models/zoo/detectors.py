@@ -529,7 +529,7 @@ def _load(name: str) -> tuple[nn.Module, ClassifierAdapter]:
         raise ModelSpecError(
             str(path),
             f"the weights of zoo:{name} are missing",
-            "run `conceptlens train-zoo` to train the synthetic detectors and write their weights",
+            f"reinstall conceptlens (the weights ship with it), or retrain with `conceptlens train-zoo` and pass --weights zoo-weights/{name}.safetensors",
         )
     from safetensors.torch import load_file
 
@@ -540,7 +540,7 @@ def _load(name: str) -> tuple[nn.Module, ClassifierAdapter]:
         raise ModelSpecError(
             str(path),
             f"does not match the {name} architecture: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}",
-            "run `conceptlens train-zoo` to retrain the synthetic detectors",
+            f"reinstall conceptlens, or retrain with `conceptlens train-zoo` and pass --weights zoo-weights/{name}.safetensors",
         )
     return model.eval(), detector_adapter()
 
