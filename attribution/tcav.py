@@ -75,6 +75,7 @@ __all__ = [
     "random_sets_problem",
     "run_scores",
     "sensitivities",
+    "target_sensitivities",
     "tcav_robustness",
     "tcav_scores",
     "tcav_variants",
@@ -103,6 +104,8 @@ class TCAVError(ConceptLensError):
 
 
 Target = Callable[[Any], Any]
+#: What computes :func:`target_sensitivities` for :func:`tcav_scores` (the same arguments and results).
+GradientPass = Callable[..., tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +412,7 @@ def tcav_scores(
     pooling: str = "auto",
     input_ids: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None,
     test: str = "permutation",
+    gradient_pass: GradientPass | None = None,
 ) -> TCAVResult:
     """TCAV scores and significance for every concept × layer × target.
 
@@ -442,9 +446,12 @@ def tcav_scores(
     test : {'permutation', 'ttest'}
         The exact rank test against the random sets (default; see the module docstring), or the
         reference code's t-test (anti-conservative, kept for comparison).
+    gradient_pass : callable, optional
+        Computes :func:`target_sensitivities` (same arguments, same results), e.g. on workers
+        over shards of whole batches of the inputs; default: :func:`target_sensitivities` here.
     """
     settings = _Settings(statistic, correction, alpha, n_bootstrap, ci, seed, pooling, test)
-    return _score_variants(model, inputs, layer_modules, {"": cav_sets}, targets, settings, batch_size, input_ids)[""]
+    return _score_variants(model, inputs, layer_modules, {"": cav_sets}, targets, settings, batch_size, input_ids, gradient_pass)[""]
 
 
 def tcav_variants(
@@ -456,6 +463,7 @@ def tcav_variants(
     *,
     batch_size: int = 32,
     input_ids: Mapping[str, Sequence[Any]] | Sequence[Any] | None = None,
+    gradient_pass: GradientPass | None = None,
     **settings: Any,
 ) -> dict[str, TCAVResult]:
     """:func:`tcav_scores` for several CAV variants of the same layers, in one gradient pass.
@@ -468,6 +476,8 @@ def tcav_variants(
     variants : mapping of str to mapping of str to CAVSet
         Variant name → layer → CAVs (e.g. from
         :func:`conceptlens.probes.image_cavs.fit_cav_variants`).
+    gradient_pass : callable, optional
+        As for :func:`tcav_scores`.
     **settings
         ``statistic``, ``correction``, ``alpha``, ``n_bootstrap``, ``ci``, ``seed``, ``pooling``,
         ``test`` as for :func:`tcav_scores`; each variant is corrected over its own hypotheses.
@@ -481,7 +491,7 @@ def tcav_variants(
         raise TCAVError(", ".join(unknown), "are not TCAV settings", f"use {', '.join(f.name for f in dataclasses.fields(_Settings))}")
     if not variants:
         raise TCAVError("variants", "is empty", "give at least one variant's CAV sets")
-    return _score_variants(model, inputs, layer_modules, variants, targets, _Settings(**settings), batch_size, input_ids)
+    return _score_variants(model, inputs, layer_modules, variants, targets, _Settings(**settings), batch_size, input_ids, gradient_pass)
 
 
 def tcav_robustness(
@@ -528,7 +538,7 @@ def mark_robust(result: TCAVResult, variant_results: Mapping[str, TCAVResult]) -
 def _score_variants(
     model: nn.Module | LoadedModel, inputs: Any, layer_modules: Mapping[str, nn.Module] | Sequence[str] | None,
     variants: Mapping[str, Mapping[str, CAVSet]], targets: Mapping[str, Target | int], settings: _Settings,
-    batch_size: int, input_ids: Any,
+    batch_size: int, input_ids: Any, gradient_pass: GradientPass | None = None,
 ) -> dict[str, TCAVResult]:
     settings.check()
     layers = list(dict.fromkeys(layer for cav_sets in variants.values() for layer in cav_sets))
@@ -547,7 +557,7 @@ def _score_variants(
     for target_name, target in targets.items():
         x = _per_target(inputs, target_name, "inputs")
         ids = _per_target(input_ids, target_name, "input_ids") if input_ids is not None else None
-        sens, valid, grad_max = _target_sensitivities(model, x, modules, groups, target, target_name, batch_size, settings.pooling)
+        sens, valid, grad_max = (gradient_pass or target_sensitivities)(model, x, modules, groups, target, target_name, batch_size, settings.pooling)
         missing[target_name] = [int(i) if ids is None else ids[int(i)] for i in torch.nonzero(~valid).flatten()]
         if not bool(valid.any()):
             raise TCAVError(target_name, f"no input has a valid target ({len(valid)} inputs, none with a matching detection)",
@@ -610,12 +620,30 @@ def _per_target(values: Any, target_name: str, what: str) -> Any:
     return values
 
 
-def _target_sensitivities(
-    model: nn.Module | LoadedModel, x: Any, modules: dict[str, nn.Module], groups: dict[tuple[str, str], torch.Tensor],
+def target_sensitivities(
+    model: nn.Module | LoadedModel, x: Any, modules: Mapping[str, nn.Module], groups: Mapping[tuple[str, str], torch.Tensor],
     target: Target | int, target_name: str, batch_size: int, pooling: str,
 ) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """Sensitivities ``(n, n_cavs)`` per (variant, layer), the ``(n,)`` valid mask of one target,
-    and per layer each input's largest absolute gradient entry ``(n,)``."""
+    """The gradient pass of one target: one forward/backward pass per batch of ``batch_size`` inputs serves every CAV.
+
+    Parameters
+    ----------
+    model, x, batch_size, pooling
+        As for :func:`tcav_scores` (``x``: this target's inputs).
+    modules : mapping of str to nn.Module
+        Layer name -> module.
+    groups : mapping of (str, str) to Tensor
+        (variant, layer) -> CAVs ``(n_cavs, D)``.
+    target, target_name
+        The target and its name (for errors).
+
+    Returns
+    -------
+    (dict, Tensor, dict)
+        Sensitivities ``(n, n_cavs)`` float32 per (variant, layer), the ``(n,)`` valid mask, and
+        per layer each input's largest absolute gradient entry ``(n,)`` float64. Each row depends
+        only on its batch: shards of whole batches give the same rows.
+    """
     n = x.shape[0] if isinstance(x, torch.Tensor) else len(x)
     if n == 0:
         raise TCAVError(target_name, "has no inputs", "give at least one input")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import Figure, machine, write_json  # noqa: E402
 
-BENCHMARKS = ("embed", "tcav", "nmf", "net2vec", "similarity", "memory", "controls")
+BENCHMARKS = ("embed", "tcav", "nmf", "net2vec", "similarity", "memory", "controls", "decode", "ray")
 
 
 def table(figures: list[Figure], markdown: bool = False) -> str:

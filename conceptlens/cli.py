@@ -29,13 +29,16 @@ EXAMPLES = {
     "init": "example: conceptlens init torchvision:resnet18?num_classes=10 ./my_concepts --weights finetuned.pth --target logit:3 --out audit.yaml",
     "layers": "example: conceptlens layers torchvision:resnet18 --input-size 224 224",
     "embed": "example: conceptlens embed torchvision:resnet18 synthetic:200 --layers layer2 layer3 --reduce grid",
-    "synth": "example: conceptlens synth ./world --n 500 --seed 0",
+    "synth": "examples:\n  conceptlens synth ./world --n 500 --seed 0\n"
+    "  conceptlens synth ./sets --n 200 --image-sets --concepts car sky ground   (TCAV image sets: sets/car/, …, sets/random_0/ …)",
     "probe": "examples:\n  conceptlens probe zoo:synthetic_vgg_centernet synthetic:300 --layers backbone.block3 --method net2vec\n"
-    "  conceptlens probe zoo:mobilenet_v2 ./image_sets --layers features.7 --method linear",
+    "  conceptlens probe zoo:mobilenet_v2 ./sets --layers features.7 --method linear   (image sets, e.g. from `conceptlens synth ./sets --image-sets`)",
     "compare": "example: conceptlens compare synthetic:300 --model zoo:synthetic_vgg_centernet --layers backbone.block2 backbone.block3 "
     "--model zoo:synthetic_resnet_fpn --layers backbone.block2 neck.p3 --method net2vec --out ./compare",
-    "tcav": "example: conceptlens tcav zoo:mobilenet_v2 ./image_sets --layers features.7 features.14 --target logit:285 --inputs cat --runs 10",
-    "demo": "example: conceptlens demo --out ./conceptlens-demo   (about 2 minutes on 2 CPU cores; a second run reuses everything)",
+    "tcav": "examples (image sets, e.g. from `conceptlens synth ./sets --n 200 --image-sets --concepts car sky ground`):\n"
+    "  conceptlens tcav zoo:synthetic_vgg_centernet ./sets --layers backbone.block3 --target top:car --inputs car\n"
+    "  conceptlens tcav zoo:mobilenet_v2 ./sets --layers features.7 features.14 --target 'logit:\"sports car\"' --inputs car --runs 10",
+    "demo": "example: conceptlens demo --out ./conceptlens-demo   (about 1.5 minutes on 2 CPU cores; a second run reuses everything)",
     "maps": "examples:\n  conceptlens maps zoo:synthetic_vgg_centernet scene.png --bank conceptlens-demo/banks/vgg__backbone.block3.net2vec\n"
     "  conceptlens maps zoo:synthetic_vgg_centernet scene.png --bank conceptlens-demo/banks/vgg__backbone.block3.net2vec --target top:1",
     "run": "example: conceptlens run configs/imagenet_backbones.yaml --out ./backbones",
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     embed.add_argument("--batch-size", type=_integer(1, limits.MAX_BATCH, "--batch-size 32"), default=32)
     embed.add_argument("--seed", type=_SEED, default=0, help="split seed")
+    embed.add_argument("--decode-workers", type=_integer(0, limits.MAX_DECODE_WORKERS, "--decode-workers 2"), metavar="N",
+                       help="threads decoding the next batches during each forward pass (0: none; default: min(4, cores - 1))")
     _common(embed)
 
     synth = commands.add_parser("synth", help="write the synthetic concept world to the folder layout", epilog=EXAMPLES["synth"], formatter_class=raw)
@@ -456,7 +461,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = embed(
         model, dataset, args.layers, store, reduce=args.reduce, grid=tuple(args.grid), dtype=args.dtype,
-        batch_size=args.batch_size, device=args.device, progress=_progress(args),
+        batch_size=args.batch_size, device=args.device, progress=_progress(args), decode_workers=args.decode_workers,
     )
     _print_entries(result, time.perf_counter() - started)
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 from conceptlens.concepts.store.atomic import atomic_write_text
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.store.activations import ActivationStore
+from conceptlens.concepts.compare.shards import ShardRunner
 from conceptlens.concepts.compare.workflow import compare_models
 from conceptlens.probes.registry import get_method
 from conceptlens.concepts.vectors.probed import ProbedModel
@@ -35,14 +36,15 @@ __all__ = ["CONCEPT_CONTROL_KEYS", "CONTROL_KEYS", "CONTROL_PREFIXES", "write_co
 
 def write_comparison(
     probed: Sequence[ProbedModel], dataset: ConceptDataset, store: ActivationStore, method: str, grid: tuple[int, int], out: Path,
-    progress: bool = False, cka: bool = True, controls: dict[str, Any] | None = None,
+    progress: bool = False, cka: bool = True, controls: dict[str, Any] | None = None, runner: ShardRunner | None = None,
 ) -> dict[str, Any]:
     """Compare every probed layer and write JSON, CSV and heatmaps under ``out``; return the paths.
 
     ``cka``: also the linear CKA baseline (matrices, CSV columns, heatmaps). ``controls``: the
     null's and bootstrap's settings passed to :func:`~conceptlens.concepts.compare.workflow.compare_models`
     (``n_permutations``, ``n_bootstrap``, ``seed``, ``alpha``); None: no controls, the files are
-    exactly as before them. The returned ``result`` is the :class:`~conceptlens.report.results.Comparison`
+    exactly as before them. ``runner``: the comparison's sums per shard of the test images on
+    workers (the Ray backend's; None: here). The returned ``result`` is the :class:`~conceptlens.report.results.Comparison`
     written to ``compare.json``.
     """
     provenance = {
@@ -51,7 +53,7 @@ def write_comparison(
         "banks": {f"{m.label}:{layer}": m.banks[layer].provenance for m in probed for layer in m.layers},
     }
     settings = controls or {"n_permutations": 0, "n_bootstrap": 0}
-    compared = compare_models(probed, dataset, store, method, grid, progress=progress, cka=cka, **settings)
+    compared = compare_models(probed, dataset, store, method, grid, progress=progress, cka=cka, runner=runner, **settings)
     result = dataclasses.replace(Comparison.from_json(compared), provenance=provenance)
     out = Path(out)
     json_path = result.write(out / "compare.json")

@@ -87,6 +87,7 @@ class _Run:
         self.config, self.out, self.banks, self.progress, self.verbose = config, folders.out, folders.banks, progress, verbose
         self.store = ActivationStore(folders.store)
         self.steps: list[dict[str, Any]] = []
+        self.executor: Any = None  # while the executor is open: where the comparison's and TCAV's shards run
 
     def step(self, name: str, work: Callable[[], Any], skipped: Callable[[], bool] | None = None) -> Any:
         """Run ``work`` (unless ``skipped()`` says its results are current) and log its time."""
@@ -95,7 +96,8 @@ class _Run:
             self.steps.append(StepTime(name, round(time.perf_counter() - started, 3), skipped=True).to_json())
             return None
         value = work()
-        self.steps.append(StepTime(name, round(time.perf_counter() - started, 3), skipped=False).to_json())
+        workers = self.executor.worker_times() if self.executor is not None else None  # a Ray step: each worker's share
+        self.steps.append(StepTime(name, round(time.perf_counter() - started, 3), skipped=False, workers=workers).to_json())
         if self.verbose:
             print(f"  {name}: {self.steps[-1]['seconds']:.1f} s", flush=True)
         return value
@@ -137,9 +139,13 @@ def run_pipeline(
         models = run.step("load models", lambda: {m.name: load_model(m.spec, m.weights, tuple(m.input_size) if m.input_size else None, m.kwargs) for m in config.models})
         run.steps += executor.prepare_probes(ProbeWork(config, dataset, models, run.store, folders.banks, _probe_params(config), progress))
         probed = _probe_all(run, dataset, models)
-    _compare_all(run, dataset, probed)
-    if config.tcav.enabled:
-        _tcav(run, dataset, models)
+        run.executor = executor
+        try:
+            _compare_all(run, dataset, probed)
+            if config.tcav.enabled:
+                _tcav(run, dataset, models)
+        finally:
+            run.executor = None
     if config.report.enabled and _first_method(probed, "supervised"):
         _report_inputs(run, dataset, probed)
 
@@ -225,7 +231,8 @@ def _probe_one(run: _Run, dataset: ConceptDataset, model: LoadedModel, name: str
     config = run.config
     probed = probe_model(model, dataset, layers, method, run.store, banks_dir=run.banks, label=name, grid=tuple(config.embed.grid),
                          params=params, batch_size=config.embed.batch_size, device=config.device, progress=run.progress,
-                         input_size=_input_size(config, name), dtype=config.embed.dtype, controls=_probe_controls(config, method))
+                         input_size=_input_size(config, name), dtype=config.embed.dtype, controls=_probe_controls(config, method),
+                         decode_workers=config.embed.decode_workers)
     supervised = get_method(method).comparison == "supervised"  # named concepts: the layer each is found best at
     size = _sample_size(config, dataset, probed.metrics, len(dataset.concepts) * len(layers)) if _probe_controls(config, method) else None
     result = ProbeResults(model=name, spec=model.spec, method=method, layers=list(layers), depths=probed.depths, module_depths=probed.module_depths,
@@ -347,7 +354,8 @@ def _compare_all(run: _Run, dataset: ConceptDataset, probed: dict[str, dict[str,
 def _write_compare(run: _Run, dataset: ConceptDataset, models: list[ProbedModel], method: str, folder: Path, cka: bool, key: str) -> None:
     """One comparison's files; with controls on, its ``sample_size`` goes into compare.json before the step's key."""
     config = run.config
-    written = write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress, cka, _compare_controls(config))
+    runner = run.executor.shard_runner(run.progress) if run.executor is not None else None  # the Ray workers sum shards of the test images
+    written = write_comparison(models, dataset, run.store, method, tuple(config.embed.grid), folder, run.progress, cka, _compare_controls(config), runner)
     if config.controls.enabled:
         data = read_json(written["json"], fix="run the comparison again")
         data["sample_size"] = _compare_sample_size(config, written["result"])
@@ -437,7 +445,10 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
         labels.update(target_labels(chosen))
         cav_sets = fit_image_cavs(by_set, sources.concepts, sources.randoms, seed=run.config.seed, null_pairs=null_pairs,
                                   provenance={"model_hash": model.hash})
-        results.append(tcav_scores(model, images, None, cav_sets, chosen, batch_size=run.config.embed.batch_size, input_ids=ids, **score_settings))
+        # on Ray, the gradient passes run on the workers (shards of whole batches); CAVs and tests stay here
+        gradient_pass = run.executor.gradient_pass(spec.name, {name: t.spec for name, t in named.items()}, run.progress) if run.executor else None
+        results.append(tcav_scores(model, images, None, cav_sets, chosen, batch_size=run.config.embed.batch_size, input_ids=ids,
+                                   gradient_pass=gradient_pass, **score_settings))
         if robustness:
             # a linear SVM and half the random sets, in one gradient pass of their own: the base (pooled) scores
             # stay bit-identical to a run without controls (scoring variants together rounds differently)
@@ -446,7 +457,7 @@ def _run_tcav(run: _Run, dataset: ConceptDataset, models: dict[str, LoadedModel]
                                         provenance={"model_hash": model.hash}, variants=("svm", "half_random_sets", "flattened"))
             by_variant.setdefault("pooled", []).append(results[-1])
             for name, result in tcav_variants(model, images, None, variants, chosen, batch_size=run.config.embed.batch_size, input_ids=ids,
-                                              **score_settings).items():
+                                              gradient_pass=gradient_pass, **score_settings).items():
                 by_variant.setdefault(name, []).append(result)
         provenance["models"][spec.name] = {"spec": spec.spec, "hash": model.hash, "layers": layers, "accuracy": {
             layer: cavs.to_bank(layer).metrics for layer, cavs in cav_sets.items()}}
@@ -481,7 +492,7 @@ class _DatasetSets:
 
         config = run.config
         result = embed(model, self.dataset, layers, run.store, dtype=config.embed.dtype, batch_size=config.embed.batch_size,
-                       device=config.device, progress=run.progress)
+                       device=config.device, progress=run.progress, decode_workers=config.embed.decode_workers)
         pooled = {layer: pooled_activations(result.entries[layer]) for layer in layers}
         return {layer: {name: pooled[layer][idx] for name, idx in self.sets.items()} for layer in layers}
 
@@ -493,7 +504,7 @@ class _DatasetSets:
 
         config = run.config
         result = embed(model, self.dataset, layers, run.store, dtype=config.embed.dtype, batch_size=config.embed.batch_size,
-                       device=config.device, progress=run.progress)
+                       device=config.device, progress=run.progress, decode_workers=config.embed.decode_workers)
         try:
             flat = {layer: pooled_activations(result.entries[layer], flatten=True) for layer in layers}
         except CAVError:

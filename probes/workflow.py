@@ -54,6 +54,7 @@ def probe_model(
     input_size: tuple[int, int] | None = None,
     dtype: str = "float16",
     controls: bool | dict[str, Any] = False,
+    decode_workers: int | None = None,
 ) -> ProbedModel:
     """Embed ``dataset`` at ``layers`` and fit one concept bank per layer.
 
@@ -101,6 +102,8 @@ def probe_model(
         ``controls``, ``selectivity``, ``selectivity_ci``, ``encoded`` and ``verdict`` to every
         concept's metrics. A dict is passed to ``probe_controls`` (``seed``, ``epochs``,
         ``kinds``, ``margin``, ``n_bootstrap``); False (default): no controls.
+    decode_workers : int, optional
+        Threads decoding images ahead of the forward pass (:func:`~conceptlens.concepts.embedding.embed.embed`).
 
     Returns
     -------
@@ -125,7 +128,8 @@ def probe_model(
     store, params = open_store(store), dict(params or {})
     label = label or default_label(model)
     with progress_scope(label):  # every bar says which model it counts for
-        result = embed(model, dataset, layers, store, dtype=dtype, batch_size=batch_size, device=device, progress=progress)
+        result = embed(model, dataset, layers, store, dtype=dtype, batch_size=batch_size, device=device, progress=progress,
+                       decode_workers=decode_workers)
         masks = embed_masks(dataset, store, grid=grid, progress=progress)
         banks, metrics = {}, {}
         for layer in layers:

@@ -22,7 +22,7 @@ def test_quick_suite_writes_every_figure(tmp_path):
     results = json.loads(out.read_text())
     assert results["quick"] is True and results["machine"]["cores"] >= 1
     benchmarks = {figure["benchmark"] for figure in results["figures"]}
-    assert benchmarks == {"embed", "tcav", "nmf", "net2vec", "similarity", "memory", "controls"}
+    assert benchmarks == {"embed", "tcav", "nmf", "net2vec", "similarity", "memory", "controls", "decode", "ray"}
     for figure in results["figures"]:
         assert math.isfinite(figure["value"]) and figure["value"] >= 0, figure
         assert (figure["target"] is None) == (figure["passed"] is None), figure

@@ -201,7 +201,8 @@ def test_every_readme_command_names_a_subcommand_and_its_flags() -> None:
 
 
 def test_readme_names_only_files_that_exist_in_the_repository() -> None:
-    named = set(REPO_PATH.findall(README.read_text(encoding="utf-8")))
+    text = re.sub(r"<\w+>", "*", README.read_text(encoding="utf-8"))  # a placeholder (`bench_<name>.py`) matches any name
+    named = set(REPO_PATH.findall(text))
     assert {"configs/demo.yaml", "docs/METHODS.md"} <= named
     missing = sorted(path for path in named if not any(ROOT.glob(path)))
     assert not missing, f"README names files the repository lacks: {missing}"
@@ -233,7 +234,7 @@ def test_every_bash_example_runs_as_written_from_an_empty_folder(tmp_path: Path)
     timings = []
     for number, block in enumerate(bash_blocks(), 1):
         started = time.perf_counter()
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True, text=True,
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True, text=True, check=False,
                               timeout=BLOCK_TIMEOUT_S)
         timings.append(f"block {number}: {time.perf_counter() - started:.0f} s")
         assert done.returncode == 0, (f"README bash block {number} exits {done.returncode}:\n{block}\n"

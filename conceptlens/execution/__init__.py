@@ -7,6 +7,9 @@ nothing; the Ray executor (:mod:`conceptlens.execution.ray_backend`) writes the 
 the shared store on Ray actors and fits every (model, layer, method) bank as a Ray task. The
 pipeline then runs exactly as locally and finds every entry complete and every bank saved, so the
 result files are the local run's (the same shards, bitwise; the same banks and numbers).
+:meth:`shard_runner` gives the comparison steps their workers and :meth:`gradient_pass` TCAV's
+(None locally: everything in this process), :meth:`worker_times` each worker's share of the step
+that just ran (``run.json``).
 
 Ray is imported only when the Ray backend is chosen: ``local`` needs no Ray installed.
 """
@@ -72,6 +75,18 @@ class LocalExecutor:
     def prepare_probes(self, work: ProbeWork) -> list[dict[str, Any]]:
         """Nothing to do ahead of the probe step; no extra step times."""
         return []
+
+    def shard_runner(self, progress: bool) -> None:
+        """No runner: the comparison sums every test image in this process."""
+        return None
+
+    def gradient_pass(self, model: str, target_specs: dict[str, str], progress: bool) -> None:
+        """No gradient pass of its own: TCAV's runs in this process."""
+        return None
+
+    def worker_times(self) -> None:
+        """No worker shares to record."""
+        return None
 
 
 @contextmanager

@@ -18,8 +18,15 @@ pipeline's probe step (:meth:`RayExecutor.prepare_probes`):
    (:func:`~conceptlens.probes.workflow.layer_bank`: same seeds, same thread count), on the same
    actors; the bank is saved in the banks folder, where the probe step finds and loads it.
 
+The same actors then serve the comparison steps (:meth:`RayExecutor.shard_runner`): the test
+images are split into one shard per worker, each actor sums its shard's statistics from the shared
+store (:mod:`conceptlens.concepts.compare.shards`) and the driver reduces them. TCAV's gradient
+passes (:meth:`RayExecutor.gradient_pass`) are split the same way into shards of whole batches of
+the scored inputs; the driver puts the rows back in input order and fits the CAVs and runs the
+tests itself, as locally.
+
 Each step's time, and each worker's share (pids, node, seconds, images or banks), goes into
-``run.json``.
+``run.json``; every pass over shards shows one progress bar, fed by all workers.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from conceptlens.concepts.compare.shards import row_shards
 from conceptlens.concepts.embedding.embed import EmbedPlan, embed, plan_embedding
 from conceptlens.concepts.embedding.masks import embed_masks
 from conceptlens.concepts.store.activations import StoreEntry
@@ -84,6 +93,8 @@ class RayExecutor:
 
     def __init__(self, settings: Any, roots: list[Path]) -> None:
         self.settings, self.roots = settings, [Path(os.path.abspath(root)) for root in roots]
+        self.pool: _Pool | None = None
+        self.shares: dict[int, dict[str, Any]] = {}  # per worker, its share of the step running now
         started = time.perf_counter()
         self.ray = _import_ray()
         self.owns_connection = _connect(self.ray, settings.address)
@@ -96,7 +107,10 @@ class RayExecutor:
         self.connect_seconds = time.perf_counter() - started
 
     def close(self) -> None:
-        """Disconnect from the cluster (when this executor connected)."""
+        """Stop the actors and disconnect from the cluster (when this executor connected)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         if self.owns_connection and self.ray.is_initialized():
             self.ray.shutdown()
         self.owns_connection = False
@@ -108,7 +122,7 @@ class RayExecutor:
         started = time.perf_counter()
         plans = {spec.name: plan_embedding(work.models[spec.name], work.dataset, spec.layers, work.store, **_embed_arguments(config)) for spec in config.models}
         steps.append(StepTime("ray plan", round(time.perf_counter() - started, 3), skipped=False).to_json())
-        pool = _Pool(self.ray, self.settings, {
+        pool = self.pool = _Pool(self.ray, self.settings, {
             "cwd": os.getcwd(), "threads": torch.get_num_threads(), "config": config_to_dict(config), "store": os.path.abspath(work.store.root),
             "embed": {"reduce": REDUCE, "grid": list(GRID), "dtype": config.embed.dtype, "device": config.device},
             "keys": {name: {layer: entry.key for layer, entry in plan.entries.items()} for name, plan in plans.items()},
@@ -121,8 +135,26 @@ class RayExecutor:
             steps.append(StepTime("masks", round(time.perf_counter() - started, 3), skipped=False).to_json())
             steps.append(self._fit_banks(work, plans, masks, pool))
         finally:
-            pool.close()
+            self.shares.clear()  # the actors stay up for the comparison steps; close() stops them
         return steps
+
+    def shard_runner(self, progress: bool) -> _ShardRunner:
+        """A :class:`~conceptlens.concepts.compare.shards.ShardRunner` on this run's actors (after :meth:`prepare_probes`)."""
+        if self.pool is None:
+            raise ExecutionError("Ray backend", "has no workers yet: the probe step prepares them", "call prepare_probes before the comparison")
+        return _ShardRunner(self, progress)
+
+    def gradient_pass(self, model: str, target_specs: dict[str, str], progress: bool) -> _GradientPass:
+        """TCAV's gradient pass (:func:`~conceptlens.attribution.tcav.target_sensitivities`) for config model ``model``
+        on this run's actors: each sums whole batches of the inputs; ``target_specs``: target name -> spec."""
+        if self.pool is None:
+            raise ExecutionError("Ray backend", "has no workers yet: the probe step prepares them", "call prepare_probes before TCAV")
+        return _GradientPass(self, model, target_specs, progress)
+
+    def worker_times(self) -> tuple[WorkerTime, ...] | None:
+        """Each worker's share of the shard passes since the last call (None when there was none), for the step's ``run.json`` record."""
+        shares, self.shares = self.shares, {}
+        return _worker_times(shares) if shares else None
 
     def _embed_model(self, work: ProbeWork, spec: Any, plan: EmbedPlan, pool: _Pool) -> dict[str, Any]:
         """Write the shards ``spec``'s layers lack on the actors, then the manifests; return the step's time."""
@@ -152,6 +184,41 @@ class RayExecutor:
         return StepTime("ray probes", round(time.perf_counter() - started, 3), skipped=not jobs, workers=workers).to_json()
 
 
+class _ShardRunner:
+    """Sends one call per shard to the actors; keeps the calls' results in call order and the workers' shares."""
+
+    def __init__(self, executor: RayExecutor, progress: bool) -> None:
+        self.executor, self.progress, self.parts = executor, progress, executor.settings.workers
+
+    def __call__(self, task: str, calls: list[dict[str, Any]], label: str) -> list[Any]:
+        units = sum(int(call.get("units", 1)) for call in calls)
+        results = self.executor.pool.map("shard", [(task, call) for call in calls], f"{label} on Ray", "img", units, self.progress, self.executor.shares)
+        return [result["result"] for result in results]
+
+
+class _GradientPass:
+    """Splits a target's inputs into one shard of whole batches per worker; the actors load the model once and
+    return their rows' sensitivities, valid flags and gradient maxima, which are put back in input order."""
+
+    def __init__(self, executor: RayExecutor, model: str, target_specs: dict[str, str], progress: bool) -> None:
+        self.executor, self.model, self.target_specs, self.progress = executor, model, target_specs, progress
+
+    def __call__(self, model: Any, x: Any, modules: dict[str, Any], groups: dict[tuple[str, str], torch.Tensor], target: Any, target_name: str,
+                 batch_size: int, pooling: str) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(x)
+        batches = -(-n // batch_size)
+        shards = [(a * batch_size, min(b * batch_size, n)) for a, b in row_shards(batches, self.executor.settings.workers)]
+        cavs = [[variant, layer, vectors.detach().cpu().numpy()] for (variant, layer), vectors in groups.items()]
+        calls = [({"model": self.model, "target": self.target_specs[target_name], "target_name": target_name, "images": [np.asarray(x[i]) for i in range(a, b)],
+                   "layers": list(modules), "cavs": cavs, "batch_size": batch_size, "pooling": pooling},) for a, b in shards]
+        parts = [r["result"] for r in self.executor.pool.map("gradients", calls, f"TCAV gradients {target_name} on Ray", "img", n, self.progress,
+                                                              self.executor.shares)]
+        sens = {key: torch.cat([torch.from_numpy(part["sens"][i]) for part in parts]) for i, key in enumerate(groups)}
+        valid = torch.cat([torch.from_numpy(part["valid"]) for part in parts])
+        grad_max = {layer: torch.cat([torch.from_numpy(part["grad_max"][layer]) for part in parts]) for layer in modules}
+        return sens, valid, grad_max
+
+
 def _embed_arguments(config: Any) -> dict[str, Any]:
     """What the probe step's embedding is called with (the same store entries, the same shard size)."""
     return {"reduce": REDUCE, "grid": GRID, "dtype": config.embed.dtype, "batch_size": config.embed.batch_size}
@@ -162,29 +229,39 @@ class _Pool:
 
     def __init__(self, ray: Any, settings: Any, job: dict[str, Any]) -> None:
         self.ray, self.settings, self.job, self.actors = ray, settings, job, []
+        self.turn = 0  # the actor the next pass starts with: passes of a single call take turns
 
     def run(self, method: str, calls: list[tuple], label: str, unit: str, total: int, progress: bool) -> tuple[WorkerTime, ...]:
         """Run ``actor.<method>(*call)`` for every call, one at a time per actor; return each actor's share."""
+        shares: dict[int, dict[str, Any]] = {}
+        self.map(method, calls, label, unit, total, progress, shares)
+        return _worker_times(shares)
+
+    def map(self, method: str, calls: list[tuple], label: str, unit: str, total: int, progress: bool, shares: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run ``actor.<method>(*call)`` for every call, one at a time per actor, under one progress bar.
+
+        Returns the calls' results in call order; adds each actor's pids, node, seconds and units to ``shares``.
+        """
         if not self.actors:
             options = {"num_cpus": 1, "num_gpus": self.settings.gpus_per_worker, "max_restarts": RETRIES, "max_task_retries": RETRIES}
             self.actors = [self.ray.remote(ProbeWorker).options(**options).remote(self.job) for _ in range(self.settings.workers)]
-        waiting, free, pending = list(calls), list(range(len(self.actors))), {}
-        shares: dict[int, dict[str, Any]] = {}
+        first, self.turn = self.turn % len(self.actors), self.turn + len(calls)
+        waiting, free, pending = list(enumerate(calls)), [(first + i) % len(self.actors) for i in range(len(self.actors))], {}
+        results: list[dict[str, Any] | None] = [None] * len(calls)
         with tqdm(total=total, desc=label, unit=unit, disable=not progress) as bar:
             while waiting or pending:
                 while waiting and free:
-                    number = free.pop(0)
-                    pending[getattr(self.actors[number], method).remote(*waiting.pop(0))] = number
+                    number, (index, call) = free.pop(0), waiting.pop(0)
+                    pending[getattr(self.actors[number], method).remote(*call)] = (number, index)
                 finished, _ = self.ray.wait(list(pending), num_returns=1)
-                number = pending.pop(finished[0])
-                result = raise_recorded(_get(self.ray, finished[0]))
+                number, index = pending.pop(finished[0])
+                result = results[index] = raise_recorded(_get(self.ray, finished[0]))
                 free.append(number)
                 bar.update(result["units"])
                 share = shares.setdefault(number, {"pids": set(), "node": None, "seconds": 0.0, "units": 0})
                 share["pids"].add(result["pid"])
                 share["node"], share["seconds"], share["units"] = result["node"][:12], share["seconds"] + result["seconds"], share["units"] + result["units"]
-        return tuple(WorkerTime(worker=n, pids=tuple(sorted(s["pids"])), node=s["node"], seconds=round(s["seconds"], 3), units=s["units"])
-                     for n, s in sorted(shares.items()))
+        return results
 
     def close(self) -> None:
         for actor in self.actors:
@@ -193,6 +270,12 @@ class _Pool:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _worker_times(shares: dict[int, dict[str, Any]]) -> tuple[WorkerTime, ...]:
+    """The ``run.json`` records of the actors' shares (by worker number)."""
+    return tuple(WorkerTime(worker=n, pids=tuple(sorted(s["pids"])), node=s["node"], seconds=round(s["seconds"], 3), units=s["units"])
+                 for n, s in sorted(shares.items()))
 
 
 def _get(ray: Any, ref: Any) -> dict[str, Any]:

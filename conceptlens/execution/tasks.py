@@ -38,7 +38,7 @@ def raise_recorded(result: dict[str, Any]) -> dict[str, Any]:
 
 
 class ProbeWorker:
-    """One Ray actor of a run: opens the dataset once, loads each model once, embeds item ranges and fits banks.
+    """One Ray actor of a run: opens the dataset once, loads each model once, embeds item ranges, fits banks, sums comparison shards.
 
     Parameters
     ----------
@@ -117,6 +117,45 @@ class ProbeWorker:
         except ConceptLensError as error:
             return error_record(error)
         return self._timing(started, 1)
+
+    def shard(self, task: str, call: dict[str, Any]) -> dict[str, Any]:
+        """One shard of a comparison pass (:func:`~conceptlens.concepts.compare.shards.run_task`): its ``result``
+        (plain dicts, lists and arrays), pid, node, seconds and images (or an error record)."""
+        from conceptlens.concepts.compare.shards import run_task
+
+        started = time.perf_counter()
+        try:
+            self._fail_as_recorded()
+            result = run_task(task, call)
+        except ConceptLensError as error:
+            return error_record(error)
+        return {**self._timing(started, int(call.get("units", 1))), "result": result}
+
+    def gradients(self, job: dict[str, Any]) -> dict[str, Any]:
+        """TCAV sensitivities of a shard of whole input batches (:func:`~conceptlens.attribution.tcav.target_sensitivities`).
+
+        ``job``: ``model`` (config name), ``target`` (spec) and ``target_name``, ``images`` (uint8
+        arrays), ``layers``, ``cavs`` (``[variant, layer, (n_cavs, D) array]``), ``batch_size``,
+        ``pooling``. Returns ``result`` (``sens`` per CAV group in ``cavs`` order, ``valid``,
+        ``grad_max`` per layer: arrays), pid, node, seconds, images (or an error record).
+        """
+        from conceptlens.attribution.gradients import layer_modules_of, place_model
+        from conceptlens.attribution.targets import target_from_spec
+        from conceptlens.attribution.tcav import target_sensitivities
+
+        started = time.perf_counter()
+        try:
+            self._fail_as_recorded()
+            model = self._model(job["model"])
+            place_model(model, self.settings["device"])
+            groups = {(variant, layer): torch.from_numpy(vectors) for variant, layer, vectors in job["cavs"]}
+            sens, valid, grad_max = target_sensitivities(model, job["images"], layer_modules_of(model, job["layers"]), groups,
+                                                         target_from_spec(job["target"], categories=model.categories), job["target_name"],
+                                                         int(job["batch_size"]), job["pooling"])
+        except ConceptLensError as error:
+            return error_record(error)
+        result = {"sens": [sens[key].numpy() for key in groups], "valid": valid.numpy(), "grad_max": {layer: v.numpy() for layer, v in grad_max.items()}}
+        return {**self._timing(started, len(job["images"])), "result": result}
 
     def _fail_as_recorded(self) -> None:
         if self.failure is not None:

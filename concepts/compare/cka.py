@@ -11,7 +11,8 @@
   features (one sample per image: the mean over the image's own cells, padding left out) or
   spatial features (every cell of a common grid over each original image); optionally a
   permutation null (test images permuted between the two layers) and bootstrap CIs over test
-  images, both computed from the Gram matrices of the samples.
+  images, both computed from the Gram matrices of the samples. Its streamed sums are
+  :func:`cka_sums` of image ranges (one range here, one per shard on a runner's workers).
 * :func:`cka_matrix`: the CKA matrix alone.
 
 Example
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from conceptlens.concepts.progress import progress_bar
 
 from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, random_permutations
+from conceptlens.concepts.compare.shards import ShardRunner, entry_reference, map_rows, open_reference
 from conceptlens.concepts.errors import ConceptLensError
 from conceptlens.concepts.geometry import Geometry, features_to_grid, image_cells
 from conceptlens.concepts.store.activations import EntryReader, StoreEntry
@@ -43,6 +46,7 @@ __all__ = [
     "MinibatchCKA",
     "cka_matrix",
     "cka_statistics",
+    "cka_sums",
     "layer_features",
     "linear_cka",
     "unbiased_hsic",
@@ -128,13 +132,21 @@ class LinearCKA:
         Channels of each feature set.
     """
 
-    def __init__(self, widths: Sequence[int]) -> None:
+    def __init__(self, widths: Sequence[int], shift: torch.Tensor | None = None) -> None:
         self.offsets = np.cumsum([0, *[int(w) for w in widths]])
         size = int(self.offsets[-1])
         self.total = torch.zeros(size, dtype=torch.float64)
         self.cross = torch.zeros(size, size, dtype=torch.float64)
-        self.shift: torch.Tensor | None = None
+        self.shift = shift  # None: the first batch's mean
         self.samples = 0
+
+    def merge(self, other: LinearCKA) -> None:
+        """Add the sums of ``other``, accumulated with the same ``shift`` over other samples."""
+        if self.shift is None or other.shift is None or not torch.equal(self.shift, other.shift):
+            raise CKAError("LinearCKA.merge", "the two accumulators have different shifts", "give every part the same shift= (e.g. the first batch's mean)")
+        self.total += other.total
+        self.cross += other.cross
+        self.samples += other.samples
 
     def update(self, features: Sequence[torch.Tensor]) -> None:
         """Add samples: per feature set a (samples, channels) matrix, same samples in the same order."""
@@ -259,6 +271,7 @@ def cka_statistics(
     level: float = 0.95,
     max_samples: int = MAX_NULL_SAMPLES,
     progress: bool = False,
+    runner: ShardRunner | None = None,
 ) -> CKAStatistics:
     """Linear CKA of every pair of store entries on ``indices``, with an optional null and CIs.
 
@@ -291,6 +304,8 @@ def cka_statistics(
         the subset's bootstrap interval shifted by the difference of the two CKA values.
     progress : bool
         Progress bar over batches.
+    runner : ShardRunner, optional
+        Sums shards of the compared items on workers and adds them here (None: one range, here).
 
     Returns
     -------
@@ -307,28 +322,91 @@ def cka_statistics(
         raise CKAError("CKA", f"got {len(indices)} test images", "compare at least 2 test images")
     readers = [EntryReader(entry) for entry in entries]
     whole = [entry.manifest().get("request", {}).get("reduce") == "grid" for entry in entries]
-    generator = torch.Generator().manual_seed(int(seed))
-    images_kept, cells_kept = None, None
-    accumulator, held = None, [[] for _ in entries]
-    starts = range(0, len(indices), batch_size)
-    for start in progress_bar(starts, desc=f"CKA {mode}", unit="batch", show=progress):
-        rows = indices[start : start + batch_size]
-        samples = [_read_samples(reader, rows, mode, grid, w) for reader, w in zip(readers, whole)]
-        _check_samples(samples, entries)
-        if accumulator is None:
-            accumulator = LinearCKA([s.shape[-1] for s in samples])
-            if null_on:
-                images_kept, cells_kept = _null_subset(len(indices), samples[0].shape[1], max_samples, generator)
-        accumulator.update([s.reshape(-1, s.shape[-1]) for s in samples])
-        if null_on:
-            keep = images_kept[start : start + len(rows)]
-            for store, s in zip(held, samples):
-                store.append(s[keep][:, cells_kept].double())
+    first = [_read_samples(reader, indices[:batch_size], mode, grid, w) for reader, w in zip(readers, whole)]
+    _check_samples(first, entries)
+    widths, n_cells = [int(s.shape[-1]) for s in first], int(first[0].shape[1])
+    shift = torch.cat([s.reshape(-1, s.shape[-1]).double().cpu() for s in first], dim=1).mean(dim=0)  # LinearCKA's own shift
+    images_kept = cells_kept = None
+    if null_on:
+        images_kept, cells_kept = _null_subset(len(indices), n_cells, max_samples, torch.Generator().manual_seed(int(seed)))
+    common = {"entries": [entry_reference(e) for e in entries] if runner is not None else [], "whole": whole, "indices": indices, "mode": mode,
+              "grid": list(grid), "batch_size": batch_size, "widths": widths, "shift": shift.numpy(),
+              "keep": None if images_kept is None else images_kept.numpy(), "cells": None if cells_kept is None else cells_kept.numpy()}
+    parts = map_rows(runner, "cka", len(indices), common, f"CKA {mode} (images)", lambda rows: cka_sums(
+        readers, entries, whole, indices, rows, mode, grid, batch_size, widths, shift, images_kept, cells_kept, progress))
+    accumulator = _accumulator(parts[0], widths, shift)
+    for part in parts[1:]:
+        accumulator.merge(_accumulator(part, widths, shift))
     result = CKAStatistics(accumulator.compute(), mode, len(indices), n_permutations=int(n_permutations), n_bootstrap=int(n_bootstrap), seed=int(seed), level=float(level))
     if null_on:
-        subset = bool(images_kept.sum() < len(indices) or len(cells_kept) < samples[0].shape[1])
-        _add_null(result, [torch.cat(h) for h in held], n_permutations, n_bootstrap, level, subset)
+        held = [torch.cat([torch.from_numpy(part["held"][l]) for part in parts]) for l in range(len(entries))]
+        subset = bool(images_kept.sum() < len(indices) or len(cells_kept) < n_cells)
+        _add_null(result, held, n_permutations, n_bootstrap, level, subset)
     return result
+
+
+def cka_sums(
+    readers: Sequence[EntryReader], entries: Sequence[StoreEntry], whole: Sequence[bool], indices: np.ndarray, rows: range, mode: str,
+    grid: tuple[int, int], batch_size: int, widths: Sequence[int], shift: torch.Tensor,
+    images_kept: torch.Tensor | None = None, cells_kept: torch.Tensor | None = None, progress: bool = False,
+) -> dict[str, Any]:
+    """The streamed sums of :func:`cka_statistics` over the compared items ``indices[rows]``.
+
+    Parameters
+    ----------
+    readers, entries, whole
+        Per entry its reader, the entry (for error messages) and whether its maps are already on the concept grid.
+    indices : ndarray
+        Every compared item; ``rows`` selects this part's positions in it (read ``batch_size`` at a time).
+    mode, grid, batch_size
+        As for :func:`cka_statistics`.
+    widths : sequence of int
+        Channels per entry.
+    shift : Tensor
+        The :class:`LinearCKA` shift every part uses (the first batch's mean).
+    images_kept, cells_kept : Tensor, optional
+        The null's sample subset (a bool mask over all compared items, and cells); None without a null.
+    progress : bool
+        Progress bar over batches.
+
+    Returns
+    -------
+    dict
+        ``total`` (Σz), ``cross`` (Σzzᵀ), ``samples`` and, with a null, ``held``: per entry the
+        kept samples of this part's kept images, (images, cells, C) float64.
+    """
+    accumulator, held = LinearCKA(widths, shift), [[] for _ in readers]
+    for start in progress_bar(range(rows.start, rows.stop, batch_size), desc=f"CKA {mode}", unit="batch", show=progress):
+        chosen = indices[start : min(start + batch_size, rows.stop)]
+        samples = [_read_samples(reader, chosen, mode, grid, w) for reader, w in zip(readers, whole)]
+        _check_samples(samples, entries)
+        accumulator.update([s.reshape(-1, s.shape[-1]) for s in samples])
+        if images_kept is not None:
+            keep = images_kept[start : start + len(chosen)]
+            for store, s in zip(held, samples):
+                store.append(s[keep][:, cells_kept].double())
+    out: dict[str, Any] = {"total": accumulator.total.numpy(), "cross": accumulator.cross.numpy(), "samples": accumulator.samples}
+    if images_kept is not None:
+        out["held"] = [torch.cat(h).numpy() for h in held]
+    return out
+
+
+def cka_shard(
+    entries: list[dict[str, Any]], whole: list[bool], indices: np.ndarray, rows: list[int], mode: str, grid: list[int], batch_size: int,
+    widths: list[int], shift: np.ndarray, keep: np.ndarray | None, cells: np.ndarray | None,
+) -> dict[str, Any]:
+    """:func:`cka_sums` of the positions ``range(*rows)`` of ``indices`` on a worker (``entries``: references)."""
+    opened = [open_reference(reference) for reference in entries]
+    return cka_sums([EntryReader(entry) for entry in opened], opened, whole, np.asarray(indices), range(*rows), mode, tuple(grid), batch_size, widths,
+                    torch.from_numpy(np.asarray(shift)), None if keep is None else torch.from_numpy(np.asarray(keep)),
+                    None if cells is None else torch.from_numpy(np.asarray(cells)))
+
+
+def _accumulator(part: dict[str, Any], widths: Sequence[int], shift: torch.Tensor) -> LinearCKA:
+    """A :class:`LinearCKA` holding the sums of one part, accumulated with ``shift`` (its tensors share the part's memory)."""
+    accumulator = LinearCKA(widths, shift)
+    accumulator.total, accumulator.cross, accumulator.samples = torch.from_numpy(part["total"]), torch.from_numpy(part["cross"]), int(part["samples"])
+    return accumulator
 
 
 def _read_samples(reader: EntryReader, rows: np.ndarray, mode: str, grid: tuple[int, int], whole: bool) -> torch.Tensor:

@@ -23,7 +23,7 @@ docs/METHODS.md §5 gives the formulas and defaults.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,8 @@ __all__ = [
     "DEFAULT_ALPHA",
     "PairedOverlaps",
     "SimilarityNull",
+    "combine_overlaps",
+    "overlap_sums",
     "paired_overlaps",
     "random_permutations",
     "bootstrap_counts",
@@ -111,27 +113,71 @@ def paired_overlaps(
     Returns
     -------
     PairedOverlaps
+        :func:`combine_overlaps` of the single range :func:`overlap_sums` of every image.
     """
-    batches = [range(s, min(s + batch_size, n_items)) for s in range(0, n_items, batch_size)]
+    return combine_overlaps([overlap_sums(read_binary, n_items, permutations, range(n_items), batch_size, progress)])
+
+
+def overlap_sums(
+    read_binary: Callable[[range], torch.Tensor],
+    n_items: int,
+    permutations: np.ndarray,
+    outer: range,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """The share of :func:`paired_overlaps` of the row-channel images ``outer`` (a shard of the test images).
+
+    Parameters
+    ----------
+    read_binary, n_items, permutations, batch_size, progress
+        As for :func:`paired_overlaps`.
+    outer : range
+        The images ``t`` whose row-channel maps this share pairs with every image's column maps.
+
+    Returns
+    -------
+    dict
+        ``permuted`` (P, g, c, c): ``Σ_{t ∈ outer} |b_x(t) ∧ b_y(π_p(t))|``; ``per_item``
+        (len(outer), g, c, c) and ``sizes`` (len(outer), g, c) of those images. Every entry is
+        an integer count (exact in float64), so the shares' sum does not depend on the split.
+    """
+    batches = _ranges(range(n_items), batch_size)
     permuted = per_item = sizes = None
-    for outer in progress_bar(batches, desc="similarity null (image permutations)", unit="batch", show=progress):
-        x = read_binary(outer)
+    for rows in progress_bar(_ranges(outer, batch_size), desc="similarity null (image permutations)", unit="batch", show=progress):
+        x = read_binary(rows)
         g, c, b, cells = x.shape
         if permuted is None:
             permuted = torch.zeros((len(permutations), g, c, c), dtype=torch.float64)
-            per_item = np.zeros((n_items, g, c, c))
-            sizes = np.zeros((n_items, g, c))
-        sizes[outer.start : outer.stop] = x.sum(dim=-1, dtype=torch.float64).permute(2, 0, 1).numpy()
-        flat_x = x.reshape(g, c * b, cells)
-        targets = permutations[:, outer.start : outer.stop] if len(permutations) else np.zeros((0, b), dtype=np.int64)
-        for inner in batches if len(permutations) else [outer]:  # without a null only the true pairing
-            y = x if inner == outer else read_binary(inner)
+            per_item = np.zeros((len(outer), g, c, c))
+            sizes = np.zeros((len(outer), g, c))
+        here = slice(rows.start - outer.start, rows.stop - outer.start)
+        sizes[here] = x.sum(dim=-1, dtype=torch.float64).permute(2, 0, 1).numpy()
+        by_item = x.permute(2, 0, 1, 3)  # (b, g, c, cells)
+        per_item[here] = (by_item @ by_item.transpose(2, 3)).double().numpy()  # each image's true-pairing overlaps
+        if not len(permutations):
+            continue
+        flat_x, targets = x.reshape(g, c * b, cells), permutations[:, rows.start : rows.stop]
+        for inner in batches:
+            y = x if inner == rows else read_binary(inner)
             block = (flat_x @ y.reshape(g, -1, cells).transpose(1, 2)).view(g, c, b, c, len(inner))
-            if inner == outer:
-                diagonal = torch.arange(b)
-                per_item[outer.start : outer.stop] = block[:, :, diagonal, :, diagonal].double().numpy()
             _gather_permuted(permuted, block, targets, inner)
-    return PairedOverlaps(per_item.sum(axis=0), permuted.numpy(), per_item, sizes)
+    return {"permuted": permuted.numpy(), "per_item": per_item, "sizes": sizes}
+
+
+def combine_overlaps(parts: Sequence[dict[str, np.ndarray]]) -> PairedOverlaps:
+    """The :class:`PairedOverlaps` of every test image from the :func:`overlap_sums` of consecutive shards, in image order."""
+    permuted = parts[0]["permuted"]
+    for part in parts[1:]:
+        permuted = permuted + part["permuted"]
+    per_item = np.concatenate([part["per_item"] for part in parts]) if len(parts) > 1 else parts[0]["per_item"]
+    sizes = np.concatenate([part["sizes"] for part in parts]) if len(parts) > 1 else parts[0]["sizes"]
+    return PairedOverlaps(per_item.sum(axis=0), permuted, per_item, sizes)
+
+
+def _ranges(rows: range, batch_size: int) -> list[range]:
+    """``rows`` cut into consecutive ranges of ``batch_size`` (the last one shorter)."""
+    return [range(s, min(s + batch_size, rows.stop)) for s in range(rows.start, rows.stop, batch_size)]
 
 
 def _gather_permuted(permuted: torch.Tensor, block: torch.Tensor, targets: np.ndarray, inner: range) -> None:

@@ -10,6 +10,10 @@ maps on the same test images, on the common concept grid (docs/METHODS.md §5):
 
 Everything accumulates batch by batch over the test images (memory does not grow with their
 number), reading each layer's maps once per batch from a :func:`conceptlens.concepts.vectors.concept_maps.concept_map_entry`.
+The sums of an image range (:func:`supervised_sums`, :func:`ncav_maxima`, :func:`ncav_overlap_sums`
+and the null's :func:`~conceptlens.concepts.compare.nulls.overlap_sums`) are pure functions of
+their range: given a ``runner`` (:class:`~conceptlens.concepts.compare.shards.ShardRunner`) each
+shard of the test images is summed on a worker (the ``*_shard`` functions) and the sums reduced here.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, paired_overlaps, random_permutations
+from conceptlens.concepts.compare.nulls import SimilarityNull, bootstrap_counts, combine_overlaps, overlap_sums, random_permutations
+from conceptlens.concepts.compare.shards import ShardRunner, entry_reference, map_rows, open_reference, sum_parts
 from conceptlens.concepts.errors import ConceptLensError, closest_names
 from conceptlens.concepts.store.activations import EntryReader, StoreEntry
 
@@ -33,7 +38,10 @@ __all__ = [
     "SupervisedSimilarity",
     "UnsupervisedSimilarity",
     "supervised_similarity",
+    "supervised_sums",
     "unsupervised_similarity",
+    "ncav_maxima",
+    "ncav_overlap_sums",
     "pairwise_set_iou",
     "best_match_mean",
     "hungarian_mean",
@@ -95,8 +103,13 @@ def _check_same_items(layers: Sequence[LayerMaps]) -> int:
     return int(reference["n_items"])
 
 
-def _batches(n_items: int, batch_size: int) -> list[range]:
-    return [range(s, min(s + batch_size, n_items)) for s in range(0, n_items, batch_size)]
+def _batches(rows: range, batch_size: int) -> list[range]:
+    return [range(s, min(s + batch_size, rows.stop)) for s in range(rows.start, rows.stop, batch_size)]
+
+
+def _readers(references: Sequence[dict[str, Any]]) -> list[EntryReader]:
+    """Readers of the map entries a worker was sent (:func:`~conceptlens.concepts.compare.shards.entry_reference`)."""
+    return [EntryReader(open_reference(reference)) for reference in references]
 
 
 # ------------------------------------------------------------------------------- supervised
@@ -166,6 +179,7 @@ def supervised_similarity(
     seed: int = 0,
     level: float = 0.95,
     progress: bool = False,
+    runner: ShardRunner | None = None,
 ) -> SupervisedSimilarity:
     """Compare supervised concept maps of every pair of layers on the same test images.
 
@@ -189,6 +203,8 @@ def supervised_similarity(
         Confidence level of the CI.
     progress : bool
         A progress bar over the null's passes.
+    runner : ShardRunner, optional
+        Sums shards of the test images on workers (None: every image here, in one range).
 
     Returns
     -------
@@ -202,24 +218,15 @@ def supervised_similarity(
     n_items = _check_same_items(layers)
     concepts = _common_concepts(layers, concepts)
     columns = [[layer.concepts.index(c) for c in concepts] for layer in layers]
-    n, k = len(layers), len(concepts)
-    stats = {name: np.zeros((k, n, n)) for name in ("intersection", "minimum", "cross")}
-    stats.update({name: np.zeros((k, n)) for name in ("binary", "total", "squares")})
-    count = 0
     readers = [EntryReader(layer.maps) for layer in layers]
-    for rows in _batches(n_items, batch_size):
-        maps = [reader.rows(rows)["maps"][:, cols].float() for reader, cols in zip(readers, columns)]
-        for c in range(k):
-            values = torch.stack([m[:, c].reshape(-1) for m in maps])  # (n layers, pixels)
-            _accumulate(stats, c, values, threshold)
-        count += maps[0][:, 0].numel()
-    result = _supervised_result(layers, concepts, stats, count)
+    references = [entry_reference(layer.maps) for layer in layers] if runner is not None else []
+    parts = map_rows(runner, "similarity.supervised", n_items, {"maps": references, "columns": columns, "threshold": threshold, "batch_size": batch_size},
+                     "similarity sums (images)", lambda rows: supervised_sums(readers, columns, rows, threshold, batch_size))
+    stats = sum_parts(parts)
+    result = _supervised_result(layers, concepts, stats, stats.pop("count"))
     if n_permutations > 0 or n_bootstrap > 0:
-        def read_binary(rows: range) -> torch.Tensor:  # (K concepts, L layers, b, cells)
-            maps = [reader.rows(rows)["maps"][:, cols].float() > threshold for reader, cols in zip(readers, columns)]
-            return torch.stack(maps).flatten(3).permute(2, 0, 1, 3).float()
-
-        overlaps = _overlaps(read_binary, n_items, n_permutations, seed, progress)
+        binary = {"maps": references, "columns": columns, "threshold": threshold}
+        overlaps = _overlaps(_supervised_binary(readers, columns, threshold), binary, n_items, n_permutations, seed, progress, runner)
         result.uncertainty = _uncertainty(result.matrix, overlaps, _set_iou_scores, n_bootstrap, seed, level)
         per_concept = _uncertainty(np.stack([result.set_iou[c] for c in concepts]), overlaps, _concept_set_iou_scores, n_bootstrap, seed, level)
         result.concept_uncertainty = {
@@ -234,8 +241,84 @@ def supervised_similarity(
     return result
 
 
-def _overlaps(read_binary, n_items: int, n_permutations: int, seed: int, progress: bool):
-    return paired_overlaps(read_binary, n_items, random_permutations(n_items, n_permutations, seed), progress=progress)
+def supervised_sums(readers: Sequence[EntryReader], columns: Sequence[Sequence[int]], rows: range, threshold: float, batch_size: int) -> dict[str, Any]:
+    """The sums :func:`supervised_similarity` reduces, over the test images ``rows``.
+
+    Parameters
+    ----------
+    readers : sequence of EntryReader
+        Each layer's concept maps.
+    columns : sequence of sequence of int
+        Per layer, the map channels of the compared concepts (in the concepts' order).
+    rows : range
+        Test images summed over (read ``batch_size`` at a time from ``rows.start``).
+    threshold, batch_size
+        As for :func:`supervised_similarity`.
+
+    Returns
+    -------
+    dict
+        ``intersection``, ``minimum``, ``cross`` (K, L, L), ``binary``, ``total``, ``squares``
+        (K, L) float64 sums and ``count`` (cells summed per map). ``intersection`` and
+        ``binary`` are counts: exact, whatever the split of the images.
+    """
+    n, k = len(readers), len(columns[0])
+    stats: dict[str, Any] = {name: np.zeros((k, n, n)) for name in ("intersection", "minimum", "cross")}
+    stats.update({name: np.zeros((k, n)) for name in ("binary", "total", "squares")})
+    count = 0
+    for batch in _batches(rows, batch_size):
+        maps = [reader.rows(batch)["maps"][:, cols].float() for reader, cols in zip(readers, columns)]
+        for c in range(k):
+            values = torch.stack([m[:, c].reshape(-1) for m in maps])  # (n layers, pixels)
+            _accumulate(stats, c, values, threshold)
+        count += maps[0][:, 0].numel()
+    stats["count"] = count
+    return stats
+
+
+def supervised_shard(maps: list[dict[str, Any]], columns: list[list[int]], rows: list[int], threshold: float, batch_size: int) -> dict[str, Any]:
+    """:func:`supervised_sums` of the images ``range(*rows)`` on a worker (``maps``: entry references)."""
+    return supervised_sums(_readers(maps), columns, range(*rows), threshold, batch_size)
+
+
+def _supervised_binary(readers: Sequence[EntryReader], columns: Sequence[Sequence[int]], threshold: float):
+    """``read_binary(rows)`` of the null: the binarised maps (K concepts, L layers, b, cells)."""
+    def read_binary(rows: range) -> torch.Tensor:
+        maps = [reader.rows(rows)["maps"][:, cols].float() > threshold for reader, cols in zip(readers, columns)]
+        return torch.stack(maps).flatten(3).permute(2, 0, 1, 3).float()
+
+    return read_binary
+
+
+def _ncav_binary(readers: Sequence[EntryReader], maxima: Sequence[torch.Tensor], tau: float):
+    """``read_binary(rows)`` of the null: every NCAV map of every layer, binarised (1 group, all NCAVs, b, cells)."""
+    def read_binary(rows: range) -> torch.Tensor:
+        maps = [reader.rows(rows)["maps"].float() / top.clamp(min=1e-12).view(1, -1, 1, 1) > tau for reader, top in zip(readers, maxima)]
+        return torch.cat(maps, dim=1).flatten(2).transpose(0, 1).unsqueeze(0).float()
+
+    return read_binary
+
+
+def null_shard(binary: dict[str, Any], n_items: int, n_permutations: int, seed: int, rows: list[int]) -> dict[str, np.ndarray]:
+    """The null's :func:`~conceptlens.concepts.compare.nulls.overlap_sums` of the row images ``range(*rows)`` on a worker.
+
+    ``binary``: ``maps`` (entry references) and either ``columns`` and ``threshold`` (supervised)
+    or ``maxima`` and ``tau`` (NCAVs); the permutations are drawn again from ``seed``.
+    """
+    readers = _readers(binary["maps"])
+    if "columns" in binary:
+        read_binary = _supervised_binary(readers, binary["columns"], binary["threshold"])
+    else:
+        read_binary = _ncav_binary(readers, [torch.as_tensor(np.asarray(m)) for m in binary["maxima"]], binary["tau"])
+    return overlap_sums(read_binary, n_items, random_permutations(n_items, n_permutations, seed), range(*rows))
+
+
+def _overlaps(read_binary, binary: dict[str, Any], n_items: int, n_permutations: int, seed: int, progress: bool, runner: ShardRunner | None):
+    """The null's overlap counts: here through ``read_binary``, or per shard of row images on the runner's workers (``binary``)."""
+    parts = map_rows(runner, "similarity.null", n_items, {"binary": binary, "n_items": n_items, "n_permutations": n_permutations, "seed": seed},
+                     "similarity null (image permutations)",
+                     lambda rows: overlap_sums(read_binary, n_items, random_permutations(n_items, n_permutations, seed), rows, progress=progress))
+    return combine_overlaps(parts)
 
 
 def _uncertainty(score: np.ndarray, overlaps, scores, n_bootstrap: int, seed: int, level: float) -> SimilarityNull:
@@ -394,40 +477,30 @@ def unsupervised_similarity(
     seed: int = 0,
     level: float = 0.95,
     progress: bool = False,
+    runner: ShardRunner | None = None,
 ) -> UnsupervisedSimilarity:
     """Compare NCAV maps of every pair of layers (two streaming passes: maxima, then overlaps).
 
     ``n_permutations``, ``n_bootstrap``, ``seed``, ``level`` and ``progress``: the null and the
     CI of the best-match matrix, as in :func:`supervised_similarity` (0, 0: none, the result is
-    the same as without them).
+    the same as without them). ``runner``: both passes and the null per shard of the test
+    images on workers (maxima and counts: the same numbers as here, exactly).
     """
     n_items = _check_same_items(layers)
     readers = [EntryReader(layer.maps) for layer in layers]
-    batches = _batches(n_items, batch_size)
-    maxima = [torch.zeros(len(layer.concepts)) for layer in layers]
-    for rows in batches:
-        for l, reader in enumerate(readers):
-            maps = reader.rows(rows)["maps"].float()
-            maxima[l] = torch.maximum(maxima[l], maps.amax(dim=(0, 2, 3)))
+    references = [entry_reference(layer.maps) for layer in layers] if runner is not None else []
+    parts = map_rows(runner, "similarity.maxima", n_items, {"maps": references, "batch_size": batch_size}, "NCAV maxima (images)",
+                     lambda rows: ncav_maxima(readers, rows, batch_size))
+    maxima = [torch.from_numpy(np.maximum.reduce([part[l] for part in parts])) for l in range(len(layers))]
+    common = {"maps": references, "maxima": [m.numpy() for m in maxima], "tau": tau, "batch_size": batch_size}
+    parts = map_rows(runner, "similarity.overlaps", n_items, common, "NCAV overlaps (images)", lambda rows: ncav_overlap_sums(readers, maxima, tau, rows, batch_size))
+    sums = sum_parts(parts)
     n = len(layers)
-    sizes = [np.zeros(len(layer.concepts)) for layer in layers]
-    intersections = {(i, j): np.zeros((len(layers[i].concepts), len(layers[j].concepts))) for i in range(n) for j in range(i, n)}
-    for rows in batches:
-        binary = []
-        for l, reader in enumerate(readers):
-            maps = reader.rows(rows)["maps"].float()
-            normalised = maps / maxima[l].clamp(min=1e-12).view(1, -1, 1, 1)
-            binary.append((normalised > tau).float().movedim(1, -1).reshape(-1, len(layers[l].concepts)))
-            sizes[l] += binary[-1].sum(dim=0).double().numpy()
-        for (i, j) in intersections:
-            intersections[(i, j)] += (binary[i].T @ binary[j]).double().numpy()
-    result = _unsupervised_result(layers, intersections, sizes, maxima)
+    intersections = dict(zip([(i, j) for i in range(n) for j in range(i, n)], sums["intersections"]))
+    result = _unsupervised_result(layers, intersections, sums["sizes"], maxima)
     if n_permutations > 0 or n_bootstrap > 0:
-        def read_binary(rows: range) -> torch.Tensor:  # (1 group, all NCAVs of all layers, b, cells)
-            maps = [reader.rows(rows)["maps"].float() / top.clamp(min=1e-12).view(1, -1, 1, 1) > tau for reader, top in zip(readers, maxima)]
-            return torch.cat(maps, dim=1).flatten(2).transpose(0, 1).unsqueeze(0).float()
-
-        overlaps = _overlaps(read_binary, n_items, n_permutations, seed, progress)
+        binary = {"maps": references, "maxima": common["maxima"], "tau": tau}
+        overlaps = _overlaps(_ncav_binary(readers, maxima, tau), binary, n_items, n_permutations, seed, progress, runner)
         ends = np.cumsum([len(layer.concepts) for layer in layers])
         slices = [slice(end - len(layer.concepts), end) for end, layer in zip(ends, layers)]
 
@@ -439,6 +512,48 @@ def unsupervised_similarity(
             diagonal = np.arange(len(layers))
             result.uncertainty.bootstrap[:, diagonal, diagonal] = 1.0
     return result
+
+
+def ncav_maxima(readers: Sequence[EntryReader], rows: range, batch_size: int) -> list[np.ndarray]:
+    """Per layer, each NCAV map's maximum over the test images ``rows`` (float32; 0 for maps ≤ 0)."""
+    maxima = [None] * len(readers)
+    for batch in _batches(rows, batch_size):
+        for l, reader in enumerate(readers):
+            top = reader.rows(batch)["maps"].float().amax(dim=(0, 2, 3))
+            maxima[l] = torch.maximum(torch.zeros_like(top) if maxima[l] is None else maxima[l], top)
+    return [m.numpy() for m in maxima]
+
+
+def maxima_shard(maps: list[dict[str, Any]], rows: list[int], batch_size: int) -> list[np.ndarray]:
+    """:func:`ncav_maxima` of the images ``range(*rows)`` on a worker."""
+    return ncav_maxima(_readers(maps), range(*rows), batch_size)
+
+
+def ncav_overlap_sums(readers: Sequence[EntryReader], maxima: Sequence[torch.Tensor], tau: float, rows: range, batch_size: int) -> dict[str, list[np.ndarray]]:
+    """Binarised NCAV map sizes and overlaps over the test images ``rows`` (maps normalised by ``maxima``).
+
+    Returns ``sizes`` (per layer, (k_l,)) and ``intersections`` (per layer pair i ≤ j in row-major
+    order, (k_i, k_j)): cell counts, exact whatever the split of the images.
+    """
+    widths = [len(m) for m in maxima]
+    sizes = [np.zeros(k) for k in widths]
+    pairs = [(i, j) for i in range(len(readers)) for j in range(i, len(readers))]
+    intersections = [np.zeros((widths[i], widths[j])) for i, j in pairs]
+    for batch in _batches(rows, batch_size):
+        binary = []
+        for l, reader in enumerate(readers):
+            maps = reader.rows(batch)["maps"].float()
+            normalised = maps / maxima[l].clamp(min=1e-12).view(1, -1, 1, 1)
+            binary.append((normalised > tau).float().movedim(1, -1).reshape(-1, widths[l]))
+            sizes[l] += binary[-1].sum(dim=0).double().numpy()
+        for p, (i, j) in enumerate(pairs):
+            intersections[p] += (binary[i].T @ binary[j]).double().numpy()
+    return {"sizes": sizes, "intersections": intersections}
+
+
+def overlaps_shard(maps: list[dict[str, Any]], maxima: list[np.ndarray], tau: float, rows: list[int], batch_size: int) -> dict[str, list[np.ndarray]]:
+    """:func:`ncav_overlap_sums` of the images ``range(*rows)`` on a worker."""
+    return ncav_overlap_sums(_readers(maps), [torch.as_tensor(np.asarray(m)) for m in maxima], tau, range(*rows), batch_size)
 
 
 def _best_match_scores(intersection: np.ndarray, sizes: np.ndarray, slices: list[slice]) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from conceptlens.concepts.compare.cka import CKAStatistics, cka_statistics
+from conceptlens.concepts.compare.shards import ShardRunner
 from conceptlens.concepts.compare.nulls import DEFAULT_ALPHA, DEFAULT_N_BOOTSTRAP, DEFAULT_N_PERMUTATIONS, SimilarityNull, holm, percentile_interval
 from conceptlens.concepts.compare.similarity import CompareError, LayerMaps, _json_matrix, ridge, supervised_similarity, unsupervised_similarity
 from conceptlens.concepts.data.dataset import ConceptDataset
@@ -46,6 +47,7 @@ def compare_models(
     seed: int = 0,
     alpha: float = DEFAULT_ALPHA,
     progress: bool = False,
+    runner: ShardRunner | None = None,
 ) -> dict[str, Any]:
     """Layer × layer similarity of every probed layer of every model on the test split.
 
@@ -79,6 +81,10 @@ def compare_models(
         Family-wise error rate of the Holm correction over each block's cells (``significant``).
     progress : bool
         Progress bars.
+    runner : ShardRunner, optional
+        Computes the similarity's and the CKA's sums (and the similarity null's overlap counts)
+        per shard of the test images on workers (:mod:`~conceptlens.concepts.compare.shards`);
+        None: everything here.
 
     Returns
     -------
@@ -109,7 +115,7 @@ def compare_models(
     masks = embed_masks(dataset, store, grid=grid, progress=progress)
     test = split_indices(masks, "test")
     layer_maps, entries, depths, module_depths = _layer_maps(probed, test, grid, store, progress)
-    controls = {"n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "seed": seed, "progress": progress}
+    controls = {"n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "seed": seed, "progress": progress, "runner": runner}
     if comparison == "unsupervised":
         similarity = unsupervised_similarity(layer_maps, **controls)
         matrix, details = similarity.best_match, similarity.to_dict()
@@ -117,7 +123,8 @@ def compare_models(
         similarity = supervised_similarity(layer_maps, **controls)
         matrix, details = similarity.matrix, similarity.to_dict()
     cka_stats = {
-        mode: cka_statistics(entries, test, mode=mode, grid=cka_grid, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed, progress=progress)
+        mode: cka_statistics(entries, test, mode=mode, grid=cka_grid, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed, progress=progress,
+                             runner=runner)
         for mode in ("pooled", "spatial")
     } if cka else None
     cka_matrices = {mode: stats.cka for mode, stats in cka_stats.items()} if cka_stats else None

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conceptlens.concepts.data.concept_sets import concept_set_indices, mask_coverage
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.progress import progress_bar
+from PIL import Image
 
 __all__ = ["draw_image_sets", "shown_concepts", "write_image_sets"]
 

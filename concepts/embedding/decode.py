@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 import numpy as np
-
 from conceptlens.concepts.data.dataset import ConceptDataset
 from conceptlens.concepts.errors import StoreError
 
