@@ -165,6 +165,11 @@ def cluster():
     hooks = Path(tempfile.mkdtemp(prefix="clh-"))
     (hooks / "sitecustomize.py").write_text(HOOK)
     temp = tempfile.mkdtemp(prefix="clr-")  # short: Ray's socket paths live below it
+    # a home of its own: an earlier local ray.init (the Ray benchmark, say) leaves ~/.ray/auth_token, which a
+    # joining node then presents to a head started without token authentication, and is refused
+    home, previous_home = Path(temp) / "home", os.environ.get("HOME")
+    home.mkdir()
+    os.environ["HOME"] = str(home)  # the driver (this process) connects with the same empty home
     env = {**os.environ, "PYTHONPATH": str(hooks), "CONCEPTLENS_TEST_HOOKS": str(hooks), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "RAY_USAGE_STATS_ENABLED": "0"}
     try:
@@ -174,7 +179,11 @@ def cluster():
         _ray("start", "--address", address, "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", env=env)
         yield address, hooks
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        if previous_home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = previous_home
         shutil.rmtree(hooks, ignore_errors=True)
         shutil.rmtree(temp, ignore_errors=True)
 
